@@ -1,0 +1,158 @@
+//! The hotswap `sk_lookup` program.
+//!
+//! For every new TCP connection or UDP datagram in the network namespace it looks the
+//! destination up in the bindings trie and, when a service owns it, assigns that service's
+//! active socket. Traffic no binding claims is never touched (`SK_PASS`); traffic a binding
+//! claims but no live socket serves is dropped (`SK_DROP`): a binding is a promise about who
+//! serves the address, so it never falls through to some other listener.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    macros::{map, sk_lookup},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockHash},
+    programs::SkLookupContext,
+};
+use aya_log_ebpf::debug;
+use hotswap_common::{
+    BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord,
+    SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, MAX_BINDINGS, MAX_GENERATIONS,
+    MAX_SERVICES,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[map(name = "HS_BINDINGS")]
+static BINDINGS: LpmTrie<BindingData, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
+
+#[map(name = "HS_SOCKETS")]
+static SOCKETS: SockHash<SocketKey> = SockHash::pinned(MAX_SERVICES * 2, 0);
+
+#[map(name = "HS_METRICS")]
+static METRICS: PerCpuArray<ServiceMetrics> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "HS_CONFIG")]
+static CONFIG: Array<u32> = Array::pinned(CONFIG_ENTRIES, 0);
+
+// Not read by the program; declared here so one object file defines every pinned map.
+#[map(name = "HS_SERVICES")]
+static SERVICES: HashMap<u32, ServiceRecord> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "HS_GENERATIONS")]
+static GENERATIONS: HashMap<GenerationKey, GenerationRecord> =
+    HashMap::pinned(MAX_GENERATIONS, 0);
+
+#[sk_lookup]
+pub fn hotswap_steer(ctx: SkLookupContext) -> u32 {
+    // Keep the user-space-only maps in the object file.
+    let _ = (&SERVICES, &GENERATIONS);
+    steer(&ctx)
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
+    let mut addr = [0u8; 16];
+    match lookup.family {
+        AF_INET => {
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12..16].copy_from_slice(&lookup.local_ip4.to_ne_bytes());
+        }
+        AF_INET6 => {
+            for (i, word) in lookup.local_ip6.iter().enumerate() {
+                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+        }
+        _ => return SK_PASS,
+    }
+    let protocol = lookup.protocol as u8;
+    // local_port is in host byte order.
+    let port = lookup.local_port as u16;
+
+    let Some(binding) = find_binding(protocol, port, addr) else {
+        return SK_PASS;
+    };
+    let service_id = binding.service_id;
+    let debug_log = CONFIG.get(CONFIG_DEBUG_LOG).is_some_and(|on| *on != 0);
+    let metrics = METRICS.get_ptr_mut(service_id);
+    count(metrics, |m| m.lookups += 1);
+
+    match SOCKETS.redirect_sk_lookup(ctx, SocketKey::new(service_id, protocol), 0) {
+        Ok(()) => {
+            count(metrics, |m| m.steered += 1);
+            if debug_log {
+                debug!(ctx, "service {} proto {} port {}: steered", service_id, protocol, port);
+            }
+            SK_PASS
+        }
+        Err(err) => {
+            // -ENOENT: nothing registered (or the socket closed and left the map).
+            if err == -2 {
+                count(metrics, |m| m.no_socket += 1);
+            } else {
+                count(metrics, |m| m.errors += 1);
+            }
+            if debug_log {
+                debug!(ctx, "service {} proto {} port {}: dropped, error {}", service_id, protocol, port, err);
+            }
+            SK_DROP
+        }
+    }
+}
+
+/// Two lookups, as tubular does: the exact port, then port 0 (every port). The longer address
+/// prefix wins; on a tie the explicit port does.
+#[inline(always)]
+fn find_binding(protocol: u8, port: u16, addr: [u8; 16]) -> Option<BindingValue> {
+    let exact = BINDINGS
+        .get(Key::new(
+            BINDING_FULL_BITS,
+            BindingData {
+                protocol,
+                pad: 0,
+                port: port.to_be_bytes(),
+                addr,
+            },
+        ))
+        .copied();
+    let wildcard = BINDINGS
+        .get(Key::new(
+            BINDING_FULL_BITS,
+            BindingData {
+                protocol,
+                pad: 0,
+                port: [0, 0],
+                addr,
+            },
+        ))
+        .copied();
+    match (exact, wildcard) {
+        (Some(exact), Some(wildcard)) if wildcard.addr_prefix_len > exact.addr_prefix_len => {
+            Some(wildcard)
+        }
+        (Some(exact), _) => Some(exact),
+        (None, wildcard) => wildcard,
+    }
+}
+
+#[inline(always)]
+fn count(metrics: Option<*mut ServiceMetrics>, update: impl FnOnce(&mut ServiceMetrics)) {
+    if let Some(metrics) = metrics {
+        // SAFETY: a per-CPU slot; this program is its only writer on this CPU.
+        update(unsafe { &mut *metrics });
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
