@@ -23,6 +23,10 @@ use hotswap_common::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// BPF_SK_LOOKUP_F_REPLACE: while a new version of this program is attached beside the old
+/// one during a program upgrade, both run; the second must be allowed to repeat the first's
+/// choice instead of failing with EEXIST.
+const SK_ASSIGN_FLAGS: u64 = 1;
 
 #[map(name = "HS_BINDINGS")]
 static BINDINGS: LpmTrie<BindingData, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
@@ -81,7 +85,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     let metrics = METRICS.get_ptr_mut(service_id);
     count(metrics, |m| m.lookups += 1);
 
-    match SOCKETS.redirect_sk_lookup(ctx, SocketKey::new(service_id, protocol), 0) {
+    match SOCKETS.redirect_sk_lookup(ctx, SocketKey::new(service_id, protocol), SK_ASSIGN_FLAGS) {
         Ok(()) => {
             count(metrics, |m| m.steered += 1);
             if debug_log {

@@ -1,0 +1,465 @@
+//! The sk_lookup backend: the eBPF program, its maps and its link, pinned in bpffs.
+//!
+//! Layout of the state directory (one per network namespace):
+//! `HS_*` (maps, pinned by name), `program` (the attached program) and `link` (the link that
+//! attaches it to the namespace). The link's pin is what keeps steering alive when no daemon
+//! runs; a restarted daemon finds it and adopts the state instead of attaching a second program.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        ProgramError, ProgramInfo, SkLookup,
+    },
+    EbpfLoader,
+};
+use hotswap_common::{
+    map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics,
+    ServiceRecord, SocketKey, CONFIG_DEBUG_LOG,
+};
+use nix::fcntl::{Flock, FlockArg};
+
+use super::{Backend, BackendError, BackendInfo, PersistedState};
+use crate::model::{Binding, Protocol};
+
+/// The compiled sk_lookup program, built by `build.rs`.
+pub static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hotswap"));
+
+/// The program's function name in the object file.
+pub const PROGRAM_NAME: &str = "hotswap_steer";
+
+/// bpffs's magic number (`statfs.f_type`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The sk_lookup backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SkLookupError {
+    /// The state directory is not on a bpf filesystem.
+    #[error("{0} is not on a bpf filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs(PathBuf),
+    /// Mounting bpffs at /sys/fs/bpf failed.
+    #[error("mounting bpffs at /sys/fs/bpf failed")]
+    MountBpffs(#[source] nix::Error),
+    /// Another daemon holds the state directory.
+    #[error("another hotswap daemon is already running on pin dir {0}")]
+    Locked(PathBuf),
+    /// A file-system operation on the state directory failed.
+    #[error("{what} {path} failed")]
+    Io {
+        /// What was tried.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Loading the object file or creating its maps failed.
+    #[error("loading the sk_lookup program failed")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// Verifying, attaching or inspecting the program failed.
+    #[error("{what} the sk_lookup program failed")]
+    Program {
+        /// What was tried.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// Pinning failed.
+    #[error("pinning {0} failed")]
+    Pin(PathBuf, #[source] aya::pin::PinError),
+    /// Opening the pinned link failed.
+    #[error("opening the pinned link {0} failed")]
+    Link(PathBuf, #[source] aya::programs::links::LinkError),
+    /// A map is missing from the object file or has the wrong type.
+    #[error("map {map}: {source}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// The error.
+        #[source]
+        source: MapError,
+    },
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SkLookupError {
+    let path = path.to_owned();
+    move |source| SkLookupError::Io { what, path, source }
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(MapError) -> SkLookupError {
+    move |source| SkLookupError::Map { map, source }
+}
+
+fn program_error(what: &'static str) -> impl FnOnce(ProgramError) -> SkLookupError {
+    move |source| SkLookupError::Program {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// The default state directory for the current network namespace:
+/// `/sys/fs/bpf/hotswap/<netns inode>`.
+pub fn default_pin_dir() -> io::Result<PathBuf> {
+    let netns = crate::socket::netns_inode(Path::new("/proc/self/ns/net"))?;
+    Ok(PathBuf::from(format!("/sys/fs/bpf/hotswap/{netns}")))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` can live on bpffs: mounts bpffs at /sys/fs/bpf when it is not mounted
+/// and the directory is below it, and refuses directories on any other file system.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), SkLookupError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        nix::mount::mount(
+            Some("bpf"),
+            sys_bpf,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(SkLookupError::MountBpffs)?;
+    }
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        return Err(SkLookupError::NotBpffs(pin_dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// The kernel state of one network namespace, owned by the daemon while it runs.
+pub struct SkLookupBackend {
+    pin_dir: PathBuf,
+    bindings: LpmTrie<MapData, BindingData, BindingValue>,
+    sockets: SockHash<MapData, SocketKey>,
+    metrics: PerCpuArray<MapData, ServiceMetrics>,
+    config: Array<MapData, u32>,
+    services: HashMap<MapData, u32, ServiceRecord>,
+    generations: HashMap<MapData, GenerationKey, GenerationRecord>,
+    program_id: u32,
+    verified_instructions: Option<u32>,
+    adopted: bool,
+    reason: String,
+    /// Held for the daemon's lifetime: one writer per state directory.
+    _lock: Flock<File>,
+}
+
+impl SkLookupBackend {
+    /// Loads the program and attaches it to the current network namespace, or adopts what an
+    /// earlier daemon pinned in `pin_dir`. When the pinned program differs from the one built
+    /// into this binary, the new one is attached first and the old one detached after, so
+    /// steering never stops.
+    pub fn open(pin_dir: &Path) -> Result<Self, SkLookupError> {
+        ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir).map_err(io_error("creating", pin_dir))?;
+        let dir = File::open(pin_dir).map_err(io_error("opening", pin_dir))?;
+        let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                SkLookupError::Locked(pin_dir.to_owned())
+            } else {
+                SkLookupError::Io {
+                    what: "locking",
+                    path: pin_dir.to_owned(),
+                    source: errno.into(),
+                }
+            }
+        })?;
+
+        // Maps are pinned by name: the loader reuses pinned ones, so their contents survive.
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(PROGRAM_OBJECT)
+            .map_err(|e| SkLookupError::Load(Box::new(e)))?;
+        let program: &mut SkLookup = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| program_error("finding")(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error("finding"))?;
+        program.load().map_err(program_error("verifying"))?;
+        let new_info = program.info().map_err(program_error("inspecting"))?;
+
+        let link_path = pin_dir.join("link");
+        let program_path = pin_dir.join("program");
+        let pinned = if link_path.exists() {
+            let link = PinnedLink::from_pin(&link_path)
+                .map_err(|e| SkLookupError::Link(link_path.clone(), e))?;
+            let link = FdLink::from(link);
+            let attached_id = link
+                .info()
+                .map_err(|e| SkLookupError::Link(link_path.clone(), e))?
+                .program_id();
+            let attached = ProgramInfo::from_pin(&program_path)
+                .ok()
+                .filter(|info| info.id() == attached_id);
+            Some((link, attached))
+        } else {
+            None
+        };
+
+        let (program_id, verified_instructions, adopted, reason) = match pinned {
+            Some((_link, Some(attached))) if attached.tag() == new_info.tag() => {
+                // The same program is attached already: adopt it; the freshly loaded copy is
+                // dropped with `ebpf` without ever being attached.
+                (
+                    attached.id(),
+                    attached.verified_instruction_count(),
+                    true,
+                    "sk_lookup program adopted from the pinned state".to_owned(),
+                )
+            }
+            pinned => {
+                let upgrading = pinned.is_some();
+                let netns = File::open("/proc/self/ns/net")
+                    .map_err(io_error("opening", Path::new("/proc/self/ns/net")))?;
+                let link_id = program.attach(netns.as_fd()).map_err(program_error("attaching"))?;
+                let link: FdLink = program
+                    .take_link(link_id)
+                    .map_err(program_error("attaching"))?
+                    .into();
+                // Pin under temporary names, then rename over the old pins: the old link
+                // file's last reference goes when `pinned` drops, detaching the old program
+                // only after the new one runs.
+                let new_link_path = pin_dir.join("link.new");
+                let new_program_path = pin_dir.join("program.new");
+                let _ = std::fs::remove_file(&new_link_path);
+                let _ = std::fs::remove_file(&new_program_path);
+                program
+                    .pin(&new_program_path)
+                    .map_err(|e| SkLookupError::Pin(new_program_path.clone(), e))?;
+                link.pin(&new_link_path)
+                    .map_err(|e| SkLookupError::Pin(new_link_path.clone(), e))?;
+                std::fs::rename(&new_program_path, &program_path)
+                    .map_err(io_error("renaming", &new_program_path))?;
+                std::fs::rename(&new_link_path, &link_path)
+                    .map_err(io_error("renaming", &new_link_path))?;
+                drop(pinned);
+                let reason = if upgrading {
+                    "sk_lookup program upgraded: the pinned one differed from this build's"
+                } else {
+                    "sk_lookup program loaded and attached"
+                };
+                (
+                    new_info.id(),
+                    new_info.verified_instruction_count(),
+                    upgrading,
+                    reason.to_owned(),
+                )
+            }
+        };
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(SkLookupError::Map {
+                map: name,
+                source: MapError::InvalidName {
+                    name: name.to_owned(),
+                },
+            })
+        };
+        let bindings = take(map_names::BINDINGS)?
+            .try_into()
+            .map_err(map_error(map_names::BINDINGS))?;
+        let sockets = take(map_names::SOCKETS)?
+            .try_into()
+            .map_err(map_error(map_names::SOCKETS))?;
+        let metrics = take(map_names::METRICS)?
+            .try_into()
+            .map_err(map_error(map_names::METRICS))?;
+        let config = take(map_names::CONFIG)?
+            .try_into()
+            .map_err(map_error(map_names::CONFIG))?;
+        let services = take(map_names::SERVICES)?
+            .try_into()
+            .map_err(map_error(map_names::SERVICES))?;
+        let generations = take(map_names::GENERATIONS)?
+            .try_into()
+            .map_err(map_error(map_names::GENERATIONS))?;
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            bindings,
+            sockets,
+            metrics,
+            config,
+            services,
+            generations,
+            program_id,
+            verified_instructions,
+            adopted,
+            reason,
+            _lock: lock,
+        })
+    }
+
+    /// The id of the attached program (for aya-log and `bpftool`).
+    pub fn program_id(&self) -> u32 {
+        self.program_id
+    }
+}
+
+fn not_found(err: &MapError) -> bool {
+    matches!(err, MapError::KeyNotFound | MapError::ElementNotFound)
+        || matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+impl Backend for SkLookupBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            name: "sk_lookup".to_owned(),
+            reason: self.reason.clone(),
+            state_dir: self.pin_dir.display().to_string(),
+            program_id: Some(self.program_id),
+            verified_instructions: self.verified_instructions,
+            adopted: self.adopted,
+        }
+    }
+
+    fn load_state(&self) -> Result<PersistedState, BackendError> {
+        let mut state = PersistedState::default();
+        for entry in self.services.iter() {
+            state
+                .services
+                .push(entry.map_err(map_error(map_names::SERVICES))?);
+        }
+        for entry in self.bindings.iter() {
+            let (key, value) = entry.map_err(map_error(map_names::BINDINGS))?;
+            if let Some(binding) = Binding::from_trie_key(key.prefix_len(), &key.data()) {
+                state.bindings.push((binding, value.service_id));
+            }
+        }
+        for entry in self.generations.iter() {
+            state
+                .generations
+                .push(entry.map_err(map_error(map_names::GENERATIONS))?);
+        }
+        Ok(state)
+    }
+
+    fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {
+        let (len, data) = binding.trie_key();
+        let value = BindingValue {
+            service_id,
+            addr_prefix_len: binding.addr_prefix_len(),
+        };
+        self.bindings
+            .insert(&Key::new(len, data), value, 0)
+            .map_err(map_error(map_names::BINDINGS))?;
+        Ok(())
+    }
+
+    fn remove_binding(&mut self, binding: &Binding) -> Result<(), BackendError> {
+        let (len, data) = binding.trie_key();
+        match self.bindings.remove(&Key::new(len, data)) {
+            Err(err) if !not_found(&err) => Err(map_error(map_names::BINDINGS)(err).into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn activate(
+        &mut self,
+        service_id: u32,
+        protocol: Protocol,
+        socket: BorrowedFd<'_>,
+    ) -> Result<(), BackendError> {
+        // BPF_ANY: one map update replaces the previous socket atomically.
+        self.sockets
+            .insert(SocketKey::new(service_id, protocol.number()), socket, 0)
+            .map_err(map_error(map_names::SOCKETS))?;
+        Ok(())
+    }
+
+    fn deactivate(&mut self, service_id: u32, protocol: Protocol) -> Result<(), BackendError> {
+        match self
+            .sockets
+            .remove(&SocketKey::new(service_id, protocol.number()))
+        {
+            Err(err) if !not_found(&err) => Err(map_error(map_names::SOCKETS)(err).into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn metrics(&self, service_id: u32) -> Result<ServiceMetrics, BackendError> {
+        let per_cpu = self
+            .metrics
+            .get(&service_id, 0)
+            .map_err(map_error(map_names::METRICS))?;
+        Ok(per_cpu.iter().fold(ServiceMetrics::default(), |sum, m| ServiceMetrics {
+            lookups: sum.lookups + m.lookups,
+            steered: sum.steered + m.steered,
+            no_socket: sum.no_socket + m.no_socket,
+            errors: sum.errors + m.errors,
+        }))
+    }
+
+    fn save_service(
+        &mut self,
+        service_id: u32,
+        record: &ServiceRecord,
+        is_new: bool,
+    ) -> Result<(), BackendError> {
+        if is_new {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+                map_error(map_names::METRICS)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "nr_cpus",
+                    io_error: e,
+                }))
+            })?;
+            let zeroes = PerCpuValues::try_from(vec![ServiceMetrics::default(); cpus])
+                .map_err(|e| map_error(map_names::METRICS)(MapError::SyscallError(
+                    aya::sys::SyscallError { call: "zero metrics", io_error: e },
+                )))?;
+            self.metrics
+                .set(service_id, zeroes, 0)
+                .map_err(map_error(map_names::METRICS))?;
+        }
+        self.services
+            .insert(service_id, record, 0)
+            .map_err(map_error(map_names::SERVICES))?;
+        Ok(())
+    }
+
+    fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
+        match self.services.remove(&service_id) {
+            Err(err) if !not_found(&err) => Err(map_error(map_names::SERVICES)(err).into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn save_generation(
+        &mut self,
+        key: &GenerationKey,
+        record: &GenerationRecord,
+    ) -> Result<(), BackendError> {
+        self.generations
+            .insert(key, record, 0)
+            .map_err(map_error(map_names::GENERATIONS))?;
+        Ok(())
+    }
+
+    fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
+        match self.generations.remove(key) {
+            Err(err) if !not_found(&err) => Err(map_error(map_names::GENERATIONS)(err).into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError> {
+        self.config
+            .set(CONFIG_DEBUG_LOG, u32::from(on), 0)
+            .map_err(map_error(map_names::CONFIG))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! The words of the domain: service names, protocols and bindings, with their parsing rules.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use hotswap_common::{
+    BindingData, BINDING_HEADER_BITS, MAX_SERVICE_NAME, PROTO_TCP, PROTO_UDP,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Why a word from the command line or the control socket was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// The service name breaks the naming rule.
+    #[error("invalid service name {0:?}: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit")]
+    ServiceName(String),
+    /// Neither `tcp` nor `udp`.
+    #[error("invalid protocol {0:?}: expected tcp or udp")]
+    Protocol(String),
+    /// Not an address with a prefix length.
+    #[error("invalid prefix {0:?}: expected an address with a prefix length, e.g. 127.0.0.1/32 or ::1/128")]
+    Prefix(String),
+    /// The prefix has bits set past its length.
+    #[error("invalid prefix {given}: host bits are set past /{len}; did you mean {truncated}?")]
+    PrefixHostBits {
+        /// What was given.
+        given: IpNet,
+        /// Its prefix length.
+        len: u8,
+        /// The same prefix with the host bits cleared.
+        truncated: IpNet,
+    },
+    /// Not a number from 0 to 65535.
+    #[error("invalid port {0:?}: expected 0-65535 (0 means every port)")]
+    Port(String),
+    /// A label that does not fit.
+    #[error("label is {0} bytes long; at most {max} are allowed", max = hotswap_common::MAX_LABEL)]
+    LabelTooLong(usize),
+}
+
+/// A service name: `[a-z0-9][a-z0-9_-]{0,62}`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s.as_bytes();
+        let first_ok = bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let rest_ok = bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+        if first_ok && rest_ok && bytes.len() <= MAX_SERVICE_NAME {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ParseError::ServiceName(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(name: ServiceName) -> Self {
+        name.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A transport protocol hotswap steers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP: the socket must be listening.
+    Tcp,
+    /// UDP: the socket must be bound and not connected.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number the kernel uses.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+
+    /// The protocol with this IP protocol number.
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            PROTO_TCP => Some(Self::Tcp),
+            PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(ParseError::Protocol(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// Parses a prefix such as `127.0.0.1/32` or `::/0`; host bits past the length are refused
+/// rather than silently cleared, because they usually mean a typo.
+pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
+    let net: IpNet = s.parse().map_err(|_| ParseError::Prefix(s.to_owned()))?;
+    if net.trunc() != net {
+        return Err(ParseError::PrefixHostBits {
+            given: net,
+            len: net.prefix_len(),
+            truncated: net.trunc(),
+        });
+    }
+    Ok(net)
+}
+
+/// Parses a port; 0 means every port.
+pub fn parse_port(s: &str) -> Result<u16, ParseError> {
+    s.parse().map_err(|_| ParseError::Port(s.to_owned()))
+}
+
+/// Checks a generation label's length.
+pub fn check_label(label: &str) -> Result<(), ParseError> {
+    if label.len() > hotswap_common::MAX_LABEL {
+        return Err(ParseError::LabelTooLong(label.len()));
+    }
+    Ok(())
+}
+
+/// (protocol, prefix, port): the address space a binding claims for a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Binding {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Destination prefix.
+    pub prefix: IpNet,
+    /// Destination port, 0 for every port.
+    pub port: u16,
+}
+
+impl Binding {
+    /// The prefix length in the v6 address space the trie uses (IPv4 is v4-mapped).
+    pub fn addr_prefix_len(&self) -> u32 {
+        match self.prefix {
+            IpNet::V4(net) => 96 + u32::from(net.prefix_len()),
+            IpNet::V6(net) => u32::from(net.prefix_len()),
+        }
+    }
+
+    /// The LPM-trie key: prefix length in bits and data.
+    pub fn trie_key(&self) -> (u32, BindingData) {
+        let addr = match self.prefix.network() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        (
+            BINDING_HEADER_BITS + self.addr_prefix_len(),
+            BindingData {
+                protocol: self.protocol.number(),
+                pad: 0,
+                port: self.port.to_be_bytes(),
+                addr,
+            },
+        )
+    }
+
+    /// The binding a trie key describes, if it is one hotswap could have written.
+    pub fn from_trie_key(prefix_len: u32, data: &BindingData) -> Option<Self> {
+        let protocol = Protocol::from_number(data.protocol)?;
+        let addr_len = prefix_len.checked_sub(BINDING_HEADER_BITS)?;
+        let v6 = std::net::Ipv6Addr::from(data.addr);
+        let prefix = match v6.to_ipv4_mapped() {
+            Some(v4) if addr_len >= 96 => IpNet::new(IpAddr::V4(v4), (addr_len - 96) as u8).ok()?,
+            _ => IpNet::new(IpAddr::V6(v6), addr_len as u8).ok()?,
+        };
+        Some(Self {
+            protocol,
+            prefix,
+            port: u16::from_be_bytes(data.port),
+        })
+    }
+}
+
+impl fmt::Display for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.protocol, self.prefix, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["web", "a", "0", "web-1_x", &"a".repeat(63)] {
+            assert!(ok.parse::<ServiceName>().is_ok(), "{ok}");
+        }
+        for bad in ["", "-web", "_web", "Web", "we b", "wéb", &"a".repeat(64), "web/1"] {
+            assert!(bad.parse::<ServiceName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn protocols_and_ports() {
+        assert_eq!("tcp".parse(), Ok(Protocol::Tcp));
+        assert_eq!("udp".parse(), Ok(Protocol::Udp));
+        assert!("TCP".parse::<Protocol>().is_err());
+        assert_eq!(parse_port("0"), Ok(0));
+        assert_eq!(parse_port("65535"), Ok(65535));
+        assert!(parse_port("65536").is_err());
+        assert!(parse_port("-1").is_err());
+        assert!(parse_port("http").is_err());
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(parse_prefix("127.0.0.1/32").is_ok());
+        assert!(parse_prefix("::/0").is_ok());
+        assert!(parse_prefix("127.0.0.1").is_err());
+        assert!(parse_prefix("127.0.0.1/33").is_err());
+        let err = parse_prefix("192.0.2.1/24").unwrap_err();
+        assert!(err.to_string().contains("192.0.2.0/24"), "{err}");
+    }
+
+    #[test]
+    fn trie_keys_round_trip() {
+        for (proto, prefix, port) in [
+            (Protocol::Tcp, "127.0.0.1/32", 8080),
+            (Protocol::Udp, "192.0.2.0/24", 0),
+            (Protocol::Tcp, "::1/128", 443),
+            (Protocol::Udp, "2001:db8::/32", 53),
+            (Protocol::Tcp, "0.0.0.0/0", 0),
+            (Protocol::Tcp, "::/0", 0),
+        ] {
+            let binding = Binding {
+                protocol: proto,
+                prefix: parse_prefix(prefix).unwrap(),
+                port,
+            };
+            let (len, data) = binding.trie_key();
+            assert_eq!(Binding::from_trie_key(len, &data), Some(binding), "{binding}");
+        }
+    }
+
+    #[test]
+    fn ipv4_is_v4_mapped() {
+        let binding = Binding {
+            protocol: Protocol::Tcp,
+            prefix: parse_prefix("192.0.2.0/24").unwrap(),
+            port: 80,
+        };
+        let (len, data) = binding.trie_key();
+        assert_eq!(len, 32 + 96 + 24);
+        assert_eq!(&data.addr[10..13], &[0xff, 0xff, 192]);
+        assert_eq!(data.port, [0, 80]);
+    }
+}

@@ -1,0 +1,580 @@
+//! The daemon's registry of services, bindings and generations, and the operations the control
+//! socket offers on them. Every operation checks everything it can before it touches the
+//! backend, so bad input changes nothing.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::{AsFd as _, RawFd},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use hotswap_common::{
+    GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, MAX_SERVICES, MAX_SERVICE_NAME,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    backend::{Backend, BackendError, BackendInfo},
+    model::{check_label, Binding, ParseError, Protocol, ServiceName},
+    socket::{process_holds_socket, socket_cookie, take_socket, InspectedSocket, Pidfd, SocketError},
+};
+
+/// A registry operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No service of that name.
+    #[error("unknown service {0:?} (bind an address to it first: hotswap bind {0} tcp <PREFIX> <PORT>)")]
+    UnknownService(String),
+    /// No generation of that id.
+    #[error("service {service} has no live generation {generation}")]
+    UnknownGeneration {
+        /// Service.
+        service: ServiceName,
+        /// Generation asked for.
+        generation: u32,
+    },
+    /// The binding belongs to a service already.
+    #[error("{binding} is already bound to service {service}")]
+    AlreadyBound {
+        /// Binding.
+        binding: Binding,
+        /// Its owner.
+        service: ServiceName,
+    },
+    /// The service has no such binding.
+    #[error("service {service} has no binding {binding}")]
+    NotBound {
+        /// Binding.
+        binding: Binding,
+        /// Service.
+        service: ServiceName,
+    },
+    /// The socket's protocol matches none of the service's bindings.
+    #[error("service {service} has no {protocol} binding, so a {protocol} socket cannot serve it")]
+    WrongProtocol {
+        /// Service.
+        service: ServiceName,
+        /// The socket's protocol.
+        protocol: Protocol,
+    },
+    /// The socket is registered already.
+    #[error("that socket is already registered as generation {generation} of service {service}")]
+    AlreadyRegistered {
+        /// Service.
+        service: ServiceName,
+        /// Generation.
+        generation: u32,
+    },
+    /// No service id left.
+    #[error("too many services: at most {} are supported", MAX_SERVICES - 1)]
+    TooManyServices,
+    /// Bad input.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The fd could not be taken or is no socket hotswap can steer to.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A live generation: a process and the listening socket it registered.
+#[derive(Debug)]
+struct Generation {
+    pid: u32,
+    pidfd: Pidfd,
+    fd_in_process: RawFd,
+    socket: InspectedSocket,
+    label: Option<String>,
+    registered_at: u64,
+}
+
+#[derive(Debug)]
+struct Service {
+    id: u32,
+    record: ServiceRecord,
+    generations: BTreeMap<u32, Generation>,
+}
+
+impl Service {
+    fn active(&self, protocol: Protocol) -> u32 {
+        match protocol {
+            Protocol::Tcp => self.record.active_tcp,
+            Protocol::Udp => self.record.active_udp,
+        }
+    }
+
+    fn set_active(&mut self, protocol: Protocol, generation: u32) {
+        match protocol {
+            Protocol::Tcp => self.record.active_tcp = generation,
+            Protocol::Udp => self.record.active_udp = generation,
+        }
+    }
+}
+
+/// A generation as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// Id within the service.
+    pub id: u32,
+    /// Owning process.
+    pub pid: u32,
+    /// The socket's fd number in that process.
+    pub fd: RawFd,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The socket's local address.
+    pub local_addr: Option<SocketAddr>,
+    /// Optional label.
+    pub label: Option<String>,
+    /// Whether new connections go to it.
+    pub active: bool,
+    /// Registration time, seconds since the Unix epoch.
+    pub registered_at: u64,
+}
+
+/// A service as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Name.
+    pub name: ServiceName,
+    /// Id in the kernel maps.
+    pub id: u32,
+    /// Its bindings.
+    pub bindings: Vec<Binding>,
+    /// Its live generations, oldest first.
+    pub generations: Vec<GenerationStatus>,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The backend in use.
+    pub backend: BackendInfo,
+    /// Services by name.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMetricsReport {
+    /// Service.
+    pub service: ServiceName,
+    /// Lookups that matched a binding of the service.
+    pub lookups: u64,
+    /// Lookups handed to the active socket.
+    pub steered: u64,
+    /// Lookups refused because no socket was active.
+    pub no_socket: u64,
+    /// Lookups refused because assigning the socket failed.
+    pub errors: u64,
+}
+
+/// A generation the registry let go, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reaped {
+    /// Service.
+    pub service: ServiceName,
+    /// Generation.
+    pub generation: u32,
+    /// Whether it was active (the service now has no socket for that protocol).
+    pub was_active: bool,
+    /// Whether its process exited (else it closed the socket).
+    pub process_exited: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn record_name(record: &ServiceRecord) -> Option<ServiceName> {
+    let len = (record.name_len as usize).min(MAX_SERVICE_NAME);
+    std::str::from_utf8(&record.name[..len]).ok()?.parse().ok()
+}
+
+/// Services, their bindings and generations, over a backend.
+pub struct Registry {
+    backend: Box<dyn Backend>,
+    netns: u64,
+    services: BTreeMap<ServiceName, Service>,
+    bindings: BTreeMap<Binding, ServiceName>,
+}
+
+impl Registry {
+    /// A registry over `backend`, adopting whatever the backend remembers. Generations whose
+    /// process is gone, or whose fd no longer is the registered socket, are forgotten. `netns` is
+    /// the inode of the daemon's network namespace; sockets must belong to it.
+    pub fn adopt(backend: Box<dyn Backend>, netns: u64) -> Result<(Self, Vec<String>), RegistryError> {
+        let state = backend.load_state()?;
+        let mut registry = Self {
+            backend,
+            netns,
+            services: BTreeMap::new(),
+            bindings: BTreeMap::new(),
+        };
+        let mut notes = Vec::new();
+        let mut names = BTreeMap::new();
+        for (id, record) in state.services {
+            let Some(name) = record_name(&record) else {
+                notes.push(format!("ignoring service id {id} with an unreadable name"));
+                continue;
+            };
+            names.insert(id, name.clone());
+            registry.services.insert(
+                name,
+                Service {
+                    id,
+                    record,
+                    generations: BTreeMap::new(),
+                },
+            );
+        }
+        for (binding, id) in state.bindings {
+            if let Some(name) = names.get(&id) {
+                registry.bindings.insert(binding, name.clone());
+            }
+        }
+        for (key, record) in state.generations {
+            let Some(name) = names.get(&key.service_id) else {
+                registry.backend.forget_generation(&key)?;
+                continue;
+            };
+            match reacquire(&record, netns) {
+                Some((pidfd, socket)) => {
+                    let label_len = (record.label_len as usize).min(MAX_LABEL);
+                    let label = std::str::from_utf8(&record.label[..label_len])
+                        .ok()
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned);
+                    let service = registry.services.get_mut(name).expect("named above");
+                    service.generations.insert(
+                        key.generation,
+                        Generation {
+                            pid: record.pid,
+                            pidfd,
+                            fd_in_process: record.fd,
+                            socket,
+                            label,
+                            registered_at: record.registered_at,
+                        },
+                    );
+                    notes.push(format!(
+                        "adopted generation {} of service {name} (pid {})",
+                        key.generation, record.pid
+                    ));
+                }
+                None => {
+                    notes.push(format!(
+                        "generation {} of service {name} (pid {}) is gone",
+                        key.generation, record.pid
+                    ));
+                    registry.backend.forget_generation(&key)?;
+                }
+            }
+        }
+        registry.reap();
+        Ok((registry, notes))
+    }
+
+    /// The backend's description.
+    pub fn backend_info(&self) -> BackendInfo {
+        self.backend.info()
+    }
+
+    /// Turns the data path's debug logging on or off.
+    pub fn set_debug_log(&mut self, on: bool) -> Result<(), RegistryError> {
+        Ok(self.backend.set_debug_log(on)?)
+    }
+
+    fn service(&self, name: &ServiceName) -> Result<&Service, RegistryError> {
+        self.services
+            .get(name)
+            .ok_or_else(|| RegistryError::UnknownService(name.to_string()))
+    }
+
+    fn free_service_id(&self) -> Result<u32, RegistryError> {
+        let used: std::collections::BTreeSet<u32> = self.services.values().map(|s| s.id).collect();
+        (1..MAX_SERVICES)
+            .find(|id| !used.contains(id))
+            .ok_or(RegistryError::TooManyServices)
+    }
+
+    /// Steers `binding` to `service`, creating the service when it is new.
+    pub fn bind(&mut self, service: &ServiceName, binding: Binding) -> Result<(), RegistryError> {
+        if let Some(owner) = self.bindings.get(&binding) {
+            return Err(RegistryError::AlreadyBound {
+                binding,
+                service: owner.clone(),
+            });
+        }
+        let existing = self.services.get(service).map(|s| s.id);
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.free_service_id()?;
+                let mut record = ServiceRecord {
+                    name: [0; MAX_SERVICE_NAME + 1],
+                    name_len: service.as_str().len() as u32,
+                    next_generation: 1,
+                    active_tcp: 0,
+                    active_udp: 0,
+                };
+                record.name[..service.as_str().len()].copy_from_slice(service.as_str().as_bytes());
+                self.backend.save_service(id, &record, true)?;
+                self.services.insert(
+                    service.clone(),
+                    Service {
+                        id,
+                        record,
+                        generations: BTreeMap::new(),
+                    },
+                );
+                id
+            }
+        };
+        if let Err(err) = self.backend.add_binding(&binding, id) {
+            if existing.is_none() {
+                self.services.remove(service);
+                let _ = self.backend.forget_service(id);
+            }
+            return Err(err.into());
+        }
+        self.bindings.insert(binding, service.clone());
+        Ok(())
+    }
+
+    /// Stops steering `binding` to `service`.
+    pub fn unbind(&mut self, service: &ServiceName, binding: Binding) -> Result<(), RegistryError> {
+        self.service(service)?;
+        if self.bindings.get(&binding) != Some(service) {
+            return Err(RegistryError::NotBound {
+                binding,
+                service: service.clone(),
+            });
+        }
+        self.backend.remove_binding(&binding)?;
+        self.bindings.remove(&binding);
+        Ok(())
+    }
+
+    /// Takes fd `fd` of process `pid` as a new generation of `service` and returns its id;
+    /// with `activate`, also switches to it.
+    pub fn register(
+        &mut self,
+        service_name: &ServiceName,
+        pid: u32,
+        fd: RawFd,
+        label: Option<String>,
+        activate: bool,
+    ) -> Result<u32, RegistryError> {
+        if let Some(label) = &label {
+            check_label(label)?;
+        }
+        let service = self.service(service_name)?;
+        let service_id = service.id;
+        let pidfd = Pidfd::open(pid)?;
+        let socket = take_socket(&pidfd, pid, fd, self.netns)?;
+        let protocol = socket.protocol;
+        if !self
+            .bindings
+            .iter()
+            .any(|(b, s)| s == service_name && b.protocol == protocol)
+        {
+            return Err(RegistryError::WrongProtocol {
+                service: service_name.clone(),
+                protocol,
+            });
+        }
+        if let Some((&generation, _)) = service
+            .generations
+            .iter()
+            .find(|(_, g)| g.socket.cookie == socket.cookie)
+        {
+            return Err(RegistryError::AlreadyRegistered {
+                service: service_name.clone(),
+                generation,
+            });
+        }
+        let generation = service.record.next_generation;
+        let registered_at = now();
+        let mut record = GenerationRecord {
+            cookie: socket.cookie,
+            registered_at,
+            pid,
+            fd,
+            protocol: protocol.number(),
+            label_len: label.as_ref().map_or(0, |l| l.len() as u8),
+            pad: [0; 6],
+            label: [0; MAX_LABEL],
+        };
+        if let Some(label) = &label {
+            record.label[..label.len()].copy_from_slice(label.as_bytes());
+        }
+        let key = GenerationKey {
+            service_id,
+            generation,
+        };
+        let mut service_record = service.record;
+        service_record.next_generation += 1;
+        if activate {
+            self.backend
+                .activate(service_id, protocol, socket.fd.as_fd())?;
+            match protocol {
+                Protocol::Tcp => service_record.active_tcp = generation,
+                Protocol::Udp => service_record.active_udp = generation,
+            }
+        }
+        self.backend.save_generation(&key, &record)?;
+        self.backend.save_service(service_id, &service_record, false)?;
+        let service = self.services.get_mut(service_name).expect("checked above");
+        service.record = service_record;
+        service.generations.insert(
+            generation,
+            Generation {
+                pid,
+                pidfd,
+                fd_in_process: fd,
+                socket,
+                label,
+                registered_at,
+            },
+        );
+        Ok(generation)
+    }
+
+    /// Makes `generation` the active one for its protocol: one map update. Returns the
+    /// generation that was active before, if any.
+    pub fn switch(
+        &mut self,
+        service_name: &ServiceName,
+        generation: u32,
+    ) -> Result<Option<u32>, RegistryError> {
+        let service = self
+            .services
+            .get(service_name)
+            .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
+        let target = service
+            .generations
+            .get(&generation)
+            .ok_or_else(|| RegistryError::UnknownGeneration {
+                service: service_name.clone(),
+                generation,
+            })?;
+        let protocol = target.socket.protocol;
+        let previous = Some(service.active(protocol)).filter(|&g| g != 0);
+        self.backend
+            .activate(service.id, protocol, target.socket.fd.as_fd())?;
+        let service = self.services.get_mut(service_name).expect("checked above");
+        service.set_active(protocol, generation);
+        let (id, record) = (service.id, service.record);
+        self.backend.save_service(id, &record, false)?;
+        Ok(previous)
+    }
+
+    /// Lets go of generations whose process exited or closed the registered socket. An active
+    /// one leaves its service without a socket: new connections are refused and counted.
+    pub fn reap(&mut self) -> Vec<Reaped> {
+        let mut reaped = Vec::new();
+        for (name, service) in &mut self.services {
+            let gone: Vec<(u32, bool)> = service
+                .generations
+                .iter()
+                .filter_map(|(&id, g)| {
+                    let exited = g.pidfd.has_exited();
+                    (exited || !process_holds_socket(g.pid, g.socket.inode)).then_some((id, exited))
+                })
+                .collect();
+            for (id, process_exited) in gone {
+                let generation = service.generations.remove(&id).expect("listed above");
+                let protocol = generation.socket.protocol;
+                let was_active = service.active(protocol) == id;
+                if was_active {
+                    if let Err(err) = self.backend.deactivate(service.id, protocol) {
+                        tracing::warn!("clearing the socket of service {name}: {err}");
+                    }
+                    service.set_active(protocol, 0);
+                    let _ = self.backend.save_service(service.id, &service.record, false);
+                }
+                let key = GenerationKey {
+                    service_id: service.id,
+                    generation: id,
+                };
+                if let Err(err) = self.backend.forget_generation(&key) {
+                    tracing::warn!("forgetting generation {id} of service {name}: {err}");
+                }
+                reaped.push(Reaped {
+                    service: name.clone(),
+                    generation: id,
+                    was_active,
+                    process_exited,
+                });
+            }
+        }
+        reaped
+    }
+
+    /// Services, bindings and generations.
+    pub fn status(&self) -> StatusReport {
+        let services = self
+            .services
+            .iter()
+            .map(|(name, service)| ServiceStatus {
+                name: name.clone(),
+                id: service.id,
+                bindings: self
+                    .bindings
+                    .iter()
+                    .filter(|(_, s)| *s == name)
+                    .map(|(b, _)| *b)
+                    .collect(),
+                generations: service
+                    .generations
+                    .iter()
+                    .map(|(&id, g)| GenerationStatus {
+                        id,
+                        pid: g.pid,
+                        fd: g.fd_in_process,
+                        protocol: g.socket.protocol,
+                        local_addr: g.socket.local_addr,
+                        label: g.label.clone(),
+                        active: service.active(g.socket.protocol) == id,
+                        registered_at: g.registered_at,
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatusReport {
+            backend: self.backend.info(),
+            services,
+        }
+    }
+
+    /// Every service's counters.
+    pub fn metrics(&self) -> Result<Vec<ServiceMetricsReport>, RegistryError> {
+        self.services
+            .iter()
+            .map(|(name, service)| {
+                let m = self.backend.metrics(service.id)?;
+                Ok(ServiceMetricsReport {
+                    service: name.clone(),
+                    lookups: m.lookups,
+                    steered: m.steered,
+                    no_socket: m.no_socket,
+                    errors: m.errors,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Takes a generation's socket again after a daemon restart, if its process still holds the
+/// very socket that was registered (same cookie).
+fn reacquire(record: &GenerationRecord, netns: u64) -> Option<(Pidfd, InspectedSocket)> {
+    let pidfd = Pidfd::open(record.pid).ok()?;
+    let socket = take_socket(&pidfd, record.pid, record.fd, netns).ok()?;
+    (socket_cookie(socket.fd.as_fd()).ok()? == record.cookie).then_some((pidfd, socket))
+}

@@ -1,0 +1,356 @@
+//! Taking a listening socket from another process and checking that hotswap can steer to it.
+
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+
+use crate::model::Protocol;
+
+/// `ioctl` that returns a fd for the network namespace a socket belongs to (linux/sockios.h).
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// Why a process's fd cannot be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// No such process.
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    /// The process has no such fd.
+    #[error("process {pid} has no open fd {fd}")]
+    NoSuchFd {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// Not a socket.
+    #[error("fd {fd} of process {pid} is not a socket")]
+    NotASocket {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// A socket, but not TCP or UDP over IPv4/IPv6.
+    #[error("fd {fd} of process {pid} is not a TCP or UDP socket over IPv4 or IPv6")]
+    UnsupportedSocket {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// A TCP socket that is not listening.
+    #[error("fd {fd} of process {pid} is a TCP socket that is not listening (call listen() first)")]
+    NotListening {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// A connected UDP socket.
+    #[error("fd {fd} of process {pid} is a connected UDP socket; register an unconnected one")]
+    ConnectedUdp {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// An unbound UDP socket.
+    #[error("fd {fd} of process {pid} is a UDP socket that is not bound (call bind() first)")]
+    UnboundUdp {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// A socket of another network namespace.
+    #[error("fd {fd} of process {pid} is a socket of another network namespace than the daemon's")]
+    OtherNetns {
+        /// Process.
+        pid: u32,
+        /// Fd number.
+        fd: RawFd,
+    },
+    /// A system call failed.
+    #[error("{call} failed")]
+    Syscall {
+        /// The call.
+        call: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn syscall(call: &'static str) -> impl FnOnce(io::Error) -> SocketError {
+    move |source| SocketError::Syscall { call, source }
+}
+
+/// A process, pinned by a pidfd so its pid cannot be reused under us.
+#[derive(Debug)]
+pub struct Pidfd(OwnedFd);
+
+impl Pidfd {
+    /// Opens a pidfd for `pid`.
+    pub fn open(pid: u32) -> Result<Self, SocketError> {
+        // SAFETY: plain syscall; returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::ESRCH) | Some(libc::EINVAL) => SocketError::NoSuchProcess(pid),
+                _ => SocketError::Syscall {
+                    call: "pidfd_open",
+                    source: err,
+                },
+            });
+        }
+        // SAFETY: the kernel just gave us this fd.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    }
+
+    /// A duplicate of the process's fd `fd` (pidfd_getfd(2)).
+    pub fn get_fd(&self, pid: u32, fd: RawFd) -> Result<OwnedFd, SocketError> {
+        // SAFETY: plain syscall; returns a new fd or -1.
+        let new = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0) };
+        if new < 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::EBADF) => SocketError::NoSuchFd { pid, fd },
+                Some(libc::ESRCH) => SocketError::NoSuchProcess(pid),
+                _ => SocketError::Syscall {
+                    call: "pidfd_getfd",
+                    source: err,
+                },
+            });
+        }
+        // SAFETY: the kernel just gave us this fd.
+        Ok(unsafe { OwnedFd::from_raw_fd(new as RawFd) })
+    }
+
+    /// Whether the process has exited (the pidfd polls readable then).
+    pub fn has_exited(&self) -> bool {
+        let mut pollfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pollfd, 1, 0) };
+        n > 0
+    }
+}
+
+/// What the daemon learnt about a socket it took from a process.
+#[derive(Debug)]
+pub struct InspectedSocket {
+    /// The daemon's own duplicate; it keeps the socket alive while the generation lives.
+    pub fd: OwnedFd,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// `getsockname()`.
+    pub local_addr: Option<SocketAddr>,
+    /// `SO_COOKIE`: the socket's identity.
+    pub cookie: u64,
+    /// Inode of the socket, as `/proc/<pid>/fd/*` shows it (`socket:[inode]`).
+    pub inode: u64,
+}
+
+fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len describe a valid buffer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// The socket cookie (`SO_COOKIE`), stable for the socket's whole life.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: value and len describe a valid buffer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn inode_of(fd: BorrowedFd<'_>) -> io::Result<(u64, u32)> {
+    let mut stat = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the buffer on success.
+    let rc = unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded.
+    let stat = unsafe { stat.assume_init() };
+    Ok((stat.st_ino, stat.st_mode))
+}
+
+/// The inode of the network namespace at `path` (e.g. `/proc/self/ns/net`).
+pub fn netns_inode(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// The inode of the network namespace a socket belongs to.
+fn socket_netns_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd or -1.
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+    Ok(inode_of(ns.as_fd())?.0)
+}
+
+fn to_std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// `getsockname()` of a socket, as a std address.
+pub fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|addr| to_std_addr(&addr))
+}
+
+/// Takes fd `fd` of process `pid` and checks that it is a socket hotswap can steer to: a
+/// listening TCP socket or a bound, unconnected UDP socket, over IPv4 or IPv6, in the network
+/// namespace whose inode is `netns`.
+pub fn take_socket(
+    pidfd: &Pidfd,
+    pid: u32,
+    fd: RawFd,
+    netns: u64,
+) -> Result<InspectedSocket, SocketError> {
+    let sock = pidfd.get_fd(pid, fd)?;
+    let (inode, mode) = inode_of(sock.as_fd()).map_err(syscall("fstat"))?;
+    if mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(SocketError::NotASocket { pid, fd });
+    }
+    let unsupported = || SocketError::UnsupportedSocket { pid, fd };
+    let domain = getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .map_err(syscall("getsockopt(SO_DOMAIN)"))?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return Err(unsupported());
+    }
+    let proto = getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL)
+        .map_err(syscall("getsockopt(SO_PROTOCOL)"))?;
+    let protocol = match proto {
+        libc::IPPROTO_TCP => Protocol::Tcp,
+        libc::IPPROTO_UDP => Protocol::Udp,
+        _ => return Err(unsupported()),
+    };
+    if socket_netns_inode(sock.as_fd()).map_err(syscall("ioctl(SIOCGSKNS)"))? != netns {
+        return Err(SocketError::OtherNetns { pid, fd });
+    }
+    let local_addr = local_addr(sock.as_fd());
+    match protocol {
+        Protocol::Tcp => {
+            let listening = getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+                .map_err(syscall("getsockopt(SO_ACCEPTCONN)"))?;
+            if listening == 0 {
+                return Err(SocketError::NotListening { pid, fd });
+            }
+        }
+        Protocol::Udp => {
+            if getpeername::<SockaddrStorage>(sock.as_raw_fd()).is_ok() {
+                return Err(SocketError::ConnectedUdp { pid, fd });
+            }
+            if local_addr.is_none_or(|addr| addr.port() == 0) {
+                return Err(SocketError::UnboundUdp { pid, fd });
+            }
+        }
+    }
+    let cookie = socket_cookie(sock.as_fd()).map_err(syscall("getsockopt(SO_COOKIE)"))?;
+    Ok(InspectedSocket {
+        fd: sock,
+        protocol,
+        local_addr,
+        cookie,
+        inode,
+    })
+}
+
+/// Whether process `pid` still has a fd open on the socket with inode `inode`.
+pub fn process_holds_socket(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_link(entry.path()).is_ok_and(|target| target.as_os_str() == want.as_str())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+
+    fn own_netns() -> u64 {
+        netns_inode(Path::new("/proc/thread-self/ns/net")).unwrap()
+    }
+
+    fn take(fd: RawFd) -> Result<InspectedSocket, SocketError> {
+        let pid = std::process::id();
+        take_socket(&Pidfd::open(pid).unwrap(), pid, fd, own_netns())
+    }
+
+    #[test]
+    fn accepts_listening_tcp_and_bound_udp() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = take(tcp.as_raw_fd()).unwrap();
+        assert_eq!(taken.protocol, Protocol::Tcp);
+        assert_eq!(taken.local_addr, Some(tcp.local_addr().unwrap()));
+        assert!(process_holds_socket(std::process::id(), taken.inode));
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(take(udp.as_raw_fd()).unwrap().protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_steered() {
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(matches!(take(file.as_raw_fd()), Err(SocketError::NotASocket { .. })));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(matches!(take(stream.as_raw_fd()), Err(SocketError::NotListening { .. })));
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.connect("127.0.0.1:9").unwrap();
+        assert!(matches!(take(udp.as_raw_fd()), Err(SocketError::ConnectedUdp { .. })));
+        assert!(matches!(take(9999), Err(SocketError::NoSuchFd { .. })));
+        let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(take(unix.as_raw_fd()), Err(SocketError::UnsupportedSocket { .. })));
+    }
+
+    #[test]
+    fn no_such_process() {
+        assert!(matches!(Pidfd::open(i32::MAX as u32), Err(SocketError::NoSuchProcess(_))));
+    }
+}
