@@ -8,6 +8,8 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::{map, sk_lookup},
@@ -45,8 +47,7 @@ static CONFIG: Array<u32> = Array::pinned(CONFIG_ENTRIES, 0);
 static SERVICES: HashMap<u32, ServiceRecord> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[map(name = "HS_GENERATIONS")]
-static GENERATIONS: HashMap<GenerationKey, GenerationRecord> =
-    HashMap::pinned(MAX_GENERATIONS, 0);
+static GENERATIONS: HashMap<GenerationKey, GenerationRecord> = HashMap::pinned(MAX_GENERATIONS, 0);
 
 #[sk_lookup]
 pub fn hotswap_steer(ctx: SkLookupContext) -> u32 {
@@ -57,25 +58,41 @@ pub fn hotswap_steer(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext) -> u32 {
+    // Each context field is read once, at a constant offset from the context pointer: the
+    // verifier refuses loads through a context pointer the compiler has offset.
+    let lookup = ctx.lookup;
     // SAFETY: the kernel hands every sk_lookup program a valid context.
-    let lookup = unsafe { &*ctx.lookup };
+    let (family, protocol, port, ip4, ip6) = unsafe {
+        (
+            read_volatile(&raw const (*lookup).family),
+            read_volatile(&raw const (*lookup).protocol),
+            read_volatile(&raw const (*lookup).local_port),
+            read_volatile(&raw const (*lookup).local_ip4),
+            [
+                read_volatile(&raw const (*lookup).local_ip6[0]),
+                read_volatile(&raw const (*lookup).local_ip6[1]),
+                read_volatile(&raw const (*lookup).local_ip6[2]),
+                read_volatile(&raw const (*lookup).local_ip6[3]),
+            ],
+        )
+    };
     let mut addr = [0u8; 16];
-    match lookup.family {
+    match family {
         AF_INET => {
             addr[10] = 0xff;
             addr[11] = 0xff;
-            addr[12..16].copy_from_slice(&lookup.local_ip4.to_ne_bytes());
+            addr[12..16].copy_from_slice(&ip4.to_ne_bytes());
         }
         AF_INET6 => {
-            for (i, word) in lookup.local_ip6.iter().enumerate() {
+            for (i, word) in ip6.iter().enumerate() {
                 addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
             }
         }
         _ => return SK_PASS,
     }
-    let protocol = lookup.protocol as u8;
+    let protocol = protocol as u8;
     // local_port is in host byte order.
-    let port = lookup.local_port as u16;
+    let port = port as u16;
 
     let Some(binding) = find_binding(protocol, port, addr) else {
         return SK_PASS;
@@ -89,7 +106,10 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         Ok(()) => {
             count(metrics, |m| m.steered += 1);
             if debug_log {
-                debug!(ctx, "service {} proto {} port {}: steered", service_id, protocol, port);
+                debug!(
+                    ctx,
+                    "service {} proto {} port {}: steered", service_id, protocol, port
+                );
             }
             SK_PASS
         }
@@ -101,7 +121,14 @@ fn steer(ctx: &SkLookupContext) -> u32 {
                 count(metrics, |m| m.errors += 1);
             }
             if debug_log {
-                debug!(ctx, "service {} proto {} port {}: dropped, error {}", service_id, protocol, port, err);
+                debug!(
+                    ctx,
+                    "service {} proto {} port {}: dropped, error {}",
+                    service_id,
+                    protocol,
+                    port,
+                    err
+                );
             }
             SK_DROP
         }

@@ -2,9 +2,7 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use hotswap_common::{
-    BindingData, BINDING_HEADER_BITS, MAX_SERVICE_NAME, PROTO_TCP, PROTO_UDP,
-};
+use hotswap_common::{BindingData, BINDING_HEADER_BITS, MAX_SERVICE_NAME, PROTO_TCP, PROTO_UDP};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -233,7 +231,16 @@ mod tests {
         for ok in ["web", "a", "0", "web-1_x", &"a".repeat(63)] {
             assert!(ok.parse::<ServiceName>().is_ok(), "{ok}");
         }
-        for bad in ["", "-web", "_web", "Web", "we b", "wéb", &"a".repeat(64), "web/1"] {
+        for bad in [
+            "",
+            "-web",
+            "_web",
+            "Web",
+            "we b",
+            "wéb",
+            &"a".repeat(64),
+            "web/1",
+        ] {
             assert!(bad.parse::<ServiceName>().is_err(), "{bad}");
         }
     }
@@ -276,7 +283,11 @@ mod tests {
                 port,
             };
             let (len, data) = binding.trie_key();
-            assert_eq!(Binding::from_trie_key(len, &data), Some(binding), "{binding}");
+            assert_eq!(
+                Binding::from_trie_key(len, &data),
+                Some(binding),
+                "{binding}"
+            );
         }
     }
 

@@ -17,14 +17,18 @@ use serde::{Deserialize, Serialize};
 use crate::{
     backend::{Backend, BackendError, BackendInfo},
     model::{check_label, Binding, ParseError, Protocol, ServiceName},
-    socket::{process_holds_socket, socket_cookie, take_socket, InspectedSocket, Pidfd, SocketError},
+    socket::{
+        process_holds_socket, socket_cookie, take_socket, InspectedSocket, Pidfd, SocketError,
+    },
 };
 
 /// A registry operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// No service of that name.
-    #[error("unknown service {0:?} (bind an address to it first: hotswap bind {0} tcp <PREFIX> <PORT>)")]
+    #[error(
+        "unknown service {0:?} (bind an address to it first: hotswap bind {0} tcp <PREFIX> <PORT>)"
+    )]
     UnknownService(String),
     /// No generation of that id.
     #[error("service {service} has no live generation {generation}")]
@@ -208,7 +212,10 @@ impl Registry {
     /// A registry over `backend`, adopting whatever the backend remembers. Generations whose
     /// process is gone, or whose fd no longer is the registered socket, are forgotten. `netns` is
     /// the inode of the daemon's network namespace; sockets must belong to it.
-    pub fn adopt(backend: Box<dyn Backend>, netns: u64) -> Result<(Self, Vec<String>), RegistryError> {
+    pub fn adopt(
+        backend: Box<dyn Backend>,
+        netns: u64,
+    ) -> Result<(Self, Vec<String>), RegistryError> {
         let state = backend.load_state()?;
         let mut registry = Self {
             backend,
@@ -429,7 +436,8 @@ impl Registry {
             }
         }
         self.backend.save_generation(&key, &record)?;
-        self.backend.save_service(service_id, &service_record, false)?;
+        self.backend
+            .save_service(service_id, &service_record, false)?;
         let service = self.services.get_mut(service_name).expect("checked above");
         service.record = service_record;
         service.generations.insert(
@@ -457,13 +465,12 @@ impl Registry {
             .services
             .get(service_name)
             .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
-        let target = service
-            .generations
-            .get(&generation)
-            .ok_or_else(|| RegistryError::UnknownGeneration {
+        let target = service.generations.get(&generation).ok_or_else(|| {
+            RegistryError::UnknownGeneration {
                 service: service_name.clone(),
                 generation,
-            })?;
+            }
+        })?;
         let protocol = target.socket.protocol;
         let previous = Some(service.active(protocol)).filter(|&g| g != 0);
         self.backend
@@ -497,7 +504,9 @@ impl Registry {
                         tracing::warn!("clearing the socket of service {name}: {err}");
                     }
                     service.set_active(protocol, 0);
-                    let _ = self.backend.save_service(service.id, &service.record, false);
+                    let _ = self
+                        .backend
+                        .save_service(service.id, &service.record, false);
                 }
                 let key = GenerationKey {
                     service_id: service.id,

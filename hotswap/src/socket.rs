@@ -46,7 +46,9 @@ pub enum SocketError {
         fd: RawFd,
     },
     /// A TCP socket that is not listening.
-    #[error("fd {fd} of process {pid} is a TCP socket that is not listening (call listen() first)")]
+    #[error(
+        "fd {fd} of process {pid} is a TCP socket that is not listening (call listen() first)"
+    )]
     NotListening {
         /// Process.
         pid: u32,
@@ -167,7 +169,13 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> 
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: value and len describe a valid buffer of the right size.
     let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -337,20 +345,35 @@ mod tests {
     #[test]
     fn refuses_what_cannot_be_steered() {
         let file = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(matches!(take(file.as_raw_fd()), Err(SocketError::NotASocket { .. })));
+        assert!(matches!(
+            take(file.as_raw_fd()),
+            Err(SocketError::NotASocket { .. })
+        ));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert!(matches!(take(stream.as_raw_fd()), Err(SocketError::NotListening { .. })));
+        assert!(matches!(
+            take(stream.as_raw_fd()),
+            Err(SocketError::NotListening { .. })
+        ));
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         udp.connect("127.0.0.1:9").unwrap();
-        assert!(matches!(take(udp.as_raw_fd()), Err(SocketError::ConnectedUdp { .. })));
+        assert!(matches!(
+            take(udp.as_raw_fd()),
+            Err(SocketError::ConnectedUdp { .. })
+        ));
         assert!(matches!(take(9999), Err(SocketError::NoSuchFd { .. })));
         let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(matches!(take(unix.as_raw_fd()), Err(SocketError::UnsupportedSocket { .. })));
+        assert!(matches!(
+            take(unix.as_raw_fd()),
+            Err(SocketError::UnsupportedSocket { .. })
+        ));
     }
 
     #[test]
     fn no_such_process() {
-        assert!(matches!(Pidfd::open(i32::MAX as u32), Err(SocketError::NoSuchProcess(_))));
+        assert!(matches!(
+            Pidfd::open(i32::MAX as u32),
+            Err(SocketError::NoSuchProcess(_))
+        ));
     }
 }

@@ -13,7 +13,10 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockHash},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+        SockHash,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         ProgramError, ProgramInfo, SkLookup,
@@ -226,16 +229,18 @@ impl SkLookupBackend {
                 let upgrading = pinned.is_some();
                 let netns = File::open("/proc/self/ns/net")
                     .map_err(io_error("opening", Path::new("/proc/self/ns/net")))?;
-                let link_id = program.attach(netns.as_fd()).map_err(program_error("attaching"))?;
+                let link_id = program
+                    .attach(netns.as_fd())
+                    .map_err(program_error("attaching"))?;
                 let link: FdLink = program
                     .take_link(link_id)
                     .map_err(program_error("attaching"))?
                     .into();
-                // Pin under temporary names, then rename over the old pins: the old link
+                // Pin under temporary names (bpffs refuses dots in names), then rename over the old pins: the old link
                 // file's last reference goes when `pinned` drops, detaching the old program
                 // only after the new one runs.
-                let new_link_path = pin_dir.join("link.new");
-                let new_program_path = pin_dir.join("program.new");
+                let new_link_path = pin_dir.join("link_new");
+                let new_program_path = pin_dir.join("program_new");
                 let _ = std::fs::remove_file(&new_link_path);
                 let _ = std::fs::remove_file(&new_program_path);
                 program
@@ -396,12 +401,14 @@ impl Backend for SkLookupBackend {
             .metrics
             .get(&service_id, 0)
             .map_err(map_error(map_names::METRICS))?;
-        Ok(per_cpu.iter().fold(ServiceMetrics::default(), |sum, m| ServiceMetrics {
-            lookups: sum.lookups + m.lookups,
-            steered: sum.steered + m.steered,
-            no_socket: sum.no_socket + m.no_socket,
-            errors: sum.errors + m.errors,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceMetrics::default(), |sum, m| ServiceMetrics {
+                lookups: sum.lookups + m.lookups,
+                steered: sum.steered + m.steered,
+                no_socket: sum.no_socket + m.no_socket,
+                errors: sum.errors + m.errors,
+            }))
     }
 
     fn save_service(
@@ -417,10 +424,13 @@ impl Backend for SkLookupBackend {
                     io_error: e,
                 }))
             })?;
-            let zeroes = PerCpuValues::try_from(vec![ServiceMetrics::default(); cpus])
-                .map_err(|e| map_error(map_names::METRICS)(MapError::SyscallError(
-                    aya::sys::SyscallError { call: "zero metrics", io_error: e },
-                )))?;
+            let zeroes =
+                PerCpuValues::try_from(vec![ServiceMetrics::default(); cpus]).map_err(|e| {
+                    map_error(map_names::METRICS)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "zero metrics",
+                        io_error: e,
+                    }))
+                })?;
             self.metrics
                 .set(service_id, zeroes, 0)
                 .map_err(map_error(map_names::METRICS))?;

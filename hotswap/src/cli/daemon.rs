@@ -1,0 +1,62 @@
+//! `hotswap daemon`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::daemon::{self, DaemonConfig};
+
+/// [--pin-dir PATH] [--debug-ebpf].
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// bpffs directory for the pinned program, link and maps
+    /// [default: /sys/fs/bpf/hotswap/<netns inode>].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Turn on the eBPF program's per-connection debug log lines (costly: for debugging only).
+    #[arg(long)]
+    debug_ebpf: bool,
+}
+
+pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
+    let default_filter = if args.debug_ebpf {
+        "info,hotswap=debug"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = DaemonConfig {
+        socket,
+        pin_dir: args.pin_dir,
+        debug_ebpf: args.debug_ebpf,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without handlers the default action (exit) still stops the daemon.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,118 @@
+//! The `hotswap` command line: one module per verb. Noun commands (`status`, `metrics`) never
+//! change state; verbs do.
+
+mod bind;
+mod daemon;
+mod metrics;
+mod register;
+mod status;
+mod switch;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    client::{self, ClientError},
+    daemon::DEFAULT_SOCKET,
+    protocol::{Reply, Request},
+};
+
+/// Zero-downtime listener hand-over: steer each new connection of a service to the active
+/// generation, and switch generations atomically.
+#[derive(Debug, Parser)]
+#[command(name = "hotswap", version)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "HOTSWAP_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (loads or adopts the sk_lookup program).
+    Daemon(daemon::Args),
+    /// Steer connections for an address to a service: bind SERVICE tcp|udp PREFIX PORT.
+    Bind(bind::Args),
+    /// Stop steering an address: unbind SERVICE tcp|udp PREFIX PORT.
+    Unbind(bind::Args),
+    /// Take a listening socket from a running process as a new generation of a service.
+    Register(register::Args),
+    /// Make a generation of a service the active one (one atomic map update).
+    Switch(switch::Args),
+    /// Show services, bindings, generations and the backend.
+    Status(status::Args),
+    /// Show per-service counters.
+    Metrics(metrics::Args),
+}
+
+/// Parses the command line, runs the command and returns the exit code. Errors are one line on
+/// stderr with their whole cause chain.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = err.print();
+                return ExitCode::from(
+                    if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
+            }
+            // clap adds usage and a hint on further lines; the first line says what is wrong.
+            let text = err.to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", crate::error_chain(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon(args) => daemon::run(cli.socket, args),
+        Command::Bind(args) => bind::run(&cli.socket, args, true),
+        Command::Unbind(args) => bind::run(&cli.socket, args, false),
+        Command::Register(args) => register::run(&cli.socket, args),
+        Command::Switch(args) => switch::run(&cli.socket, args),
+        Command::Status(args) => status::run(&cli.socket, args),
+        Command::Metrics(args) => metrics::run(&cli.socket, args),
+    }
+}
+
+/// Sends one request from a small single-threaded runtime.
+fn request(socket: &std::path::Path, request: &Request) -> Result<Reply, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?
+        .block_on(client::request(socket, request))
+}
+
+/// A reply of another kind than the request asks for: a daemon of another version.
+fn unexpected(reply: Reply) -> anyhow::Error {
+    anyhow::anyhow!("unexpected reply from the daemon: {reply:?}")
+}

@@ -1,0 +1,44 @@
+//! `hotswap switch`.
+
+use std::path::Path;
+
+use crate::{
+    model::ServiceName,
+    protocol::{Reply, Request},
+};
+
+/// SERVICE GENERATION.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Service name.
+    service: ServiceName,
+    /// The generation to make active.
+    generation: u32,
+}
+
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    let request = Request::Switch {
+        service: args.service.clone(),
+        generation: args.generation,
+    };
+    match super::request(socket, &request)? {
+        Reply::Switched { previous } => {
+            match previous {
+                Some(previous) if previous != args.generation => println!(
+                    "service {}: generation {previous} -> {}",
+                    args.service, args.generation
+                ),
+                Some(_) => println!(
+                    "service {}: generation {} was active already",
+                    args.service, args.generation
+                ),
+                None => println!(
+                    "service {}: generation {} active",
+                    args.service, args.generation
+                ),
+            }
+            Ok(())
+        }
+        reply => Err(super::unexpected(reply)),
+    }
+}

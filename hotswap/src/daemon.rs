@@ -1,0 +1,302 @@
+//! The daemon: owns the backend and the registry, serves the control socket.
+//!
+//! [`run`] takes the shutdown signal as a future, so tests and embedders decide when it stops.
+//! Stopping leaves the kernel state pinned: steering goes on without a daemon, and the next
+//! daemon adopts it.
+
+use std::{
+    future::Future,
+    io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::{
+    io::unix::AsyncFd,
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    backend::{
+        sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError},
+        BackendError,
+    },
+    error_chain,
+    protocol::{Connection, Reply, Request, Response},
+    registry::{Registry, RegistryError},
+    socket::netns_inode,
+};
+
+/// The control socket's default path.
+pub const DEFAULT_SOCKET: &str = "/run/hotswap/hotswap.sock";
+
+/// How often the daemon checks whether generations' processes still hold their sockets.
+const REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// bpffs state directory; `None` for `/sys/fs/bpf/hotswap/<netns inode>`.
+    pub pin_dir: Option<PathBuf>,
+    /// Turn on the eBPF program's debug log lines and forward them to tracing.
+    pub debug_ebpf: bool,
+}
+
+/// The daemon could not start or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another daemon serves the control socket.
+    #[error("another hotswap daemon is already serving control socket {0}")]
+    SocketInUse(PathBuf),
+    /// A file-system or socket operation failed.
+    #[error("{what} {path} failed")]
+    Io {
+        /// What was tried.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backend could not be set up.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The registry could not adopt the pinned state.
+    #[error("adopting the pinned state failed")]
+    Registry(#[from] RegistryError),
+    /// The eBPF log reader could not start.
+    #[error("reading the eBPF program's log failed")]
+    Logger(#[from] aya_log::Error),
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DaemonError {
+    let path = path.to_owned();
+    move |source| DaemonError::Io { what, path, source }
+}
+
+/// Takes `<socket>.lock`, so two daemons never fight over one socket path.
+fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+    }
+    let mut lock_path = socket.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_error("opening", &lock_path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            DaemonError::SocketInUse(socket.to_owned())
+        } else {
+            DaemonError::Io {
+                what: "locking",
+                path: lock_path,
+                source: errno.into(),
+            }
+        }
+    })
+}
+
+/// Binds the control socket, readable and writable by its owner (root) only.
+fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
+    // We hold the lock, so a file left here is a dead daemon's.
+    match std::fs::remove_file(socket) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => {
+            return Err(io_error("removing stale", socket)(err))
+        }
+        _ => {}
+    }
+    // The umask closes the window between bind() and chmod().
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(io_error("binding", socket))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error("restricting", socket))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let ns_path = Path::new("/proc/self/ns/net");
+    let netns = netns_inode(ns_path).map_err(io_error("reading", ns_path))?;
+    let pin_dir = match &config.pin_dir {
+        Some(dir) => dir.clone(),
+        None => default_pin_dir().map_err(io_error("reading", ns_path))?,
+    };
+    let _socket_lock = lock_socket_path(&config.socket)?;
+    let backend = SkLookupBackend::open(&pin_dir).map_err(BackendError::from)?;
+    let program_id = backend.program_id();
+    let (mut registry, notes) = Registry::adopt(Box::new(backend), netns)?;
+    let info = registry.backend_info();
+    tracing::info!(
+        "backend {}: {} (program id {}, state {})",
+        info.name,
+        info.reason,
+        program_id,
+        info.state_dir
+    );
+    for note in notes {
+        tracing::info!("{note}");
+    }
+    registry.set_debug_log(config.debug_ebpf)?;
+    let logger = if config.debug_ebpf {
+        Some(spawn_ebpf_logger(program_id)?)
+    } else {
+        None
+    };
+
+    let listener = bind_control_socket(&config.socket)?;
+    tracing::info!("listening on {}", config.socket.display());
+    let registry = Arc::new(Mutex::new(registry));
+    let mut reap_timer = tokio::time::interval(REAP_INTERVAL);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let registry = Arc::clone(&registry);
+                    tokio::spawn(async move {
+                        if let Err(err) = serve(stream, registry).await {
+                            tracing::debug!("control connection: {}", error_chain(&err));
+                        }
+                    });
+                }
+                Err(err) => tracing::warn!("accepting a control connection: {err}"),
+            },
+            _ = reap_timer.tick() => {
+                let reaped = lock(&registry).reap();
+                for r in reaped {
+                    let why = if r.process_exited { "its process exited" } else { "its process closed the socket" };
+                    let what = if r.was_active { "; the service has no active socket now" } else { "" };
+                    tracing::info!("generation {} of service {} is gone: {why}{what}", r.generation, r.service);
+                }
+            }
+        }
+    }
+    tracing::info!("stopping; steering continues from the pinned state");
+    if let Some(logger) = logger {
+        logger.abort();
+        if let Err(err) = lock(&registry).set_debug_log(false) {
+            tracing::warn!("turning eBPF debug logging off: {}", error_chain(&err));
+        }
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    // A panic while holding the lock leaves the registry as consistent as the last completed
+    // operation made it; keep serving.
+    registry
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let logger = aya_log::EbpfLogger::init_from_id(program_id)?;
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
+    let mut logger = unsafe { AsyncFd::register(logger) }
+        .map_err(|e| io_error("polling", Path::new("AYA_LOGS"))(e.into()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+async fn serve(
+    stream: UnixStream,
+    registry: Arc<Mutex<Registry>>,
+) -> Result<(), crate::protocol::FrameError> {
+    let uid = stream.peer_cred()?.uid();
+    let mut connection = Connection::new(stream);
+    while let Some(bytes) = connection.receive_bytes().await? {
+        let response: Response = if uid != 0 {
+            Err(format!(
+                "permission denied: uid {uid} may not control hotswap (only root may)"
+            ))
+        } else {
+            match serde_json::from_slice::<Request>(&bytes) {
+                Err(err) => Err(format!("malformed request: {err}")),
+                Ok(request) => {
+                    tracing::debug!(?request, "request");
+                    handle(&mut lock(&registry), request).map_err(|e| error_chain(&e))
+                }
+            }
+        };
+        connection.send(&response).await?;
+    }
+    Ok(())
+}
+
+fn handle(registry: &mut Registry, request: Request) -> Result<Reply, RegistryError> {
+    match request {
+        Request::Bind { service, binding } => {
+            registry.bind(&service, binding)?;
+            tracing::info!("bound {binding} to service {service}");
+            Ok(Reply::Done)
+        }
+        Request::Unbind { service, binding } => {
+            registry.unbind(&service, binding)?;
+            tracing::info!("unbound {binding} from service {service}");
+            Ok(Reply::Done)
+        }
+        Request::Register {
+            service,
+            pid,
+            fd,
+            label,
+            activate,
+        } => {
+            let generation = registry.register(&service, pid, fd, label, activate)?;
+            tracing::info!(
+                "registered generation {generation} of service {service} (pid {pid} fd {fd}){}",
+                if activate { ", active" } else { "" }
+            );
+            Ok(Reply::Registered {
+                generation,
+                activated: activate,
+            })
+        }
+        Request::Switch {
+            service,
+            generation,
+        } => {
+            let previous = registry.switch(&service, generation)?;
+            tracing::info!("switched service {service} to generation {generation}");
+            Ok(Reply::Switched { previous })
+        }
+        Request::Status => Ok(Reply::Status(registry.status())),
+        Request::Metrics => Ok(Reply::Metrics {
+            services: registry.metrics()?,
+        }),
+    }
+}
+
+/// Whether an sk_lookup error means the daemon lost a race for its state directory.
+pub fn is_already_running(err: &DaemonError) -> bool {
+    matches!(
+        err,
+        DaemonError::SocketInUse(_)
+            | DaemonError::Backend(BackendError::SkLookup(SkLookupError::Locked(_)))
+    )
+}
