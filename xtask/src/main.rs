@@ -1,1 +1,100 @@
-fn main() {}
+//! `cargo xtask`: make a fresh machine ready, then build and run hotswap.
+//!
+//! Every step is idempotent: a second run checks, finds everything in place and installs
+//! nothing.
+
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building needs: nightly rust-src, bpf-linker; mount bpffs.
+    Setup,
+    /// Set up, build, and run `hotswap daemon` in the foreground (extra arguments go to it).
+    Run {
+        /// Arguments for `hotswap daemon`, e.g. `-- --debug-ebpf`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test: unit tests and the privileged integration tests.
+    Test {
+        /// Arguments for the test binaries, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::ensure_all(),
+        Task::Run { args } => run(args),
+        Task::Test { args } => test(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command and fails with its description when it fails.
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (loading eBPF programs and making network namespaces): run `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    status(cargo().args(["build", "--package", "hotswap", "--bins"]))
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    setup::ensure_all()?;
+    require_root("hotswap daemon")?;
+    build()?;
+    let mut daemon = cargo();
+    daemon.args(["run", "--quiet", "--package", "hotswap", "--bin", "hotswap", "--", "daemon"]);
+    daemon.args(args);
+    status(&mut daemon)
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    setup::ensure_all()?;
+    require_root("the integration tests")?;
+    // The integration tests run the hotswap binary; build it first.
+    build()?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--exclude", "hotswap-ebpf", "--"]);
+    test.args(args);
+    status(&mut test)
+}

@@ -1,0 +1,137 @@
+//! Fresh-machine set-up: the nightly's rust-src, bpf-linker built against the nightly's own
+//! libLLVM, and a mounted bpffs. See DESIGN.md §6 for why each step is needed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::status;
+
+/// The bpf-linker release this crate set works with; newer ones may rename LLVM features.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Runs every set-up step.
+pub fn ensure_all() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_bpffs()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the eBPF program needs the `nightly` toolchain; install it with `rustup toolchain install nightly`")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("adding rust-src (needed for -Z build-std=core); try `rustup component add rust-src --toolchain nightly`")
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    // bpf-linker has no prebuilt binary reachable here: build it against the nightly's own
+    // libLLVM, which has the LLVM major version rustc emits bitcode for.
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` reports no LLVM version")?
+        .trim()
+        .to_owned();
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let lib = sysroot.join("lib");
+    let versioned = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}; is the nightly toolchain complete?", lib.display()))?;
+    let prefix = cache_dir().join(format!("llvm-{major}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    // Both names: `libLLVM.so` for the build, the versioned one so the installed binary finds
+    // its library outside rustup's environment.
+    for name in ["libLLVM.so", versioned.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&versioned), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)");
+    status(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+    .context("installing bpf-linker; see DESIGN.md §6 for the manual recipe")?;
+    if !bpf_linker_ok() {
+        bail!("bpf-linker was installed but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("hotswap")
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: mounting bpffs at /sys/fs/bpf");
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        .context("mounting bpffs (needs root): `mount -t bpf bpf /sys/fs/bpf`")
+}
