@@ -25,6 +25,8 @@ use hotswap_common::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const ENOENT: i32 = 2;
+const ESOCKTNOSUPPORT: i32 = 94;
 /// BPF_SK_LOOKUP_F_REPLACE: while a new version of this program is attached beside the old
 /// one during a program upgrade, both run; the second must be allowed to repeat the first's
 /// choice instead of failing with EEXIST.
@@ -114,8 +116,10 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             SK_PASS
         }
         Err(err) => {
-            // -ENOENT: nothing registered (or the socket closed and left the map).
-            if err == -2 {
+            // -ENOENT: nothing registered, or the socket closed and left the map.
+            // -ESOCKTNOSUPPORT: the socket is still in the map but no longer listening (shut
+            // down) or no longer bound. Both mean: no live socket.
+            if err == -ENOENT || err == -ESOCKTNOSUPPORT {
                 count(metrics, |m| m.no_socket += 1);
             } else {
                 count(metrics, |m| m.errors += 1);

@@ -1,1 +1,446 @@
+//! Helpers for hotswap's privileged integration tests.
+//!
+//! Every test makes a [`TestEnv`]: the calling thread moves into a network namespace of its
+//! own (loopback up), with its own bpffs pin directory and control socket, and the daemon and
+//! servers it starts are its children, so they live in that namespace too. Nothing touches the
+//! host's namespace, so tests run in parallel and leave nothing behind. A test that cannot get
+//! the privileges it needs panics: it never passes silently.
 
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::sched::{setns, unshare, CloneFlags};
+
+/// How long any wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A binary of the workspace, next to the test binaries: `target/<profile>/<name>`.
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The `hotswap` binary (`cargo xtask test` builds it before the tests).
+pub fn hotswap_bin() -> PathBuf {
+    workspace_bin("hotswap")
+}
+
+/// The test server fixture binary (cargo builds it for this crate's integration tests).
+pub fn server_bin() -> PathBuf {
+    workspace_bin("hotswap-test-server")
+}
+
+fn bring_loopback_up() {
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq naming "lo".
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(sock >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        assert_eq!(
+            libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req),
+            0,
+            "SIOCGIFFLAGS: {}",
+            std::io::Error::last_os_error()
+        );
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req),
+            0,
+            "SIOCSIFFLAGS: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::close(sock);
+    }
+}
+
+/// Moves the calling thread into a fresh network namespace; moves it back on drop.
+pub struct NetnsGuard {
+    original: File,
+}
+
+impl NetnsGuard {
+    /// Enters a new network namespace with loopback up. Panics, loudly, without privileges.
+    pub fn enter() -> Self {
+        let original = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        if let Err(err) = unshare(CloneFlags::CLONE_NEWNET) {
+            panic!(
+                "this test needs root (CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN) to make a network \
+                 namespace: unshare(CLONE_NEWNET) failed: {err}; run it with `cargo xtask test` as root"
+            );
+        }
+        bring_loopback_up();
+        Self { original }
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = setns(&self.original, CloneFlags::CLONE_NEWNET);
+    }
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// One test's private world: network namespace, pin dir, control socket, daemon.
+pub struct TestEnv {
+    /// Scratch directory (holds the control socket).
+    pub dir: tempfile::TempDir,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// bpffs state directory.
+    pub pin_dir: PathBuf,
+    daemon: Option<Child>,
+    daemon_log: PathBuf,
+    _netns: NetnsGuard,
+}
+
+impl TestEnv {
+    /// A new environment; the daemon is not started yet.
+    pub fn new(name: &str) -> Self {
+        let netns = NetnsGuard::enter();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("hotswap-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let unique = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let pin_dir = PathBuf::from("/sys/fs/bpf/hotswap-tests").join(unique);
+        Self {
+            socket: dir.path().join("hotswap.sock"),
+            daemon_log: dir.path().join("daemon.log"),
+            dir,
+            pin_dir,
+            daemon: None,
+            _netns: netns,
+        }
+    }
+
+    /// A new environment with a running daemon.
+    pub fn with_daemon(name: &str) -> Self {
+        let mut env = Self::new(name);
+        env.start_daemon();
+        env
+    }
+
+    /// The daemon command for this environment, not started.
+    pub fn daemon_command(&self) -> Command {
+        let mut cmd = Command::new(hotswap_bin());
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts the daemon and waits until it answers on its control socket.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)
+            .expect("daemon log");
+        let child = self
+            .daemon_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early with {status}:\n{}", self.daemon_log());
+            }
+            if self.hotswap(&["status", "--json"]).status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the daemon and waits for it to exit.
+    pub fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) {
+        let mut child = self.daemon.take().expect("daemon running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        child.wait().unwrap();
+    }
+
+    /// What the daemon logged so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    /// Runs `hotswap ARGS` against this environment's daemon.
+    pub fn hotswap(&self, args: &[&str]) -> Output {
+        Command::new(hotswap_bin())
+            .args(args)
+            .env("HOTSWAP_SOCKET", &self.socket)
+            .output()
+            .expect("run hotswap")
+    }
+
+    /// Runs `hotswap ARGS`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.hotswap(args);
+        assert!(
+            out.status.success(),
+            "hotswap {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `hotswap ARGS`, which must fail with exactly one line on stderr; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.hotswap(args);
+        assert!(!out.status.success(), "hotswap {args:?} should have failed");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "hotswap {args:?}: expected one line, got:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr.trim_end().to_owned()
+    }
+
+    /// `hotswap status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    /// A service's counters from `hotswap metrics --json`: lookups, steered, no_socket, errors.
+    pub fn metrics(&self, service: &str) -> [u64; 4] {
+        let all: serde_json::Value =
+            serde_json::from_str(&self.ok(&["metrics", "--json"])).unwrap();
+        let m = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["service"] == service)
+            .unwrap_or_else(|| panic!("no metrics for {service}: {all}"));
+        ["lookups", "steered", "no_socket", "errors"].map(|k| m[k].as_u64().unwrap())
+    }
+
+    /// Registers a server's socket; returns the generation id.
+    pub fn register(&self, service: &str, server: &Server, extra: &[&str]) -> u32 {
+        let (pid, fd) = (server.pid.to_string(), server.fd.to_string());
+        let mut args = vec!["register", service, "--pid", &pid, "--fd", &fd];
+        args.extend_from_slice(extra);
+        self.ok(&args).trim().parse().unwrap()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Unpins the program, link and maps: the namespace's steering ends with the test.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A running `hotswap-test-server`.
+pub struct Server {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// Its pid.
+    pub pid: u32,
+    /// Its listening socket's fd number.
+    pub fd: i32,
+    /// Its listening socket's address.
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts a server on `addr` (port 0 for any) answering with `text`.
+    pub fn start(proto: &str, addr: &str, text: &str) -> Self {
+        let mut child = Command::new(server_bin())
+            .args([proto, addr, text])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn test server");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"READY"), "test server said {line:?}");
+        Self {
+            pid: words[1].parse().unwrap(),
+            fd: words[2].parse().unwrap(),
+            addr: words[3].parse().unwrap(),
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Closes the listening socket; the process lives on.
+    pub fn close_listener(&mut self) {
+        writeln!(self.stdin, "close").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "CLOSED");
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects, reads the greeting line and closes.
+pub fn tcp_request(addr: &str) -> std::io::Result<String> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without a reply",
+        ));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+/// Sends one datagram and waits for the answer (from any source address: the answer comes from
+/// the generation's own socket address).
+pub fn udp_request(addr: &str) -> std::io::Result<String> {
+    let target: SocketAddr = addr.parse().unwrap();
+    let local = if target.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"hello", target)?;
+    let mut buf = [0u8; 256];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Successful requests by the reply text.
+    pub replies: BTreeMap<String, u64>,
+    /// Failed requests, with why (at most 20 kept).
+    pub failures: Vec<String>,
+    /// Count of failed requests.
+    pub failed: u64,
+}
+
+impl LoadReport {
+    /// Successful requests.
+    pub fn served(&self) -> u64 {
+        self.replies.values().sum()
+    }
+}
+
+/// A client opening one TCP connection after another, each with one request, until stopped
+/// (bounded by `max_requests` and [`PATIENCE`] times 3).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<LoadReport>,
+}
+
+impl Load {
+    /// Starts the client against `addr`.
+    pub fn start(addr: &str, max_requests: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = addr.to_owned();
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE * 3;
+            let mut report = LoadReport::default();
+            for _ in 0..max_requests {
+                if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                match tcp_request(&addr) {
+                    Ok(reply) => *report.replies.entry(reply).or_default() += 1,
+                    Err(err) => {
+                        report.failed += 1;
+                        if report.failures.len() < 20 {
+                            report.failures.push(err.to_string());
+                        }
+                    }
+                }
+            }
+            report
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops the client and returns what it saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread")
+    }
+}
+
+/// Makes a copy of the hotswap binary that an unprivileged user can run, in a directory that
+/// user can enter.
+pub fn unprivileged_copy_of_hotswap(dir: &Path) -> PathBuf {
+    let dest_dir = dir.join("bin");
+    std::fs::create_dir_all(&dest_dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&dest_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dest = dest_dir.join("hotswap");
+    std::fs::copy(hotswap_bin(), &dest).unwrap();
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dest
+}

@@ -53,9 +53,7 @@ fn main() -> ExitCode {
 
 /// Runs a command and fails with its description when it fails.
 pub(crate) fn status(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -83,7 +81,16 @@ fn run(args: Vec<String>) -> Result<()> {
     require_root("hotswap daemon")?;
     build()?;
     let mut daemon = cargo();
-    daemon.args(["run", "--quiet", "--package", "hotswap", "--bin", "hotswap", "--", "daemon"]);
+    daemon.args([
+        "run",
+        "--quiet",
+        "--package",
+        "hotswap",
+        "--bin",
+        "hotswap",
+        "--",
+        "daemon",
+    ]);
     daemon.args(args);
     status(&mut daemon)
 }

@@ -74,17 +74,25 @@ fn ensure_bpf_linker() -> Result<()> {
         .context("`rustc +nightly -vV` reports no LLVM version")?
         .trim()
         .to_owned();
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
     let lib = sysroot.join("lib");
     let versioned = std::fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {}; is the nightly toolchain complete?", lib.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}; is the nightly toolchain complete?",
+                lib.display()
+            )
+        })?;
     let prefix = cache_dir().join(format!("llvm-{major}"));
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     // Both names: `libLLVM.so` for the build, the versioned one so the installed binary finds
     // its library outside rustup's environment.
     for name in ["libLLVM.so", versioned.as_str()] {
@@ -93,7 +101,9 @@ fn ensure_bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&versioned), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
     status(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args([
@@ -124,11 +134,12 @@ fn cache_dir() -> PathBuf {
 }
 
 fn ensure_bpffs() -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+            && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         return Ok(());
     }
     eprintln!("xtask: mounting bpffs at /sys/fs/bpf");
