@@ -278,7 +278,18 @@ impl Drop for TestEnv {
         }
         // Unpins the program, link and maps: the namespace's steering ends with the test.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // Fails while other tests still have their directories there, as it should.
+        if let Some(parent) = self.pin_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
+}
+
+/// `hotswap` with this environment's control socket, not started.
+pub fn hotswap_command(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(hotswap_bin());
+    cmd.env("HOTSWAP_SOCKET", &env.socket);
+    cmd
 }
 
 /// A running `hotswap-test-server`.
