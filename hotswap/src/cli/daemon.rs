@@ -1,6 +1,6 @@
 //! `hotswap daemon`.
 
-use std::path::PathBuf;
+use std::{io::IsTerminal as _, path::PathBuf};
 
 use anyhow::Context as _;
 use tracing_subscriber::EnvFilter;
@@ -30,6 +30,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = DaemonConfig {
         socket,
