@@ -492,7 +492,8 @@ impl Registry {
                 .iter()
                 .filter_map(|(&id, g)| {
                     let exited = g.pidfd.has_exited();
-                    (exited || !process_holds_socket(g.pid, g.socket.inode)).then_some((id, exited))
+                    (exited || !process_holds_socket(g.pid, g.socket.inode, g.socket.fd.as_fd()))
+                        .then_some((id, exited))
                 })
                 .collect();
             for (id, process_exited) in gone {
@@ -586,4 +587,268 @@ fn reacquire(record: &GenerationRecord, netns: u64) -> Option<(Pidfd, InspectedS
     let pidfd = Pidfd::open(record.pid).ok()?;
     let socket = take_socket(&pidfd, record.pid, record.fd, netns).ok()?;
     (socket_cookie(socket.fd.as_fd()).ok()? == record.cookie).then_some((pidfd, socket))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        net::{TcpListener, UdpSocket},
+        os::fd::{AsRawFd as _, BorrowedFd},
+        sync::{Arc, Mutex},
+    };
+
+    use hotswap_common::ServiceMetrics;
+
+    use super::*;
+    use crate::{backend::PersistedState, model::parse_prefix};
+
+    /// What the fake backend holds: the same things the kernel maps would.
+    #[derive(Default)]
+    struct FakeKernel {
+        services: HashMap<u32, ServiceRecord>,
+        bindings: HashMap<Binding, u32>,
+        generations: HashMap<(u32, u32), GenerationRecord>,
+        /// (service, protocol) -> socket cookie.
+        active: HashMap<(u32, Protocol), u64>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeBackend(Arc<Mutex<FakeKernel>>);
+
+    impl Backend for FakeBackend {
+        fn info(&self) -> BackendInfo {
+            BackendInfo {
+                name: "fake".into(),
+                reason: "unit test".into(),
+                state_dir: String::new(),
+                program_id: None,
+                verified_instructions: None,
+                adopted: false,
+            }
+        }
+        fn load_state(&self) -> Result<PersistedState, BackendError> {
+            let k = self.0.lock().unwrap();
+            Ok(PersistedState {
+                services: k.services.iter().map(|(a, b)| (*a, *b)).collect(),
+                bindings: k.bindings.iter().map(|(a, b)| (*a, *b)).collect(),
+                generations: k
+                    .generations
+                    .iter()
+                    .map(|(&(service_id, generation), r)| {
+                        (
+                            GenerationKey {
+                                service_id,
+                                generation,
+                            },
+                            *r,
+                        )
+                    })
+                    .collect(),
+            })
+        }
+        fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {
+            self.0.lock().unwrap().bindings.insert(*binding, service_id);
+            Ok(())
+        }
+        fn remove_binding(&mut self, binding: &Binding) -> Result<(), BackendError> {
+            self.0.lock().unwrap().bindings.remove(binding);
+            Ok(())
+        }
+        fn activate(
+            &mut self,
+            service_id: u32,
+            protocol: Protocol,
+            socket: BorrowedFd<'_>,
+        ) -> Result<(), BackendError> {
+            let cookie = socket_cookie(socket).unwrap();
+            self.0
+                .lock()
+                .unwrap()
+                .active
+                .insert((service_id, protocol), cookie);
+            Ok(())
+        }
+        fn deactivate(&mut self, service_id: u32, protocol: Protocol) -> Result<(), BackendError> {
+            self.0
+                .lock()
+                .unwrap()
+                .active
+                .remove(&(service_id, protocol));
+            Ok(())
+        }
+        fn metrics(&self, _: u32) -> Result<ServiceMetrics, BackendError> {
+            Ok(ServiceMetrics::default())
+        }
+        fn save_service(
+            &mut self,
+            id: u32,
+            record: &ServiceRecord,
+            _: bool,
+        ) -> Result<(), BackendError> {
+            self.0.lock().unwrap().services.insert(id, *record);
+            Ok(())
+        }
+        fn forget_service(&mut self, id: u32) -> Result<(), BackendError> {
+            self.0.lock().unwrap().services.remove(&id);
+            Ok(())
+        }
+        fn save_generation(
+            &mut self,
+            key: &GenerationKey,
+            record: &GenerationRecord,
+        ) -> Result<(), BackendError> {
+            self.0
+                .lock()
+                .unwrap()
+                .generations
+                .insert((key.service_id, key.generation), *record);
+            Ok(())
+        }
+        fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
+            self.0
+                .lock()
+                .unwrap()
+                .generations
+                .remove(&(key.service_id, key.generation));
+            Ok(())
+        }
+        fn set_debug_log(&mut self, _: bool) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    fn netns() -> u64 {
+        crate::socket::netns_inode(std::path::Path::new("/proc/thread-self/ns/net")).unwrap()
+    }
+
+    fn registry() -> (Registry, FakeBackend) {
+        let fake = FakeBackend::default();
+        let (registry, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        (registry, fake)
+    }
+
+    fn web() -> ServiceName {
+        "web".parse().unwrap()
+    }
+
+    fn tcp_binding(port: u16) -> Binding {
+        Binding {
+            protocol: Protocol::Tcp,
+            prefix: parse_prefix("127.0.0.1/32").unwrap(),
+            port,
+        }
+    }
+
+    #[test]
+    fn bind_creates_services_and_refuses_conflicts() {
+        let (mut registry, fake) = registry();
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(81)).unwrap();
+        let other: ServiceName = "other".parse().unwrap();
+        let err = registry.bind(&other, tcp_binding(80)).unwrap_err();
+        assert!(matches!(err, RegistryError::AlreadyBound { .. }), "{err}");
+        assert_eq!(
+            fake.0.lock().unwrap().services.len(),
+            1,
+            "refused bind created a service"
+        );
+        let err = registry.unbind(&web(), tcp_binding(82)).unwrap_err();
+        assert!(matches!(err, RegistryError::NotBound { .. }), "{err}");
+        registry.unbind(&web(), tcp_binding(81)).unwrap();
+        assert_eq!(
+            registry.status().services[0].bindings,
+            vec![tcp_binding(80)]
+        );
+        assert_eq!(fake.0.lock().unwrap().bindings.len(), 1);
+    }
+
+    #[test]
+    fn register_switch_and_reap() {
+        let (mut registry, fake) = registry();
+        let me = std::process::id();
+        let one = TcpListener::bind("127.0.0.1:0").unwrap();
+        let two = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = registry
+            .register(&web(), me, one.as_raw_fd(), None, false)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::UnknownService(_)), "{err}");
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        let err = registry
+            .register(&web(), me, udp.as_raw_fd(), None, false)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::WrongProtocol { .. }), "{err}");
+
+        assert_eq!(
+            registry
+                .register(&web(), me, one.as_raw_fd(), Some("v1".into()), true)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            registry
+                .register(&web(), me, two.as_raw_fd(), None, false)
+                .unwrap(),
+            2
+        );
+        let err = registry
+            .register(&web(), me, two.as_raw_fd(), None, false)
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyRegistered { generation: 2, .. }),
+            "{err}"
+        );
+        let active = |fake: &FakeBackend| {
+            fake.0
+                .lock()
+                .unwrap()
+                .active
+                .get(&(1, Protocol::Tcp))
+                .copied()
+        };
+        let cookie = |l: &TcpListener| socket_cookie(l.as_fd()).unwrap();
+        assert_eq!(active(&fake), Some(cookie(&one)));
+
+        assert_eq!(registry.switch(&web(), 2).unwrap(), Some(1));
+        assert_eq!(active(&fake), Some(cookie(&two)));
+        let err = registry.switch(&web(), 3).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::UnknownGeneration { generation: 3, .. }),
+            "{err}"
+        );
+
+        // A restarted daemon adopts both generations.
+        let (adopted, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        assert_eq!(adopted.status().services, registry.status().services);
+        drop(adopted);
+
+        // The active socket closes: the service is left with none.
+        let two_cookie = cookie(&two);
+        drop(two);
+        let reaped = registry.reap();
+        assert_eq!(
+            reaped,
+            vec![Reaped {
+                service: web(),
+                generation: 2,
+                was_active: true,
+                process_exited: false
+            }]
+        );
+        assert_eq!(active(&fake), None);
+        assert_ne!(Some(two_cookie), active(&fake));
+        let status = registry.status();
+        assert_eq!(status.services[0].generations.len(), 1);
+        assert!(!status.services[0].generations[0].active);
+        assert_eq!(fake.0.lock().unwrap().generations.len(), 1);
+        // Ids keep counting up.
+        let three = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            registry
+                .register(&web(), me, three.as_raw_fd(), None, true)
+                .unwrap(),
+            3
+        );
+    }
 }

@@ -306,14 +306,18 @@ pub fn take_socket(
     })
 }
 
-/// Whether process `pid` still has a fd open on the socket with inode `inode`.
-pub fn process_holds_socket(pid: u32, inode: u64) -> bool {
+/// Whether process `pid` still has a fd open on the socket with inode `inode`. `own_dup` is
+/// the caller's duplicate of that socket; it does not count when the process is the caller.
+pub fn process_holds_socket(pid: u32, inode: u64, own_dup: BorrowedFd<'_>) -> bool {
     let want = format!("socket:[{inode}]");
+    let skip = (pid == std::process::id()).then(|| own_dup.as_raw_fd().to_string());
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
     entries.flatten().any(|entry| {
-        std::fs::read_link(entry.path()).is_ok_and(|target| target.as_os_str() == want.as_str())
+        skip.as_deref() != entry.file_name().to_str()
+            && std::fs::read_link(entry.path())
+                .is_ok_and(|target| target.as_os_str() == want.as_str())
     })
 }
 
@@ -337,7 +341,17 @@ mod tests {
         let taken = take(tcp.as_raw_fd()).unwrap();
         assert_eq!(taken.protocol, Protocol::Tcp);
         assert_eq!(taken.local_addr, Some(tcp.local_addr().unwrap()));
-        assert!(process_holds_socket(std::process::id(), taken.inode));
+        assert!(process_holds_socket(
+            std::process::id(),
+            taken.inode,
+            taken.fd.as_fd()
+        ));
+        drop(tcp);
+        assert!(!process_holds_socket(
+            std::process::id(),
+            taken.inode,
+            taken.fd.as_fd()
+        ));
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(take(udp.as_raw_fd()).unwrap().protocol, Protocol::Udp);
     }

@@ -13,7 +13,11 @@ fn ebpf_debug_log_is_off_unless_asked_for() {
     env.register("web", &server, &["--activate"]);
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
     env.stop_daemon(Signal::SIGTERM);
-    assert!(!env.daemon_log().contains("steered"), "{}", env.daemon_log());
+    assert!(
+        !env.daemon_log().contains("steered"),
+        "{}",
+        env.daemon_log()
+    );
 
     // With --debug-ebpf, every steered connection is logged through aya-log.
     let log = env.dir.path().join("debug.log");
@@ -31,11 +35,22 @@ fn ebpf_debug_log_is_off_unless_asked_for() {
     }
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
     let deadline = std::time::Instant::now() + integration_tests::PATIENCE;
-    while !std::fs::read_to_string(&log).unwrap().contains("port 8080: steered") {
-        assert!(std::time::Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap());
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("port 8080: steered")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
     daemon.wait().unwrap();
 }
 

@@ -118,7 +118,7 @@ pub fn default_pin_dir() -> io::Result<PathBuf> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin_dir` can live on bpffs: mounts bpffs at /sys/fs/bpf when it is not mounted

@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 fn serve_tcp_connection(stream: TcpStream, text: &str) {
@@ -38,9 +38,8 @@ fn main() {
         std::process::exit(2);
     };
     let text: &'static str = Box::leak(text.clone().into_boxed_str());
-    // The listening socket's fd, kept in an Option so `close` can drop it.
     let raw_fd: i32;
-    let closer: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+    let mut closer: Option<Box<dyn FnOnce()>>;
     match proto.as_str() {
         "tcp" => {
             let listener = TcpListener::bind(addr).expect("bind");
@@ -64,11 +63,11 @@ fn main() {
                     }
                 }
             });
-            closer = Arc::new(Mutex::new(Some(Box::new(move || {
+            closer = Some(Box::new(move || {
                 // SAFETY: shutting down our own listening socket wakes the blocked accept().
                 unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
                 drop(listener);
-            }))));
+            }));
         }
         "udp" => {
             let socket = UdpSocket::bind(addr).expect("bind");
@@ -87,11 +86,11 @@ fn main() {
                     let _ = server.send_to(text.as_bytes(), peer);
                 }
             });
-            closer = Arc::new(Mutex::new(Some(Box::new(move || {
+            closer = Some(Box::new(move || {
                 // SAFETY: shutting down our own socket wakes the blocked recv_from().
                 unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
                 drop(socket);
-            }))));
+            }));
         }
         _ => {
             eprintln!("protocol must be tcp or udp");
@@ -102,7 +101,7 @@ fn main() {
     for line in std::io::stdin().lock().lines() {
         match line.as_deref() {
             Ok("close") => {
-                if let Some(close) = closer.lock().unwrap().take() {
+                if let Some(close) = closer.take() {
                     close();
                 }
                 // The receiving thread still holds a reference until it wakes; wait for the
