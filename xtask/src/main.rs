@@ -103,5 +103,40 @@ fn test(args: Vec<String>) -> Result<()> {
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "hotswap-ebpf", "--"]);
     test.args(args);
-    status(&mut test)
+    run_tests_with_summary(&mut test)
+}
+
+/// Runs cargo test, echoing its output, and ends with one line that sums every test binary's
+/// result (cargo's own last line is that of whichever binary ran last, often one with none).
+fn run_tests_with_summary(test: &mut Command) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut child = test
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {test:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                match (words.next().map(str::parse::<u64>), words.next()) {
+                    (Some(Ok(n)), Some("passed")) => passed += n,
+                    (Some(Ok(n)), Some("failed")) => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("summary: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{test:?} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
