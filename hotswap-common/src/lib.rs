@@ -43,7 +43,12 @@ pub const CONFIG_DEBUG_LOG: u32 = 0;
 /// Entries in the config map.
 pub const CONFIG_ENTRIES: u32 = 4;
 
-/// Bits of [`BindingData`] before the address: protocol, padding and port.
+/// [`BindingData::family`] of an IPv4 binding.
+pub const FAMILY_IPV4: u8 = 4;
+/// [`BindingData::family`] of an IPv6 binding.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Bits of [`BindingData`] before the address: protocol, family and port.
 pub const BINDING_HEADER_BITS: u32 = 32;
 /// Bits of a whole [`BindingData`]: the prefix length of a full-length lookup key.
 pub const BINDING_FULL_BITS: u32 = BINDING_HEADER_BITS + 128;
@@ -52,14 +57,15 @@ pub const BINDING_FULL_BITS: u32 = BINDING_HEADER_BITS + 128;
 ///
 /// Bytes are matched most significant bit first, so the port and the address are in network
 /// byte order. IPv4 addresses are stored as v4-mapped IPv6 (`::ffff:a.b.c.d`), so an IPv4 /24
-/// is a prefix of `BINDING_HEADER_BITS + 96 + 24` bits.
+/// is a prefix of `BINDING_HEADER_BITS + 96 + 24` bits. The family byte keeps the two address
+/// families apart, so `::/0` claims IPv6 traffic only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BindingData {
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub protocol: u8,
-    /// Always zero.
-    pub pad: u8,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
     /// Port in network byte order; 0 means every port.
     pub port: [u8; 2],
     /// IPv6 or v4-mapped IPv4 address, network byte order.

@@ -19,8 +19,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use hotswap_common::{
     BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord,
-    SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, MAX_BINDINGS, MAX_GENERATIONS,
-    MAX_SERVICES,
+    SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, FAMILY_IPV4, FAMILY_IPV6,
+    MAX_BINDINGS, MAX_GENERATIONS, MAX_SERVICES,
 };
 
 const AF_INET: u32 = 2;
@@ -79,24 +79,26 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         )
     };
     let mut addr = [0u8; 16];
-    match family {
+    let family = match family {
         AF_INET => {
             addr[10] = 0xff;
             addr[11] = 0xff;
             addr[12..16].copy_from_slice(&ip4.to_ne_bytes());
+            FAMILY_IPV4
         }
         AF_INET6 => {
             for (i, word) in ip6.iter().enumerate() {
                 addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
             }
+            FAMILY_IPV6
         }
         _ => return SK_PASS,
-    }
+    };
     let protocol = protocol as u8;
     // local_port is in host byte order.
     let port = port as u16;
 
-    let Some(binding) = find_binding(protocol, port, addr) else {
+    let Some(binding) = find_binding(protocol, family, port, addr) else {
         return SK_PASS;
     };
     let service_id = binding.service_id;
@@ -142,13 +144,13 @@ fn steer(ctx: &SkLookupContext) -> u32 {
 /// Two lookups, as tubular does: the exact port, then port 0 (every port). The longer address
 /// prefix wins; on a tie the explicit port does.
 #[inline(always)]
-fn find_binding(protocol: u8, port: u16, addr: [u8; 16]) -> Option<BindingValue> {
+fn find_binding(protocol: u8, family: u8, port: u16, addr: [u8; 16]) -> Option<BindingValue> {
     let exact = BINDINGS
         .get(Key::new(
             BINDING_FULL_BITS,
             BindingData {
                 protocol,
-                pad: 0,
+                family,
                 port: port.to_be_bytes(),
                 addr,
             },
@@ -159,7 +161,7 @@ fn find_binding(protocol: u8, port: u16, addr: [u8; 16]) -> Option<BindingValue>
             BINDING_FULL_BITS,
             BindingData {
                 protocol,
-                pad: 0,
+                family,
                 port: [0, 0],
                 addr,
             },

@@ -13,7 +13,7 @@ use crate::protocol::{Connection, FrameError, Reply, Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nobody listens on the socket.
-    #[error("the hotswap daemon is not running at {0} (start it with `hotswap daemon` or `cargo xtask run`)")]
+    #[error("the hotswap daemon is not running at {}: start it with {}", .0.display(), start_hint(.0))]
     NotRunning(PathBuf),
     /// The socket is root's.
     #[error("permission denied on control socket {0}: hotswap must be run as root")]
@@ -33,6 +33,15 @@ pub enum ClientError {
     /// The daemon refused the request; the text is its reason.
     #[error("{0}")]
     Refused(String),
+}
+
+/// How to start a daemon that serves `socket`.
+fn start_hint(socket: &Path) -> String {
+    if socket == Path::new(crate::daemon::DEFAULT_SOCKET) {
+        "`hotswap daemon` (or `cargo xtask run`)".to_owned()
+    } else {
+        format!("`hotswap daemon --socket {}`", socket.display())
+    }
 }
 
 /// Sends one request and waits for the reply.

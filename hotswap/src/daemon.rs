@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     backend::{
-        sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError},
+        sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, NETNS_PATH},
         BackendError,
     },
     error_chain,
@@ -70,6 +70,9 @@ pub enum DaemonError {
     /// The registry could not adopt the pinned state.
     #[error("adopting the pinned state failed")]
     Registry(#[from] RegistryError),
+    /// The program's debug-log switch could not be set.
+    #[error("setting the eBPF debug-log switch failed")]
+    DebugLog(#[source] RegistryError),
     /// The eBPF log reader could not start.
     #[error("reading the eBPF program's log failed")]
     Logger(#[from] aya_log::Error),
@@ -88,10 +91,14 @@ fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> 
     let mut lock_path = socket.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
+    use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        // Never follow a symlink someone planted where the lock goes.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
         .map_err(io_error("opening", &lock_path))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -131,14 +138,14 @@ pub async fn run(
     config: DaemonConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let ns_path = Path::new("/proc/self/ns/net");
+    let ns_path = Path::new(NETNS_PATH);
     let netns = netns_inode(ns_path).map_err(io_error("reading", ns_path))?;
     let pin_dir = match &config.pin_dir {
         Some(dir) => dir.clone(),
         None => default_pin_dir().map_err(io_error("reading", ns_path))?,
     };
     let _socket_lock = lock_socket_path(&config.socket)?;
-    let backend = SkLookupBackend::open(&pin_dir).map_err(BackendError::from)?;
+    let backend = SkLookupBackend::open(&pin_dir, netns).map_err(BackendError::from)?;
     let program_id = backend.program_id();
     let (mut registry, notes) = Registry::adopt(Box::new(backend), netns)?;
     let info = registry.backend_info();
@@ -152,7 +159,9 @@ pub async fn run(
     for note in notes {
         tracing::info!("{note}");
     }
-    registry.set_debug_log(config.debug_ebpf)?;
+    registry
+        .set_debug_log(config.debug_ebpf)
+        .map_err(DaemonError::DebugLog)?;
     let logger = if config.debug_ebpf {
         Some(spawn_ebpf_logger(program_id)?)
     } else {

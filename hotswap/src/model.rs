@@ -2,7 +2,10 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use hotswap_common::{BindingData, BINDING_HEADER_BITS, MAX_SERVICE_NAME, PROTO_TCP, PROTO_UDP};
+use hotswap_common::{
+    BindingData, BINDING_HEADER_BITS, FAMILY_IPV4, FAMILY_IPV6, MAX_SERVICE_NAME, PROTO_TCP,
+    PROTO_UDP,
+};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -136,9 +139,16 @@ impl fmt::Display for Protocol {
 }
 
 /// Parses a prefix such as `127.0.0.1/32` or `::/0`; host bits past the length are refused
-/// rather than silently cleared, because they usually mean a typo.
+/// rather than silently cleared, because they usually mean a typo. A v4-mapped IPv6 prefix
+/// (`::ffff:127.0.0.1/128`) is the IPv4 prefix it maps (`127.0.0.1/32`): one address, one
+/// spelling.
 pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
-    let net: IpNet = s.parse().map_err(|_| ParseError::Prefix(s.to_owned()))?;
+    let mut net: IpNet = s.parse().map_err(|_| ParseError::Prefix(s.to_owned()))?;
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            net = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).expect("at most 32 bits");
+        }
+    }
     if net.trunc() != net {
         return Err(ParseError::PrefixHostBits {
             given: net,
@@ -184,15 +194,15 @@ impl Binding {
 
     /// The LPM-trie key: prefix length in bits and data.
     pub fn trie_key(&self) -> (u32, BindingData) {
-        let addr = match self.prefix.network() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
+        let (family, addr) = match self.prefix.network() {
+            IpAddr::V4(v4) => (FAMILY_IPV4, v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
         };
         (
             BINDING_HEADER_BITS + self.addr_prefix_len(),
             BindingData {
                 protocol: self.protocol.number(),
-                pad: 0,
+                family,
                 port: self.port.to_be_bytes(),
                 addr,
             },
@@ -204,9 +214,14 @@ impl Binding {
         let protocol = Protocol::from_number(data.protocol)?;
         let addr_len = prefix_len.checked_sub(BINDING_HEADER_BITS)?;
         let v6 = std::net::Ipv6Addr::from(data.addr);
-        let prefix = match v6.to_ipv4_mapped() {
-            Some(v4) if addr_len >= 96 => IpNet::new(IpAddr::V4(v4), (addr_len - 96) as u8).ok()?,
-            _ => IpNet::new(IpAddr::V6(v6), addr_len as u8).ok()?,
+        let prefix = match data.family {
+            FAMILY_IPV4 => IpNet::new(
+                IpAddr::V4(v6.to_ipv4_mapped()?),
+                u8::try_from(addr_len.checked_sub(96)?).ok()?,
+            )
+            .ok()?,
+            FAMILY_IPV6 => IpNet::new(IpAddr::V6(v6), u8::try_from(addr_len).ok()?).ok()?,
+            _ => return None,
         };
         Some(Self {
             protocol,
@@ -263,6 +278,15 @@ mod tests {
         assert!(parse_prefix("::/0").is_ok());
         assert!(parse_prefix("127.0.0.1").is_err());
         assert!(parse_prefix("127.0.0.1/33").is_err());
+        assert_eq!(
+            parse_prefix("::ffff:127.0.0.1/128").unwrap(),
+            parse_prefix("127.0.0.1/32").unwrap()
+        );
+        assert_eq!(
+            parse_prefix("::ffff:0.0.0.0/96").unwrap(),
+            parse_prefix("0.0.0.0/0").unwrap()
+        );
+        assert!(matches!(parse_prefix("::/0").unwrap(), IpNet::V6(_)));
         let err = parse_prefix("192.0.2.1/24").unwrap_err();
         assert!(err.to_string().contains("192.0.2.0/24"), "{err}");
     }
@@ -276,6 +300,8 @@ mod tests {
             (Protocol::Udp, "2001:db8::/32", 53),
             (Protocol::Tcp, "0.0.0.0/0", 0),
             (Protocol::Tcp, "::/0", 0),
+            (Protocol::Tcp, "::/96", 0),
+            (Protocol::Tcp, "64:ff9b::/96", 0),
         ] {
             let binding = Binding {
                 protocol: proto,
@@ -301,6 +327,7 @@ mod tests {
         let (len, data) = binding.trie_key();
         assert_eq!(len, 32 + 96 + 24);
         assert_eq!(&data.addr[10..13], &[0xff, 0xff, 192]);
+        assert_eq!(data.family, FAMILY_IPV4);
         assert_eq!(data.port, [0, 80]);
     }
 }

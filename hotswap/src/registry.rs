@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::fd::{AsFd as _, RawFd},
+    os::fd::{AsFd as _, OwnedFd, RawFd},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -17,9 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     backend::{Backend, BackendError, BackendInfo},
     model::{check_label, Binding, ParseError, Protocol, ServiceName},
-    socket::{
-        process_holds_socket, socket_cookie, take_socket, InspectedSocket, Pidfd, SocketError,
-    },
+    socket::{retake_socket, take_socket, Pidfd, SocketError},
 };
 
 /// A registry operation was refused or failed.
@@ -62,6 +60,27 @@ pub enum RegistryError {
         /// The socket's protocol.
         protocol: Protocol,
     },
+    /// The socket cannot take connections of any address family the service's bindings of its
+    /// protocol have.
+    #[error("the socket is {family}-only but service {service} has only {binding_family} {protocol} bindings")]
+    WrongFamily {
+        /// Service.
+        service: ServiceName,
+        /// The socket's protocol.
+        protocol: Protocol,
+        /// What the socket serves.
+        family: &'static str,
+        /// What the bindings need.
+        binding_family: &'static str,
+    },
+    /// The generation's process closed the socket or exited.
+    #[error("generation {generation} of service {service} is gone: its process closed the registered socket or exited")]
+    GenerationGone {
+        /// Service.
+        service: ServiceName,
+        /// Generation.
+        generation: u32,
+    },
     /// The socket is registered already.
     #[error("that socket is already registered as generation {generation} of service {service}")]
     AlreadyRegistered {
@@ -85,14 +104,28 @@ pub enum RegistryError {
 }
 
 /// A live generation: a process and the listening socket it registered.
+///
+/// The daemon keeps no duplicate of the socket: the process owns it. A duplicate would keep a
+/// socket its process closed listening, and connections steered to it would be reset instead
+/// of refused. To switch to a generation the daemon takes the socket again (`pidfd_getfd`) and
+/// checks it is the same socket (cookie).
 #[derive(Debug)]
 struct Generation {
     pid: u32,
     pidfd: Pidfd,
     fd_in_process: RawFd,
-    socket: InspectedSocket,
+    protocol: Protocol,
+    cookie: u64,
+    local_addr: Option<SocketAddr>,
     label: Option<String>,
     registered_at: u64,
+}
+
+impl Generation {
+    /// The registered socket, if its process still holds it.
+    fn retake(&self) -> Option<OwnedFd> {
+        retake_socket(&self.pidfd, self.pid, self.fd_in_process, self.cookie)
+    }
 }
 
 #[derive(Debug)]
@@ -200,6 +233,14 @@ fn record_name(record: &ServiceRecord) -> Option<ServiceName> {
     std::str::from_utf8(&record.name[..len]).ok()?.parse().ok()
 }
 
+fn record_label(record: &GenerationRecord) -> Option<String> {
+    let len = (record.label_len as usize).min(MAX_LABEL);
+    std::str::from_utf8(&record.label[..len])
+        .ok()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+}
+
 /// Services, their bindings and generations, over a backend.
 pub struct Registry {
     backend: Box<dyn Backend>,
@@ -210,8 +251,9 @@ pub struct Registry {
 
 impl Registry {
     /// A registry over `backend`, adopting whatever the backend remembers. Generations whose
-    /// process is gone, or whose fd no longer is the registered socket, are forgotten. `netns` is
-    /// the inode of the daemon's network namespace; sockets must belong to it.
+    /// process is gone, or whose fd no longer is the registered socket, are forgotten, and a
+    /// service whose active generation is gone is left with no socket. `netns` is the inode of
+    /// the daemon's network namespace; sockets must belong to it. Returns notes for the log.
     pub fn adopt(
         backend: Box<dyn Backend>,
         netns: u64,
@@ -227,7 +269,10 @@ impl Registry {
         let mut names = BTreeMap::new();
         for (id, record) in state.services {
             let Some(name) = record_name(&record) else {
-                notes.push(format!("ignoring service id {id} with an unreadable name"));
+                notes.push(format!(
+                    "forgetting service id {id}: its name is unreadable"
+                ));
+                registry.backend.forget_service(id)?;
                 continue;
             };
             names.insert(id, name.clone());
@@ -241,8 +286,17 @@ impl Registry {
             );
         }
         for (binding, id) in state.bindings {
-            if let Some(name) = names.get(&id) {
-                registry.bindings.insert(binding, name.clone());
+            match names.get(&id) {
+                Some(name) => {
+                    registry.bindings.insert(binding, name.clone());
+                }
+                None => {
+                    // A binding nobody can see would drop traffic forever.
+                    notes.push(format!(
+                        "removing {binding}: it belongs to no known service"
+                    ));
+                    registry.backend.remove_binding(&binding)?;
+                }
             }
         }
         for (key, record) in state.generations {
@@ -250,22 +304,28 @@ impl Registry {
                 registry.backend.forget_generation(&key)?;
                 continue;
             };
-            match reacquire(&record, netns) {
-                Some((pidfd, socket)) => {
-                    let label_len = (record.label_len as usize).min(MAX_LABEL);
-                    let label = std::str::from_utf8(&record.label[..label_len])
-                        .ok()
-                        .filter(|l| !l.is_empty())
-                        .map(str::to_owned);
+            let protocol = Protocol::from_number(record.protocol);
+            let alive = Pidfd::open(record.pid).ok().and_then(|pidfd| {
+                let socket = retake_socket(&pidfd, record.pid, record.fd, record.cookie)?;
+                Some((pidfd, socket))
+            });
+            match (alive, protocol) {
+                (Some((pidfd, socket)), Some(protocol)) => {
                     let service = registry.services.get_mut(name).expect("named above");
+                    // Ids count up even if a crash came between writing a generation and
+                    // bumping the counter.
+                    service.record.next_generation =
+                        service.record.next_generation.max(key.generation + 1);
                     service.generations.insert(
                         key.generation,
                         Generation {
                             pid: record.pid,
                             pidfd,
                             fd_in_process: record.fd,
-                            socket,
-                            label,
+                            protocol,
+                            cookie: record.cookie,
+                            local_addr: crate::socket::local_addr(socket.as_fd()),
+                            label: record_label(&record),
                             registered_at: record.registered_at,
                         },
                     );
@@ -274,7 +334,7 @@ impl Registry {
                         key.generation, record.pid
                     ));
                 }
-                None => {
+                _ => {
                     notes.push(format!(
                         "generation {} of service {name} (pid {}) is gone",
                         key.generation, record.pid
@@ -283,7 +343,22 @@ impl Registry {
                 }
             }
         }
-        registry.reap();
+        // An active generation that did not survive leaves its service with no socket.
+        for (name, service) in &mut registry.services {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let active = service.active(protocol);
+                if active != 0 && !service.generations.contains_key(&active) {
+                    notes.push(format!(
+                        "service {name} has no active {protocol} socket: generation {active} is gone"
+                    ));
+                    registry.backend.deactivate(service.id, protocol)?;
+                    service.set_active(protocol, 0);
+                }
+            }
+            registry
+                .backend
+                .save_service(service.id, &service.record, false)?;
+        }
         Ok((registry, notes))
     }
 
@@ -369,7 +444,7 @@ impl Registry {
     }
 
     /// Takes fd `fd` of process `pid` as a new generation of `service` and returns its id;
-    /// with `activate`, also switches to it.
+    /// with `activate`, also switches to it. Either all of it happens or none of it.
     pub fn register(
         &mut self,
         service_name: &ServiceName,
@@ -378,6 +453,7 @@ impl Registry {
         label: Option<String>,
         activate: bool,
     ) -> Result<u32, RegistryError> {
+        let label = label.filter(|l| !l.is_empty());
         if let Some(label) = &label {
             check_label(label)?;
         }
@@ -386,27 +462,52 @@ impl Registry {
         let pidfd = Pidfd::open(pid)?;
         let socket = take_socket(&pidfd, pid, fd, self.netns)?;
         let protocol = socket.protocol;
-        if !self
+        let families: Vec<bool> = self
             .bindings
             .iter()
-            .any(|(b, s)| s == service_name && b.protocol == protocol)
-        {
+            .filter(|(b, s)| *s == service_name && b.protocol == protocol)
+            .map(|(b, _)| b.prefix.addr().is_ipv4())
+            .collect();
+        if families.is_empty() {
             return Err(RegistryError::WrongProtocol {
                 service: service_name.clone(),
                 protocol,
             });
         }
+        let servable = families.iter().any(|&v4| {
+            if v4 {
+                socket.serves_ipv4
+            } else {
+                socket.serves_ipv6
+            }
+        });
+        if !servable {
+            let v4 = families[0];
+            return Err(RegistryError::WrongFamily {
+                service: service_name.clone(),
+                protocol,
+                family: if socket.serves_ipv4 { "IPv4" } else { "IPv6" },
+                binding_family: if v4 { "IPv4" } else { "IPv6" },
+            });
+        }
         if let Some((&generation, _)) = service
             .generations
             .iter()
-            .find(|(_, g)| g.socket.cookie == socket.cookie)
+            .find(|(_, g)| g.cookie == socket.cookie)
         {
             return Err(RegistryError::AlreadyRegistered {
                 service: service_name.clone(),
                 generation,
             });
         }
+
+        // Kernel writes, in an order that a crash at any point leaves adoptable: the id counter
+        // first, then the generation, then the switch.
         let generation = service.record.next_generation;
+        let mut service_record = service.record;
+        service_record.next_generation += 1;
+        self.backend
+            .save_service(service_id, &service_record, false)?;
         let registered_at = now();
         let mut record = GenerationRecord {
             cookie: socket.cookie,
@@ -425,28 +526,35 @@ impl Registry {
             service_id,
             generation,
         };
-        let mut service_record = service.record;
-        service_record.next_generation += 1;
-        if activate {
-            self.backend
-                .activate(service_id, protocol, socket.fd.as_fd())?;
-            match protocol {
-                Protocol::Tcp => service_record.active_tcp = generation,
-                Protocol::Udp => service_record.active_udp = generation,
-            }
-        }
-        self.backend.save_generation(&key, &record)?;
-        self.backend
-            .save_service(service_id, &service_record, false)?;
         let service = self.services.get_mut(service_name).expect("checked above");
         service.record = service_record;
+        self.backend.save_generation(&key, &record)?;
+        if activate {
+            if let Err(err) = self
+                .backend
+                .activate(service_id, protocol, socket.fd.as_fd())
+            {
+                let _ = self.backend.forget_generation(&key);
+                return Err(err.into());
+            }
+            service.set_active(protocol, generation);
+            if let Err(err) = self
+                .backend
+                .save_service(service_id, &service.record, false)
+            {
+                // The switch happened; only the record of it did not. Adoption repairs it.
+                tracing::warn!("recording the active generation of {service_name}: {err}");
+            }
+        }
         service.generations.insert(
             generation,
             Generation {
                 pid,
                 pidfd,
                 fd_in_process: fd,
-                socket,
+                protocol,
+                cookie: socket.cookie,
+                local_addr: socket.local_addr,
                 label,
                 registered_at,
             },
@@ -463,7 +571,7 @@ impl Registry {
     ) -> Result<Option<u32>, RegistryError> {
         let service = self
             .services
-            .get(service_name)
+            .get_mut(service_name)
             .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
         let target = service.generations.get(&generation).ok_or_else(|| {
             RegistryError::UnknownGeneration {
@@ -471,43 +579,56 @@ impl Registry {
                 generation,
             }
         })?;
-        let protocol = target.socket.protocol;
+        let protocol = target.protocol;
+        let socket = target
+            .retake()
+            .ok_or_else(|| RegistryError::GenerationGone {
+                service: service_name.clone(),
+                generation,
+            })?;
         let previous = Some(service.active(protocol)).filter(|&g| g != 0);
         self.backend
-            .activate(service.id, protocol, target.socket.fd.as_fd())?;
-        let service = self.services.get_mut(service_name).expect("checked above");
+            .activate(service.id, protocol, socket.as_fd())?;
+        drop(socket);
         service.set_active(protocol, generation);
-        let (id, record) = (service.id, service.record);
-        self.backend.save_service(id, &record, false)?;
+        if let Err(err) = self
+            .backend
+            .save_service(service.id, &service.record, false)
+        {
+            tracing::warn!("recording the active generation of {service_name}: {err}");
+        }
         Ok(previous)
     }
 
-    /// Lets go of generations whose process exited or closed the registered socket. An active
-    /// one leaves its service without a socket: new connections are refused and counted.
+    /// Lets go of generations whose process exited or no longer holds the registered socket.
+    /// An active one leaves its service without a socket: new connections are refused and
+    /// counted.
     pub fn reap(&mut self) -> Vec<Reaped> {
         let mut reaped = Vec::new();
         for (name, service) in &mut self.services {
-            let gone: Vec<(u32, bool)> = service
+            let gone: Vec<u32> = service
                 .generations
                 .iter()
-                .filter_map(|(&id, g)| {
-                    let exited = g.pidfd.has_exited();
-                    (exited || !process_holds_socket(g.pid, g.socket.inode, g.socket.fd.as_fd()))
-                        .then_some((id, exited))
-                })
+                .filter(|(_, g)| g.retake().is_none())
+                .map(|(&id, _)| id)
                 .collect();
-            for (id, process_exited) in gone {
+            for id in gone {
                 let generation = service.generations.remove(&id).expect("listed above");
-                let protocol = generation.socket.protocol;
+                let protocol = generation.protocol;
                 let was_active = service.active(protocol) == id;
                 if was_active {
+                    // Usually the closed socket has left the map already; a socket the process
+                    // handed to someone else before exiting has not.
                     if let Err(err) = self.backend.deactivate(service.id, protocol) {
                         tracing::warn!("clearing the socket of service {name}: {err}");
                     }
                     service.set_active(protocol, 0);
-                    let _ = self
+                    if let Err(err) = self
                         .backend
-                        .save_service(service.id, &service.record, false);
+                        .save_service(service.id, &service.record, false)
+                    {
+                        tracing::warn!("recording service {name}: {err}");
+                    }
                 }
                 let key = GenerationKey {
                     service_id: service.id,
@@ -520,7 +641,7 @@ impl Registry {
                     service: name.clone(),
                     generation: id,
                     was_active,
-                    process_exited,
+                    process_exited: generation.pidfd.has_exited(),
                 });
             }
         }
@@ -548,10 +669,10 @@ impl Registry {
                         id,
                         pid: g.pid,
                         fd: g.fd_in_process,
-                        protocol: g.socket.protocol,
-                        local_addr: g.socket.local_addr,
+                        protocol: g.protocol,
+                        local_addr: g.local_addr,
                         label: g.label.clone(),
-                        active: service.active(g.socket.protocol) == id,
+                        active: service.active(g.protocol) == id,
                         registered_at: g.registered_at,
                     })
                     .collect(),
@@ -581,14 +702,6 @@ impl Registry {
     }
 }
 
-/// Takes a generation's socket again after a daemon restart, if its process still holds the
-/// very socket that was registered (same cookie).
-fn reacquire(record: &GenerationRecord, netns: u64) -> Option<(Pidfd, InspectedSocket)> {
-    let pidfd = Pidfd::open(record.pid).ok()?;
-    let socket = take_socket(&pidfd, record.pid, record.fd, netns).ok()?;
-    (socket_cookie(socket.fd.as_fd()).ok()? == record.cookie).then_some((pidfd, socket))
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -601,7 +714,7 @@ mod tests {
     use hotswap_common::ServiceMetrics;
 
     use super::*;
-    use crate::{backend::PersistedState, model::parse_prefix};
+    use crate::{backend::PersistedState, model::parse_prefix, socket::socket_cookie};
 
     /// What the fake backend holds: the same things the kernel maps would.
     #[derive(Default)]

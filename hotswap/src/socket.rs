@@ -152,7 +152,9 @@ impl Pidfd {
 /// What the daemon learnt about a socket it took from a process.
 #[derive(Debug)]
 pub struct InspectedSocket {
-    /// The daemon's own duplicate; it keeps the socket alive while the generation lives.
+    /// A duplicate, for the map update; the daemon closes it right after, because a socket the
+    /// daemon kept open would go on accepting connections nobody serves after its process
+    /// closed it.
     pub fd: OwnedFd,
     /// TCP or UDP.
     pub protocol: Protocol,
@@ -160,8 +162,10 @@ pub struct InspectedSocket {
     pub local_addr: Option<SocketAddr>,
     /// `SO_COOKIE`: the socket's identity.
     pub cookie: u64,
-    /// Inode of the socket, as `/proc/<pid>/fd/*` shows it (`socket:[inode]`).
-    pub inode: u64,
+    /// Whether it can take IPv4 connections (AF_INET, or AF_INET6 without IPV6_V6ONLY).
+    pub serves_ipv4: bool,
+    /// Whether it can take IPv6 connections (AF_INET6).
+    pub serves_ipv6: bool,
 }
 
 fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
@@ -203,7 +207,7 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(value)
 }
 
-fn inode_of(fd: BorrowedFd<'_>) -> io::Result<(u64, u32)> {
+fn stat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     let mut stat = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat fills the buffer on success.
     let rc = unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) };
@@ -211,8 +215,11 @@ fn inode_of(fd: BorrowedFd<'_>) -> io::Result<(u64, u32)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fstat succeeded.
-    let stat = unsafe { stat.assume_init() };
-    Ok((stat.st_ino, stat.st_mode))
+    Ok(unsafe { stat.assume_init() })
+}
+
+fn file_mode(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(stat(fd)?.st_mode)
 }
 
 /// The inode of the network namespace at `path` (e.g. `/proc/self/ns/net`).
@@ -230,7 +237,7 @@ fn socket_netns_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
     // SAFETY: the kernel just gave us this fd.
     let ns = unsafe { OwnedFd::from_raw_fd(ns) };
-    Ok(inode_of(ns.as_fd())?.0)
+    Ok(stat(ns.as_fd())?.st_ino)
 }
 
 fn to_std_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
@@ -258,7 +265,7 @@ pub fn take_socket(
     netns: u64,
 ) -> Result<InspectedSocket, SocketError> {
     let sock = pidfd.get_fd(pid, fd)?;
-    let (inode, mode) = inode_of(sock.as_fd()).map_err(syscall("fstat"))?;
+    let mode = file_mode(sock.as_fd()).map_err(syscall("fstat"))?;
     if mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(SocketError::NotASocket { pid, fd });
     }
@@ -297,28 +304,28 @@ pub fn take_socket(
         }
     }
     let cookie = socket_cookie(sock.as_fd()).map_err(syscall("getsockopt(SO_COOKIE)"))?;
+    let v6only = domain == libc::AF_INET6
+        && getsockopt_int(sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+            .map_err(syscall("getsockopt(IPV6_V6ONLY)"))?
+            != 0;
     Ok(InspectedSocket {
         fd: sock,
         protocol,
         local_addr,
         cookie,
-        inode,
+        serves_ipv4: !v6only,
+        serves_ipv6: domain == libc::AF_INET6,
     })
 }
 
-/// Whether process `pid` still has a fd open on the socket with inode `inode`. `own_dup` is
-/// the caller's duplicate of that socket; it does not count when the process is the caller.
-pub fn process_holds_socket(pid: u32, inode: u64, own_dup: BorrowedFd<'_>) -> bool {
-    let want = format!("socket:[{inode}]");
-    let skip = (pid == std::process::id()).then(|| own_dup.as_raw_fd().to_string());
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        skip.as_deref() != entry.file_name().to_str()
-            && std::fs::read_link(entry.path())
-                .is_ok_and(|target| target.as_os_str() == want.as_str())
-    })
+/// Takes fd `fd` of process `pid` again, if it still is the socket with cookie `cookie`: the
+/// process has neither closed it nor put another file in its place.
+pub fn retake_socket(pidfd: &Pidfd, pid: u32, fd: RawFd, cookie: u64) -> Option<OwnedFd> {
+    if pidfd.has_exited() {
+        return None;
+    }
+    let sock = pidfd.get_fd(pid, fd).ok()?;
+    (socket_cookie(sock.as_fd()).ok()? == cookie).then_some(sock)
 }
 
 #[cfg(test)]
@@ -341,17 +348,21 @@ mod tests {
         let taken = take(tcp.as_raw_fd()).unwrap();
         assert_eq!(taken.protocol, Protocol::Tcp);
         assert_eq!(taken.local_addr, Some(tcp.local_addr().unwrap()));
-        assert!(process_holds_socket(
-            std::process::id(),
-            taken.inode,
-            taken.fd.as_fd()
-        ));
+        assert!((taken.serves_ipv4, taken.serves_ipv6) == (true, false));
+        let me = std::process::id();
+        let pidfd = Pidfd::open(me).unwrap();
+        let fd = tcp.as_raw_fd();
+        assert!(retake_socket(&pidfd, me, fd, taken.cookie).is_some());
         drop(tcp);
-        assert!(!process_holds_socket(
-            std::process::id(),
-            taken.inode,
-            taken.fd.as_fd()
-        ));
+        assert!(retake_socket(&pidfd, me, fd, taken.cookie).is_none());
+        // The fd number reused by another socket is not the registered socket.
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        if other.as_raw_fd() == fd {
+            assert!(retake_socket(&pidfd, me, fd, taken.cookie).is_none());
+        }
+        let v6 = TcpListener::bind("[::1]:0").unwrap();
+        let taken = take(v6.as_raw_fd()).unwrap();
+        assert!(taken.serves_ipv6);
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(take(udp.as_raw_fd()).unwrap().protocol, Protocol::Udp);
     }

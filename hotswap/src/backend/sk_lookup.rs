@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -42,6 +42,12 @@ pub const PROGRAM_NAME: &str = "hotswap_steer";
 /// bpffs's magic number (`statfs.f_type`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The calling thread's network namespace: the one the program is attached to.
+pub const NETNS_PATH: &str = "/proc/thread-self/ns/net";
+
+/// Map update flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
 /// The sk_lookup backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SkLookupError {
@@ -51,6 +57,19 @@ pub enum SkLookupError {
     /// Mounting bpffs at /sys/fs/bpf failed.
     #[error("mounting bpffs at /sys/fs/bpf failed")]
     MountBpffs(#[source] nix::Error),
+    /// The state directory belongs to a live network namespace other than the daemon's.
+    #[error("pin dir {path} holds the state of network namespace {owner}, not of this one ({ours}); use the default pin dir or another --pin-dir")]
+    ForeignNetns {
+        /// The state directory.
+        path: PathBuf,
+        /// Inode of the namespace its link is attached to.
+        owner: u32,
+        /// Inode of the daemon's namespace.
+        ours: u64,
+    },
+    /// Creating maps or loading programs is not allowed.
+    #[error("the kernel refused to create BPF maps or load the program (EPERM): hotswap needs root, or CAP_BPF and CAP_NET_ADMIN")]
+    PermissionDenied(#[source] Box<aya::EbpfError>),
     /// Another daemon holds the state directory.
     #[error("another hotswap daemon is already running on pin dir {0}")]
     Locked(PathBuf),
@@ -113,7 +132,7 @@ fn program_error(what: &'static str) -> impl FnOnce(ProgramError) -> SkLookupErr
 /// The default state directory for the current network namespace:
 /// `/sys/fs/bpf/hotswap/<netns inode>`.
 pub fn default_pin_dir() -> io::Result<PathBuf> {
-    let netns = crate::socket::netns_inode(Path::new("/proc/self/ns/net"))?;
+    let netns = crate::socket::netns_inode(Path::new(NETNS_PATH))?;
     Ok(PathBuf::from(format!("/sys/fs/bpf/hotswap/{netns}")))
 }
 
@@ -167,7 +186,7 @@ impl SkLookupBackend {
     /// earlier daemon pinned in `pin_dir`. When the pinned program differs from the one built
     /// into this binary, the new one is attached first and the old one detached after, so
     /// steering never stops.
-    pub fn open(pin_dir: &Path) -> Result<Self, SkLookupError> {
+    pub fn open(pin_dir: &Path, netns: u64) -> Result<Self, SkLookupError> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(io_error("creating", pin_dir))?;
         let dir = File::open(pin_dir).map_err(io_error("opening", pin_dir))?;
@@ -183,11 +202,38 @@ impl SkLookupBackend {
             }
         })?;
 
+        let link_path = pin_dir.join("link");
+        let program_path = pin_dir.join("program");
+        let mut discarded = false;
+        if link_path.exists() {
+            let owner = open_pin(&link_path)
+                .and_then(|link| link_netns_inode(link.as_fd()))
+                .map_err(io_error("inspecting", &link_path))?;
+            if owner == 0 {
+                // The namespace this state served is gone (its inode number was reused by
+                // ours): its bindings mean nothing here.
+                discard_state(pin_dir)?;
+                discarded = true;
+            } else if u64::from(owner) != netns {
+                return Err(SkLookupError::ForeignNetns {
+                    path: pin_dir.to_owned(),
+                    owner,
+                    ours: netns,
+                });
+            }
+        }
+
         // Maps are pinned by name: the loader reuses pinned ones, so their contents survive.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(PROGRAM_OBJECT)
-            .map_err(|e| SkLookupError::Load(Box::new(e)))?;
+            .map_err(|e| {
+                if has_errno(&e, libc::EPERM) {
+                    SkLookupError::PermissionDenied(Box::new(e))
+                } else {
+                    SkLookupError::Load(Box::new(e))
+                }
+            })?;
         let program: &mut SkLookup = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| program_error("finding")(ProgramError::NotLoaded))?
@@ -196,8 +242,6 @@ impl SkLookupBackend {
         program.load().map_err(program_error("verifying"))?;
         let new_info = program.info().map_err(program_error("inspecting"))?;
 
-        let link_path = pin_dir.join("link");
-        let program_path = pin_dir.join("program");
         let pinned = if link_path.exists() {
             let link = PinnedLink::from_pin(&link_path)
                 .map_err(|e| SkLookupError::Link(link_path.clone(), e))?;
@@ -227,8 +271,8 @@ impl SkLookupBackend {
             }
             pinned => {
                 let upgrading = pinned.is_some();
-                let netns = File::open("/proc/self/ns/net")
-                    .map_err(io_error("opening", Path::new("/proc/self/ns/net")))?;
+                let netns =
+                    File::open(NETNS_PATH).map_err(io_error("opening", Path::new(NETNS_PATH)))?;
                 let link_id = program
                     .attach(netns.as_fd())
                     .map_err(program_error("attaching"))?;
@@ -255,6 +299,8 @@ impl SkLookupBackend {
                 drop(pinned);
                 let reason = if upgrading {
                     "sk_lookup program upgraded: the pinned one differed from this build's"
+                } else if discarded {
+                    "sk_lookup program loaded and attached; pinned state of a network namespace that no longer exists was discarded"
                 } else {
                     "sk_lookup program loaded and attached"
                 };
@@ -315,6 +361,107 @@ impl SkLookupBackend {
     }
 }
 
+/// Whether `err` or one of its causes is the OS error `errno`.
+fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(errno) {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Removes every pin in the state directory (maps, program, link).
+fn discard_state(pin_dir: &Path) -> Result<(), SkLookupError> {
+    let entries = std::fs::read_dir(pin_dir).map_err(io_error("reading", pin_dir))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+    }
+    Ok(())
+}
+
+/// Opens a pinned BPF object (`BPF_OBJ_GET`).
+fn open_pin(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// The `obj` member of `union bpf_attr` for `BPF_OBJ_GET`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr points at a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The inode of the network namespace a netns link is attached to; 0 once that namespace is
+/// gone. aya 0.14's `LinkInfo` does not expose it, so this asks the kernel directly.
+fn link_netns_inode(link: BorrowedFd<'_>) -> io::Result<u32> {
+    /// `struct bpf_link_info` up to its netns member; the union starts 8-aligned at 16.
+    #[repr(C)]
+    #[derive(Default)]
+    struct NetnsLinkInfo {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        pad: u32,
+        netns_ino: u32,
+        attach_type: u32,
+    }
+    /// The `info` member of `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut info = NetnsLinkInfo::default();
+    let attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<NetnsLinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: attr points at a valid buffer of info_len bytes for the kernel to fill.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.netns_ino)
+}
+
 fn not_found(err: &MapError) -> bool {
     matches!(err, MapError::KeyNotFound | MapError::ElementNotFound)
         || matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT))
@@ -360,7 +507,8 @@ impl Backend for SkLookupBackend {
             addr_prefix_len: binding.addr_prefix_len(),
         };
         self.bindings
-            .insert(&Key::new(len, data), value, 0)
+            // BPF_NOEXIST: never silently take an address from another service.
+            .insert(&Key::new(len, data), value, BPF_NOEXIST)
             .map_err(map_error(map_names::BINDINGS))?;
         Ok(())
     }
