@@ -724,6 +724,8 @@ mod tests {
         generations: HashMap<(u32, u32), GenerationRecord>,
         /// (service, protocol) -> socket cookie.
         active: HashMap<(u32, Protocol), u64>,
+        /// Make `activate` fail, as a full or broken map would.
+        fail_activate: bool,
     }
 
     #[derive(Clone, Default)]
@@ -774,6 +776,13 @@ mod tests {
             protocol: Protocol,
             socket: BorrowedFd<'_>,
         ) -> Result<(), BackendError> {
+            if self.0.lock().unwrap().fail_activate {
+                return Err(crate::backend::sk_lookup::SkLookupError::Map {
+                    map: "fake",
+                    source: aya::maps::MapError::KeyNotFound,
+                }
+                .into());
+            }
             let cookie = socket_cookie(socket).unwrap();
             self.0
                 .lock()
@@ -963,5 +972,55 @@ mod tests {
                 .unwrap(),
             3
         );
+    }
+
+    #[test]
+    fn failed_activation_registers_nothing() {
+        let (mut registry, fake) = registry();
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        let before = registry.status();
+        fake.0.lock().unwrap().fail_activate = true;
+        let one = TcpListener::bind("127.0.0.1:0").unwrap();
+        let me = std::process::id();
+        assert!(registry
+            .register(&web(), me, one.as_raw_fd(), None, true)
+            .is_err());
+        assert_eq!(registry.status(), before);
+        assert!(fake.0.lock().unwrap().generations.is_empty());
+        // Nor does a failed switch change which generation is active.
+        fake.0.lock().unwrap().fail_activate = false;
+        registry
+            .register(&web(), me, one.as_raw_fd(), None, true)
+            .unwrap();
+        let two = TcpListener::bind("127.0.0.1:0").unwrap();
+        let second = registry
+            .register(&web(), me, two.as_raw_fd(), None, false)
+            .unwrap();
+        fake.0.lock().unwrap().fail_activate = true;
+        let before = registry.status();
+        assert!(registry.switch(&web(), second).is_err());
+        assert_eq!(registry.status(), before);
+    }
+
+    #[test]
+    fn sockets_of_the_wrong_family_and_empty_labels() {
+        let (mut registry, _) = registry();
+        let six = Binding {
+            protocol: Protocol::Tcp,
+            prefix: parse_prefix("::1/128").unwrap(),
+            port: 80,
+        };
+        registry.bind(&web(), six).unwrap();
+        let me = std::process::id();
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = registry
+            .register(&web(), me, v4.as_raw_fd(), None, false)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::WrongFamily { .. }), "{err}");
+        let v6 = TcpListener::bind("[::1]:0").unwrap();
+        registry
+            .register(&web(), me, v6.as_raw_fd(), Some(String::new()), false)
+            .unwrap();
+        assert_eq!(registry.status().services[0].generations[0].label, None);
     }
 }

@@ -166,7 +166,16 @@ impl TestEnv {
 
     /// Starts the daemon and waits until it answers on its control socket.
     pub fn start_daemon(&mut self) {
+        if let Err(log) = self.try_start_daemon() {
+            panic!("daemon exited early:\n{log}");
+        }
+    }
+
+    /// Starts the daemon and waits until it answers; when it exits instead, returns what it
+    /// logged this time.
+    pub fn try_start_daemon(&mut self) -> Result<(), String> {
         assert!(self.daemon.is_none(), "daemon already running");
+        let logged_before = self.daemon_log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -182,10 +191,15 @@ impl TestEnv {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited early with {status}:\n{}", self.daemon_log());
+                self.daemon = None;
+                let log = self.daemon_log();
+                return Err(format!(
+                    "{status}: {}",
+                    &log[logged_before.min(log.len())..]
+                ));
             }
             if self.hotswap(&["status", "--json"]).status.success() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

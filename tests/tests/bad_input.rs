@@ -163,6 +163,18 @@ fn sockets_that_cannot_serve_are_refused() {
     let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
     check(unix.as_raw_fd(), "not a TCP or UDP socket");
     check(999, "has no open fd 999");
+    // An IPv4 socket for a service that has only IPv6 bindings of its protocol.
+    env.ok(&["bind", "six", "tcp", "::1/128", "8080"]);
+    let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let line = env.fails(&[
+        "register",
+        "six",
+        "--pid",
+        &me,
+        "--fd",
+        &v4.as_raw_fd().to_string(),
+    ]);
+    assert!(line.contains("IPv4-only"), "{line}");
     // A listener from another network namespace: made on a thread that enters one of its own.
     let foreign = std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();

@@ -1,6 +1,11 @@
 //! The daemon's own behaviour: eBPF debug logging, control socket permissions.
 
-use std::os::unix::fs::PermissionsExt as _;
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use integration_tests::{tcp_request, Server, TestEnv};
 use nix::sys::signal::Signal;
@@ -59,4 +64,95 @@ fn control_socket_is_for_root_only() {
     let env = TestEnv::with_daemon("perms");
     let mode = std::fs::metadata(&env.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Runs `hotswap daemon` with `pin_dir` and `socket` from a thread in a network namespace of
+/// its own; it must fail. Returns its stderr.
+fn daemon_fails_in_other_netns(pin_dir: PathBuf, socket: PathBuf) -> String {
+    let bin = integration_tests::hotswap_bin();
+    std::thread::spawn(move || {
+        let _netns = integration_tests::NetnsGuard::enter();
+        let out = Command::new(bin)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_pin_dir_of_another_live_namespace_is_refused() {
+    let mut env = TestEnv::with_daemon("foreign");
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    env.stop_daemon(Signal::SIGTERM);
+    // The state stays attached to this namespace; a daemon in another one must not take it.
+    let stderr = daemon_fails_in_other_netns(env.pin_dir.clone(), env.dir.path().join("b.sock"));
+    assert!(
+        stderr.contains("holds the state of network namespace"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    env.start_daemon();
+    assert_eq!(env.status()["services"][0]["name"], "web");
+}
+
+#[test]
+fn state_of_a_namespace_that_is_gone_is_discarded() {
+    let mut env = TestEnv::new("gone");
+    let socket = env.dir.path().join("gone.sock");
+    let pin_dir = env.pin_dir.clone();
+    let bin = integration_tests::hotswap_bin();
+    // A namespace that binds something, then disappears with its daemon.
+    std::thread::spawn(move || {
+        let _netns = integration_tests::NetnsGuard::enter();
+        let mut daemon = Command::new(&bin)
+            .args(["daemon", "--socket"])
+            .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + integration_tests::PATIENCE;
+        while !Command::new(&bin)
+            .args(["bind", "old", "tcp", "127.0.0.1/32", "80"])
+            .env("HOTSWAP_SOCKET", &socket)
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "daemon in the doomed namespace never came up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    })
+    .join()
+    .unwrap();
+    // The kernel tears a namespace down asynchronously; until then its state is foreign.
+    let deadline = Instant::now() + integration_tests::PATIENCE;
+    while let Err(log) = env.try_start_daemon() {
+        assert!(
+            log.contains("holds the state of network namespace"),
+            "{log}"
+        );
+        assert!(Instant::now() < deadline, "the namespace never went away");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = env.status();
+    assert_eq!(status["services"], serde_json::json!([]), "{status}");
+    let reason = status["backend"]["reason"].as_str().unwrap();
+    assert!(reason.contains("discarded"), "{status}");
 }

@@ -1,6 +1,6 @@
 //! Steering on the real kernel: each test in its own network namespace.
 
-use std::net::TcpListener;
+use std::{net::TcpListener, os::fd::AsRawFd as _};
 
 use integration_tests::{tcp_request, udp_request, Server, TestEnv};
 
@@ -187,4 +187,69 @@ fn wait_until(mut done: impl FnMut() -> bool) {
         assert!(std::time::Instant::now() < deadline, "timed out");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+#[test]
+fn ipv6_precedence_and_udp_wildcards() {
+    let env = TestEnv::with_daemon("precedence6");
+    env.ok(&["bind", "wide6", "tcp", "::/0", "0"]);
+    env.ok(&["bind", "narrow6", "tcp", "::1/128", "0"]);
+    env.ok(&["bind", "port6", "tcp", "::/0", "9000"]);
+    // Not 127.0.0.0/8: the answers go back to the client's 127.0.0.1 socket, and a wildcard
+    // covering that address would steer them too.
+    env.ok(&["bind", "udpall", "udp", "127.0.0.8/29", "0"]);
+    env.ok(&["bind", "udpport", "udp", "127.0.0.8/29", "53"]);
+    let mut servers = Vec::new();
+    for (name, proto, addr) in [
+        ("wide6", "tcp", "[::1]:0"),
+        ("narrow6", "tcp", "[::1]:0"),
+        ("port6", "tcp", "[::1]:0"),
+        ("udpall", "udp", "127.0.0.1:0"),
+        ("udpport", "udp", "127.0.0.1:0"),
+    ] {
+        let server = Server::start(proto, addr, name);
+        env.register(name, &server, &["--activate"]);
+        servers.push(server);
+    }
+    assert_eq!(tcp_request("[::1]:9000").unwrap(), "narrow6");
+    assert_eq!(tcp_request("[::1]:9001").unwrap(), "narrow6");
+    assert_eq!(udp_request("127.0.0.9:53").unwrap(), "udpport");
+    assert_eq!(udp_request("127.0.0.9:54").unwrap(), "udpall");
+    // `::/0` is IPv6 only: IPv4 traffic to a plain listener is untouched.
+    let plain = TcpListener::bind("127.0.0.1:9000").unwrap();
+    let stream = std::net::TcpStream::connect("127.0.0.1:9000").unwrap();
+    let (accepted, _) = plain.accept().unwrap();
+    assert_eq!(accepted.peer_addr().unwrap(), stream.local_addr().unwrap());
+}
+
+#[test]
+fn closing_the_active_socket_refuses_at_once() {
+    let env = TestEnv::with_daemon("close");
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    // The test process itself holds the listener: a plain close(), no shutdown().
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (pid, fd) = (
+        std::process::id().to_string(),
+        listener.as_raw_fd().to_string(),
+    );
+    env.ok(&["register", "web", "--pid", &pid, "--fd", &fd, "--activate"]);
+    let queued = std::net::TcpStream::connect("127.0.0.1:8080").unwrap();
+    assert_eq!(
+        listener.accept().unwrap().0.peer_addr().unwrap(),
+        queued.local_addr().unwrap()
+    );
+    drop(listener);
+    // No reaper tick needed: nothing but the process held the socket.
+    let err = std::net::TcpStream::connect("127.0.0.1:8080").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // The same for a process that is killed.
+    let mut server = Server::start("tcp", "127.0.0.1:0", "web");
+    env.register("web", &server, &["--activate"]);
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
+    server.kill();
+    let err = std::net::TcpStream::connect("127.0.0.1:8080").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let [_, _, no_socket, errors] = env.metrics("web");
+    assert_eq!((no_socket, errors), (2, 0));
 }
