@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     backend::{Backend, BackendError, BackendInfo},
     model::{check_label, Binding, ParseError, Protocol, ServiceName},
-    socket::{retake_socket, take_socket, Pidfd, SocketError},
+    socket::{inode, process_has_socket, retake_socket, take_socket, Pidfd, SocketError},
 };
 
 /// A registry operation was refused or failed.
@@ -116,12 +116,18 @@ struct Generation {
     fd_in_process: RawFd,
     protocol: Protocol,
     cookie: u64,
+    inode: u64,
     local_addr: Option<SocketAddr>,
     label: Option<String>,
     registered_at: u64,
 }
 
 impl Generation {
+    /// Whether the process still holds the registered socket (a check that takes no reference).
+    fn alive(&self) -> bool {
+        !self.pidfd.has_exited() && process_has_socket(self.pid, self.fd_in_process, self.inode)
+    }
+
     /// The registered socket, if its process still holds it.
     fn retake(&self) -> Option<OwnedFd> {
         retake_socket(&self.pidfd, self.pid, self.fd_in_process, self.cookie)
@@ -324,6 +330,7 @@ impl Registry {
                             fd_in_process: record.fd,
                             protocol,
                             cookie: record.cookie,
+                            inode: inode(socket.as_fd()).unwrap_or(0),
                             local_addr: crate::socket::local_addr(socket.as_fd()),
                             label: record_label(&record),
                             registered_at: record.registered_at,
@@ -554,6 +561,7 @@ impl Registry {
                 fd_in_process: fd,
                 protocol,
                 cookie: socket.cookie,
+                inode: socket.inode,
                 local_addr: socket.local_addr,
                 label,
                 registered_at,
@@ -609,7 +617,7 @@ impl Registry {
             let gone: Vec<u32> = service
                 .generations
                 .iter()
-                .filter(|(_, g)| g.retake().is_none())
+                .filter(|(_, g)| !g.alive())
                 .map(|(&id, _)| id)
                 .collect();
             for id in gone {

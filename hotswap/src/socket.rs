@@ -162,6 +162,8 @@ pub struct InspectedSocket {
     pub local_addr: Option<SocketAddr>,
     /// `SO_COOKIE`: the socket's identity.
     pub cookie: u64,
+    /// The socket's inode, as `/proc/<pid>/fd/<fd>` names it (`socket:[inode]`).
+    pub inode: u64,
     /// Whether it can take IPv4 connections (AF_INET, or AF_INET6 without IPV6_V6ONLY).
     pub serves_ipv4: bool,
     /// Whether it can take IPv6 connections (AF_INET6).
@@ -218,8 +220,17 @@ fn stat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     Ok(unsafe { stat.assume_init() })
 }
 
-fn file_mode(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(stat(fd)?.st_mode)
+/// The inode of an open file (for a socket: the number in `socket:[inode]`).
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(stat(fd)?.st_ino)
+}
+
+/// Whether fd `fd` of process `pid` is still the socket with inode `inode`. Reads
+/// `/proc/<pid>/fd/<fd>` and takes no reference: a check that duplicated the socket would, for
+/// an instant, keep alive a socket its process just closed.
+pub fn process_has_socket(pid: u32, fd: RawFd, inode: u64) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|target| target.as_os_str() == format!("socket:[{inode}]").as_str())
 }
 
 /// The inode of the network namespace at `path` (e.g. `/proc/self/ns/net`).
@@ -265,7 +276,8 @@ pub fn take_socket(
     netns: u64,
 ) -> Result<InspectedSocket, SocketError> {
     let sock = pidfd.get_fd(pid, fd)?;
-    let mode = file_mode(sock.as_fd()).map_err(syscall("fstat"))?;
+    let stat = stat(sock.as_fd()).map_err(syscall("fstat"))?;
+    let mode = stat.st_mode;
     if mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(SocketError::NotASocket { pid, fd });
     }
@@ -313,6 +325,7 @@ pub fn take_socket(
         protocol,
         local_addr,
         cookie,
+        inode: stat.st_ino,
         serves_ipv4: !v6only,
         serves_ipv6: domain == libc::AF_INET6,
     })
@@ -353,7 +366,9 @@ mod tests {
         let pidfd = Pidfd::open(me).unwrap();
         let fd = tcp.as_raw_fd();
         assert!(retake_socket(&pidfd, me, fd, taken.cookie).is_some());
+        assert!(process_has_socket(me, fd, taken.inode));
         drop(tcp);
+        assert!(!process_has_socket(me, fd, taken.inode));
         assert!(retake_socket(&pidfd, me, fd, taken.cookie).is_none());
         // The fd number reused by another socket is not the registered socket.
         let other = TcpListener::bind("127.0.0.1:0").unwrap();

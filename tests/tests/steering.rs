@@ -1,6 +1,6 @@
 //! Steering on the real kernel: each test in its own network namespace.
 
-use std::{net::TcpListener, os::fd::AsRawFd as _};
+use std::net::TcpListener;
 
 use integration_tests::{tcp_request, udp_request, Server, TestEnv};
 
@@ -226,19 +226,11 @@ fn ipv6_precedence_and_udp_wildcards() {
 fn closing_the_active_socket_refuses_at_once() {
     let env = TestEnv::with_daemon("close");
     env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
-    // The test process itself holds the listener: a plain close(), no shutdown().
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (pid, fd) = (
-        std::process::id().to_string(),
-        listener.as_raw_fd().to_string(),
-    );
-    env.ok(&["register", "web", "--pid", &pid, "--fd", &fd, "--activate"]);
-    let queued = std::net::TcpStream::connect("127.0.0.1:8080").unwrap();
-    assert_eq!(
-        listener.accept().unwrap().0.peer_addr().unwrap(),
-        queued.local_addr().unwrap()
-    );
-    drop(listener);
+    // A plain close() of the listener while the process lives on.
+    let mut server = Server::start("tcp", "127.0.0.1:0", "web");
+    env.register("web", &server, &["--activate"]);
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
+    server.close_listener();
     // No reaper tick needed: nothing but the process held the socket.
     let err = std::net::TcpStream::connect("127.0.0.1:8080").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
