@@ -62,6 +62,7 @@ fn thousand_switches_under_load_lose_nothing() {
         env.ok(&["switch", "web", if i % 2 == 0 { "2" } else { "1" }]);
     }
     let report = load.stop();
+    println!("1000 switches under load: {report:?}");
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
     assert!(
         report.replies.get("one").copied().unwrap_or(0) > 0,
