@@ -149,25 +149,29 @@ pub struct GenerationKey {
     pub generation: u32,
 }
 
-/// A registered generation, stored in the kernel so a restarted daemon can take its socket
-/// again from the owning process (pid + fd number, checked against the socket cookie).
+/// Slot of a generation's TCP socket in [`GenerationRecord`]'s arrays.
+pub const SLOT_TCP: usize = 0;
+/// Slot of a generation's UDP socket in [`GenerationRecord`]'s arrays.
+pub const SLOT_UDP: usize = 1;
+
+/// A registered generation (at most one socket per protocol), stored in the kernel so a
+/// restarted daemon can take its sockets again from the owning process (pid + fd numbers,
+/// checked against the socket cookies).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GenerationRecord {
-    /// Socket cookie (`SO_COOKIE`): identifies the socket for as long as it lives.
-    pub cookie: u64,
+    /// Socket cookies (`SO_COOKIE`) by slot; 0 where the generation has no such socket.
+    pub cookies: [u64; 2],
     /// Registration time, seconds since the Unix epoch.
     pub registered_at: u64,
     /// Owning process.
     pub pid: u32,
-    /// The socket's fd number in the owning process.
-    pub fd: i32,
-    /// `PROTO_TCP` or `PROTO_UDP`.
-    pub protocol: u8,
+    /// The sockets' fd numbers in the owning process by slot; -1 where there is none.
+    pub fds: [i32; 2],
     /// Used bytes of `label`.
     pub label_len: u8,
     /// Always zero.
-    pub pad: [u8; 6],
+    pub pad: [u8; 3],
     /// Optional human label.
     pub label: [u8; MAX_LABEL],
 }

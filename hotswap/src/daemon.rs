@@ -272,13 +272,13 @@ fn handle(registry: &mut Registry, request: Request) -> Result<Reply, RegistryEr
         Request::Register {
             service,
             pid,
-            fd,
+            fds,
             label,
             activate,
         } => {
-            let generation = registry.register(&service, pid, fd, label, activate)?;
+            let generation = registry.register(&service, pid, &fds, label, activate)?;
             tracing::info!(
-                "registered generation {generation} of service {service} (pid {pid} fd {fd}){}",
+                "registered generation {generation} of service {service} (pid {pid} fds {fds:?}){}",
                 if activate { ", active" } else { "" }
             );
             Ok(Reply::Registered {

@@ -37,8 +37,8 @@ pub enum Request {
         service: ServiceName,
         /// Process.
         pid: u32,
-        /// Fd number in that process.
-        fd: i32,
+        /// Fd numbers of its sockets in that process (at most one per protocol).
+        fds: Vec<i32>,
         /// Optional label.
         label: Option<String>,
         /// Switch to it too.
@@ -162,7 +162,7 @@ mod tests {
             Request::Register {
                 service: "web".parse().unwrap(),
                 pid: 42,
-                fd: 3,
+                fds: vec![3, 4],
                 label: Some("v2".into()),
                 activate: true,
             },

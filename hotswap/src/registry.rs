@@ -11,13 +11,16 @@ use std::{
 
 use hotswap_common::{
     GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, MAX_SERVICES, MAX_SERVICE_NAME,
+    SLOT_TCP, SLOT_UDP,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     backend::{Backend, BackendError, BackendInfo},
     model::{check_label, Binding, ParseError, Protocol, ServiceName},
-    socket::{inode, process_has_socket, retake_socket, take_socket, Pidfd, SocketError},
+    socket::{
+        inode, process_has_socket, retake_socket, take_socket, InspectedSocket, Pidfd, SocketError,
+    },
 };
 
 /// A registry operation was refused or failed.
@@ -81,6 +84,12 @@ pub enum RegistryError {
         /// Generation.
         generation: u32,
     },
+    /// Register was given no socket.
+    #[error("no socket given: pass at least one --fd")]
+    NoSockets,
+    /// Two sockets of one protocol.
+    #[error("two {0} sockets given: a generation has at most one socket per protocol")]
+    TwoSockets(Protocol),
     /// The socket is registered already.
     #[error("that socket is already registered as generation {generation} of service {service}")]
     AlreadyRegistered {
@@ -113,24 +122,75 @@ pub enum RegistryError {
 struct Generation {
     pid: u32,
     pidfd: Pidfd,
-    fd_in_process: RawFd,
-    protocol: Protocol,
-    cookie: u64,
-    inode: u64,
-    local_addr: Option<SocketAddr>,
+    /// At most one per protocol.
+    sockets: Vec<GenerationSocket>,
     label: Option<String>,
     registered_at: u64,
 }
 
+/// One of a generation's sockets.
+#[derive(Debug)]
+struct GenerationSocket {
+    protocol: Protocol,
+    fd_in_process: RawFd,
+    cookie: u64,
+    inode: u64,
+    local_addr: Option<SocketAddr>,
+}
+
 impl Generation {
-    /// Whether the process still holds the registered socket (a check that takes no reference).
+    /// Whether the process is alive and still holds every registered socket (a check that
+    /// takes no reference).
     fn alive(&self) -> bool {
-        !self.pidfd.has_exited() && process_has_socket(self.pid, self.fd_in_process, self.inode)
+        !self.pidfd.has_exited()
+            && self
+                .sockets
+                .iter()
+                .all(|s| process_has_socket(self.pid, s.fd_in_process, s.inode))
     }
 
-    /// The registered socket, if its process still holds it.
-    fn retake(&self) -> Option<OwnedFd> {
-        retake_socket(&self.pidfd, self.pid, self.fd_in_process, self.cookie)
+    /// The registered sockets with their protocols, if the process still holds all of them.
+    fn retake(&self) -> Option<Vec<(Protocol, OwnedFd)>> {
+        self.sockets
+            .iter()
+            .map(|s| {
+                retake_socket(&self.pidfd, self.pid, s.fd_in_process, s.cookie)
+                    .map(|fd| (s.protocol, fd))
+            })
+            .collect()
+    }
+
+    fn protocols(&self) -> impl Iterator<Item = Protocol> + '_ {
+        self.sockets.iter().map(|s| s.protocol)
+    }
+
+    fn record(&self) -> GenerationRecord {
+        let mut record = GenerationRecord {
+            cookies: [0; 2],
+            registered_at: self.registered_at,
+            pid: self.pid,
+            fds: [-1; 2],
+            label_len: self.label.as_ref().map_or(0, |l| l.len() as u8),
+            pad: [0; 3],
+            label: [0; MAX_LABEL],
+        };
+        if let Some(label) = &self.label {
+            record.label[..label.len()].copy_from_slice(label.as_bytes());
+        }
+        for socket in &self.sockets {
+            let slot = slot(socket.protocol);
+            record.cookies[slot] = socket.cookie;
+            record.fds[slot] = socket.fd_in_process;
+        }
+        record
+    }
+}
+
+/// A protocol's slot in a [`GenerationRecord`].
+fn slot(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::Tcp => SLOT_TCP,
+        Protocol::Udp => SLOT_UDP,
     }
 }
 
@@ -157,6 +217,17 @@ impl Service {
     }
 }
 
+/// One socket of a generation as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The socket's fd number in the owning process.
+    pub fd: RawFd,
+    /// The socket's local address.
+    pub local_addr: Option<SocketAddr>,
+}
+
 /// A generation as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationStatus {
@@ -164,15 +235,11 @@ pub struct GenerationStatus {
     pub id: u32,
     /// Owning process.
     pub pid: u32,
-    /// The socket's fd number in that process.
-    pub fd: RawFd,
-    /// TCP or UDP.
-    pub protocol: Protocol,
-    /// The socket's local address.
-    pub local_addr: Option<SocketAddr>,
+    /// Its sockets, at most one per protocol.
+    pub sockets: Vec<SocketStatus>,
     /// Optional label.
     pub label: Option<String>,
-    /// Whether new connections go to it.
+    /// Whether new connections (of any of its protocols) go to it.
     pub active: bool,
     /// Registration time, seconds since the Unix epoch.
     pub registered_at: u64,
@@ -226,6 +293,40 @@ pub struct Reaped {
     pub was_active: bool,
     /// Whether its process exited (else it closed the socket).
     pub process_exited: bool,
+}
+
+/// Puts each socket in front of its protocol's connections (one map update each) and records
+/// the generation as active for them. On failure, the protocols switched so far are switched
+/// back to what they had.
+fn activate_all(
+    backend: &mut dyn Backend,
+    service: &mut Service,
+    generation: u32,
+    sockets: &[(Protocol, OwnedFd)],
+) -> Result<(), RegistryError> {
+    for (done, (protocol, fd)) in sockets.iter().enumerate() {
+        if let Err(err) = backend.activate(service.id, *protocol, fd.as_fd()) {
+            // Undo: the earlier protocols go back to their previous generation's socket, or to
+            // none.
+            for (protocol, _) in &sockets[..done] {
+                let previous = service.active(*protocol);
+                let restored = service
+                    .generations
+                    .get(&previous)
+                    .and_then(Generation::retake)
+                    .and_then(|all| all.into_iter().find(|(p, _)| p == protocol));
+                let _ = match restored {
+                    Some((_, fd)) => backend.activate(service.id, *protocol, fd.as_fd()),
+                    None => backend.deactivate(service.id, *protocol),
+                };
+            }
+            return Err(err.into());
+        }
+    }
+    for (protocol, _) in sockets {
+        service.set_active(*protocol, generation);
+    }
+    Ok(())
 }
 
 fn now() -> u64 {
@@ -306,17 +407,37 @@ impl Registry {
             }
         }
         for (key, record) in state.generations {
+            let mut alive_pidfd = None;
             let Some(name) = names.get(&key.service_id) else {
                 registry.backend.forget_generation(&key)?;
                 continue;
             };
-            let protocol = Protocol::from_number(record.protocol);
-            let alive = Pidfd::open(record.pid).ok().and_then(|pidfd| {
-                let socket = retake_socket(&pidfd, record.pid, record.fd, record.cookie)?;
-                Some((pidfd, socket))
-            });
-            match (alive, protocol) {
-                (Some((pidfd, socket)), Some(protocol)) => {
+            let sockets: Option<Vec<GenerationSocket>> = Pidfd::open(record.pid)
+                .ok()
+                .and_then(|pidfd| {
+                    let sockets = [(Protocol::Tcp, SLOT_TCP), (Protocol::Udp, SLOT_UDP)]
+                        .into_iter()
+                        .filter(|&(_, slot)| record.fds[slot] >= 0)
+                        .map(|(protocol, slot)| {
+                            let (fd, cookie) = (record.fds[slot], record.cookies[slot]);
+                            let socket = retake_socket(&pidfd, record.pid, fd, cookie)?;
+                            Some(GenerationSocket {
+                                protocol,
+                                fd_in_process: fd,
+                                cookie,
+                                inode: inode(socket.as_fd()).ok()?,
+                                local_addr: crate::socket::local_addr(socket.as_fd()),
+                            })
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some((pidfd, sockets))
+                })
+                .map(|(pidfd, sockets)| {
+                    alive_pidfd = Some(pidfd);
+                    sockets
+                });
+            match (sockets, alive_pidfd.take()) {
+                (Some(sockets), Some(pidfd)) if !sockets.is_empty() => {
                     let service = registry.services.get_mut(name).expect("named above");
                     // Ids count up even if a crash came between writing a generation and
                     // bumping the counter.
@@ -327,11 +448,7 @@ impl Registry {
                         Generation {
                             pid: record.pid,
                             pidfd,
-                            fd_in_process: record.fd,
-                            protocol,
-                            cookie: record.cookie,
-                            inode: inode(socket.as_fd()).unwrap_or(0),
-                            local_addr: crate::socket::local_addr(socket.as_fd()),
+                            sockets,
                             label: record_label(&record),
                             registered_at: record.registered_at,
                         },
@@ -450,13 +567,14 @@ impl Registry {
         Ok(())
     }
 
-    /// Takes fd `fd` of process `pid` as a new generation of `service` and returns its id;
-    /// with `activate`, also switches to it. Either all of it happens or none of it.
+    /// Takes the sockets `fds` of process `pid` (at most one per protocol) as a new generation
+    /// of `service` and returns its id; with `activate`, also switches to it. Either all of it
+    /// happens or none of it.
     pub fn register(
         &mut self,
         service_name: &ServiceName,
         pid: u32,
-        fd: RawFd,
+        fds: &[RawFd],
         label: Option<String>,
         activate: bool,
     ) -> Result<u32, RegistryError> {
@@ -464,87 +582,100 @@ impl Registry {
         if let Some(label) = &label {
             check_label(label)?;
         }
+        if fds.is_empty() {
+            return Err(RegistryError::NoSockets);
+        }
         let service = self.service(service_name)?;
         let service_id = service.id;
         let pidfd = Pidfd::open(pid)?;
-        let socket = take_socket(&pidfd, pid, fd, self.netns)?;
-        let protocol = socket.protocol;
-        let families: Vec<bool> = self
-            .bindings
-            .iter()
-            .filter(|(b, s)| *s == service_name && b.protocol == protocol)
-            .map(|(b, _)| b.prefix.addr().is_ipv4())
-            .collect();
-        if families.is_empty() {
-            return Err(RegistryError::WrongProtocol {
-                service: service_name.clone(),
-                protocol,
-            });
-        }
-        let servable = families.iter().any(|&v4| {
-            if v4 {
-                socket.serves_ipv4
-            } else {
-                socket.serves_ipv6
+        let mut taken = Vec::new();
+        for &fd in fds {
+            let socket = take_socket(&pidfd, pid, fd, self.netns)?;
+            let protocol = socket.protocol;
+            if taken
+                .iter()
+                .any(|(_, s): &(RawFd, InspectedSocket)| s.protocol == protocol)
+            {
+                return Err(RegistryError::TwoSockets(protocol));
             }
-        });
-        if !servable {
-            let v4 = families[0];
-            return Err(RegistryError::WrongFamily {
-                service: service_name.clone(),
-                protocol,
-                family: if socket.serves_ipv4 { "IPv4" } else { "IPv6" },
-                binding_family: if v4 { "IPv4" } else { "IPv6" },
+            let families: Vec<bool> = self
+                .bindings
+                .iter()
+                .filter(|(b, s)| *s == service_name && b.protocol == protocol)
+                .map(|(b, _)| b.prefix.addr().is_ipv4())
+                .collect();
+            if families.is_empty() {
+                return Err(RegistryError::WrongProtocol {
+                    service: service_name.clone(),
+                    protocol,
+                });
+            }
+            let servable = families.iter().any(|&v4| {
+                if v4 {
+                    socket.serves_ipv4
+                } else {
+                    socket.serves_ipv6
+                }
             });
-        }
-        if let Some((&generation, _)) = service
-            .generations
-            .iter()
-            .find(|(_, g)| g.cookie == socket.cookie)
-        {
-            return Err(RegistryError::AlreadyRegistered {
-                service: service_name.clone(),
-                generation,
-            });
+            if !servable {
+                return Err(RegistryError::WrongFamily {
+                    service: service_name.clone(),
+                    protocol,
+                    family: if socket.serves_ipv4 { "IPv4" } else { "IPv6" },
+                    binding_family: if families[0] { "IPv4" } else { "IPv6" },
+                });
+            }
+            if let Some((&generation, _)) = service
+                .generations
+                .iter()
+                .find(|(_, g)| g.sockets.iter().any(|s| s.cookie == socket.cookie))
+            {
+                return Err(RegistryError::AlreadyRegistered {
+                    service: service_name.clone(),
+                    generation,
+                });
+            }
+            taken.push((fd, socket));
         }
 
+        let generation_id = service.record.next_generation;
+        let generation = Generation {
+            pid,
+            pidfd,
+            sockets: taken
+                .iter()
+                .map(|(fd, s)| GenerationSocket {
+                    protocol: s.protocol,
+                    fd_in_process: *fd,
+                    cookie: s.cookie,
+                    inode: s.inode,
+                    local_addr: s.local_addr,
+                })
+                .collect(),
+            label,
+            registered_at: now(),
+        };
         // Kernel writes, in an order that a crash at any point leaves adoptable: the id counter
         // first, then the generation, then the switch.
-        let generation = service.record.next_generation;
         let mut service_record = service.record;
         service_record.next_generation += 1;
         self.backend
             .save_service(service_id, &service_record, false)?;
-        let registered_at = now();
-        let mut record = GenerationRecord {
-            cookie: socket.cookie,
-            registered_at,
-            pid,
-            fd,
-            protocol: protocol.number(),
-            label_len: label.as_ref().map_or(0, |l| l.len() as u8),
-            pad: [0; 6],
-            label: [0; MAX_LABEL],
-        };
-        if let Some(label) = &label {
-            record.label[..label.len()].copy_from_slice(label.as_bytes());
-        }
         let key = GenerationKey {
             service_id,
-            generation,
+            generation: generation_id,
         };
         let service = self.services.get_mut(service_name).expect("checked above");
         service.record = service_record;
-        self.backend.save_generation(&key, &record)?;
+        self.backend.save_generation(&key, &generation.record())?;
         if activate {
-            if let Err(err) = self
-                .backend
-                .activate(service_id, protocol, socket.fd.as_fd())
+            let sockets: Vec<(Protocol, OwnedFd)> =
+                taken.into_iter().map(|(_, s)| (s.protocol, s.fd)).collect();
+            if let Err(err) = activate_all(self.backend.as_mut(), service, generation_id, &sockets)
             {
                 let _ = self.backend.forget_generation(&key);
-                return Err(err.into());
+                return Err(err);
             }
-            service.set_active(protocol, generation);
             if let Err(err) = self
                 .backend
                 .save_service(service_id, &service.record, false)
@@ -553,25 +684,12 @@ impl Registry {
                 tracing::warn!("recording the active generation of {service_name}: {err}");
             }
         }
-        service.generations.insert(
-            generation,
-            Generation {
-                pid,
-                pidfd,
-                fd_in_process: fd,
-                protocol,
-                cookie: socket.cookie,
-                inode: socket.inode,
-                local_addr: socket.local_addr,
-                label,
-                registered_at,
-            },
-        );
-        Ok(generation)
+        service.generations.insert(generation_id, generation);
+        Ok(generation_id)
     }
 
-    /// Makes `generation` the active one for its protocol: one map update. Returns the
-    /// generation that was active before, if any.
+    /// Makes `generation` the active one for each of its protocols: one map update per
+    /// protocol. Returns the generation that was active before (for its first protocol).
     pub fn switch(
         &mut self,
         service_name: &ServiceName,
@@ -587,18 +705,19 @@ impl Registry {
                 generation,
             }
         })?;
-        let protocol = target.protocol;
-        let socket = target
+        let sockets = target
             .retake()
             .ok_or_else(|| RegistryError::GenerationGone {
                 service: service_name.clone(),
                 generation,
             })?;
-        let previous = Some(service.active(protocol)).filter(|&g| g != 0);
-        self.backend
-            .activate(service.id, protocol, socket.as_fd())?;
-        drop(socket);
-        service.set_active(protocol, generation);
+        let previous = target
+            .protocols()
+            .next()
+            .map(|p| service.active(p))
+            .filter(|&g| g != 0);
+        activate_all(self.backend.as_mut(), service, generation, &sockets)?;
+        drop(sockets);
         if let Err(err) = self
             .backend
             .save_service(service.id, &service.record, false)
@@ -608,7 +727,7 @@ impl Registry {
         Ok(previous)
     }
 
-    /// Lets go of generations whose process exited or no longer holds the registered socket.
+    /// Lets go of generations whose process exited or no longer holds a registered socket.
     /// An active one leaves its service without a socket: new connections are refused and
     /// counted.
     pub fn reap(&mut self) -> Vec<Reaped> {
@@ -622,15 +741,20 @@ impl Registry {
                 .collect();
             for id in gone {
                 let generation = service.generations.remove(&id).expect("listed above");
-                let protocol = generation.protocol;
-                let was_active = service.active(protocol) == id;
-                if was_active {
+                let mut was_active = false;
+                for protocol in generation.protocols() {
+                    if service.active(protocol) != id {
+                        continue;
+                    }
+                    was_active = true;
                     // Usually the closed socket has left the map already; a socket the process
                     // handed to someone else before exiting has not.
                     if let Err(err) = self.backend.deactivate(service.id, protocol) {
-                        tracing::warn!("clearing the socket of service {name}: {err}");
+                        tracing::warn!("clearing the {protocol} socket of service {name}: {err}");
                     }
                     service.set_active(protocol, 0);
+                }
+                if was_active {
                     if let Err(err) = self
                         .backend
                         .save_service(service.id, &service.record, false)
@@ -676,11 +800,17 @@ impl Registry {
                     .map(|(&id, g)| GenerationStatus {
                         id,
                         pid: g.pid,
-                        fd: g.fd_in_process,
-                        protocol: g.protocol,
-                        local_addr: g.local_addr,
+                        sockets: g
+                            .sockets
+                            .iter()
+                            .map(|s| SocketStatus {
+                                protocol: s.protocol,
+                                fd: s.fd_in_process,
+                                local_addr: s.local_addr,
+                            })
+                            .collect(),
                         label: g.label.clone(),
-                        active: service.active(g.protocol) == id,
+                        active: g.protocols().any(|p| service.active(p) == id),
                         registered_at: g.registered_at,
                     })
                     .collect(),
@@ -901,29 +1031,29 @@ mod tests {
         let two = TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let err = registry
-            .register(&web(), me, one.as_raw_fd(), None, false)
+            .register(&web(), me, &[one.as_raw_fd()], None, false)
             .unwrap_err();
         assert!(matches!(err, RegistryError::UnknownService(_)), "{err}");
         registry.bind(&web(), tcp_binding(80)).unwrap();
         let err = registry
-            .register(&web(), me, udp.as_raw_fd(), None, false)
+            .register(&web(), me, &[udp.as_raw_fd()], None, false)
             .unwrap_err();
         assert!(matches!(err, RegistryError::WrongProtocol { .. }), "{err}");
 
         assert_eq!(
             registry
-                .register(&web(), me, one.as_raw_fd(), Some("v1".into()), true)
+                .register(&web(), me, &[one.as_raw_fd()], Some("v1".into()), true)
                 .unwrap(),
             1
         );
         assert_eq!(
             registry
-                .register(&web(), me, two.as_raw_fd(), None, false)
+                .register(&web(), me, &[two.as_raw_fd()], None, false)
                 .unwrap(),
             2
         );
         let err = registry
-            .register(&web(), me, two.as_raw_fd(), None, false)
+            .register(&web(), me, &[two.as_raw_fd()], None, false)
             .unwrap_err();
         assert!(
             matches!(err, RegistryError::AlreadyRegistered { generation: 2, .. }),
@@ -976,7 +1106,7 @@ mod tests {
         let three = TcpListener::bind("127.0.0.1:0").unwrap();
         assert_eq!(
             registry
-                .register(&web(), me, three.as_raw_fd(), None, true)
+                .register(&web(), me, &[three.as_raw_fd()], None, true)
                 .unwrap(),
             3
         );
@@ -991,18 +1121,18 @@ mod tests {
         let one = TcpListener::bind("127.0.0.1:0").unwrap();
         let me = std::process::id();
         assert!(registry
-            .register(&web(), me, one.as_raw_fd(), None, true)
+            .register(&web(), me, &[one.as_raw_fd()], None, true)
             .is_err());
         assert_eq!(registry.status(), before);
         assert!(fake.0.lock().unwrap().generations.is_empty());
         // Nor does a failed switch change which generation is active.
         fake.0.lock().unwrap().fail_activate = false;
         registry
-            .register(&web(), me, one.as_raw_fd(), None, true)
+            .register(&web(), me, &[one.as_raw_fd()], None, true)
             .unwrap();
         let two = TcpListener::bind("127.0.0.1:0").unwrap();
         let second = registry
-            .register(&web(), me, two.as_raw_fd(), None, false)
+            .register(&web(), me, &[two.as_raw_fd()], None, false)
             .unwrap();
         fake.0.lock().unwrap().fail_activate = true;
         let before = registry.status();
@@ -1022,13 +1152,51 @@ mod tests {
         let me = std::process::id();
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let err = registry
-            .register(&web(), me, v4.as_raw_fd(), None, false)
+            .register(&web(), me, &[v4.as_raw_fd()], None, false)
             .unwrap_err();
         assert!(matches!(err, RegistryError::WrongFamily { .. }), "{err}");
         let v6 = TcpListener::bind("[::1]:0").unwrap();
         registry
-            .register(&web(), me, v6.as_raw_fd(), Some(String::new()), false)
+            .register(&web(), me, &[v6.as_raw_fd()], Some(String::new()), false)
             .unwrap();
         assert_eq!(registry.status().services[0].generations[0].label, None);
+    }
+
+    #[test]
+    fn one_generation_one_socket_per_protocol() {
+        let (mut registry, fake) = registry();
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        let udp_binding = Binding {
+            protocol: Protocol::Udp,
+            ..tcp_binding(80)
+        };
+        registry.bind(&web(), udp_binding).unwrap();
+        let me = std::process::id();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = registry
+            .register(
+                &web(),
+                me,
+                &[tcp.as_raw_fd(), tcp2.as_raw_fd()],
+                None,
+                false,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::TwoSockets(Protocol::Tcp)),
+            "{err}"
+        );
+        let id = registry
+            .register(&web(), me, &[tcp.as_raw_fd(), udp.as_raw_fd()], None, true)
+            .unwrap();
+        let generation = &registry.status().services[0].generations[0];
+        assert_eq!(generation.sockets.len(), 2);
+        assert!(generation.active);
+        let k = fake.0.lock().unwrap();
+        assert_eq!(k.active.len(), 2);
+        assert_eq!(k.services[&1].active_tcp, id);
+        assert_eq!(k.services[&1].active_udp, id);
     }
 }

@@ -7,7 +7,7 @@ use crate::{
     protocol::{Reply, Request},
 };
 
-/// SERVICE --pid PID --fd FD [--label TEXT] [--activate].
+/// SERVICE --pid PID --fd FD [--fd FD] [--label TEXT] [--activate].
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Service name.
@@ -15,9 +15,9 @@ pub struct Args {
     /// The process that holds the listening socket.
     #[arg(long)]
     pid: u32,
-    /// The socket's fd number in that process.
-    #[arg(long)]
-    fd: i32,
+    /// The socket's fd number in that process; repeat for a TCP and a UDP socket.
+    #[arg(long = "fd", required = true)]
+    fds: Vec<i32>,
     /// A label to show in `status`, e.g. a version.
     #[arg(long)]
     label: Option<String>,
@@ -30,7 +30,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let request = Request::Register {
         service: args.service,
         pid: args.pid,
-        fd: args.fd,
+        fds: args.fds,
         label: args.label,
         activate: args.activate,
     };

@@ -66,17 +66,26 @@ pub fn render(report: &StatusReport) -> String {
             "GEN", "ACTIVE", "PID", "FD", "PROTO", "LOCAL ADDRESS"
         );
         for g in &service.generations {
-            let _ = writeln!(
-                out,
-                "  {:>4}  {:<6}  {:>8}  {:>4}  {:<5}  {:<24}  {}",
-                g.id,
-                if g.active { "*" } else { "" },
-                g.pid,
-                g.fd,
-                g.protocol.to_string(),
-                g.local_addr.map_or("-".to_owned(), |a| a.to_string()),
-                g.label.as_deref().unwrap_or("")
-            );
+            for (i, socket) in g.sockets.iter().enumerate() {
+                // The generation's own columns once, then one row per socket.
+                let (id, active, pid, label) = if i == 0 {
+                    (
+                        g.id.to_string(),
+                        if g.active { "*" } else { "" },
+                        g.pid.to_string(),
+                        g.label.as_deref().unwrap_or(""),
+                    )
+                } else {
+                    (String::new(), "", String::new(), "")
+                };
+                let _ = writeln!(
+                    out,
+                    "  {id:>4}  {active:<6}  {pid:>8}  {:>4}  {:<5}  {:<24}  {label}",
+                    socket.fd,
+                    socket.protocol.to_string(),
+                    socket.local_addr.map_or("-".to_owned(), |a| a.to_string()),
+                );
+            }
         }
     }
     out
