@@ -3,6 +3,7 @@
 //!
 //! The library holds everything; the `hotswap` binary only parses arguments.
 
+pub mod activation;
 pub mod backend;
 pub mod cli;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod protocol;
 pub mod registry;
 pub mod socket;
+pub mod supervisor;
 
 /// An error and all its causes on one line, `outer: inner: innermost`.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -469,3 +469,184 @@ pub fn unprivileged_copy_of_hotswap(dir: &Path) -> PathBuf {
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).unwrap();
     dest
 }
+
+/// `target/<profile>/examples/hello`, the example server.
+pub fn example_server() -> PathBuf {
+    workspace_bin("examples/hello")
+}
+
+/// The socket-activated fixture with no hotswap code.
+pub fn activated_fixture() -> PathBuf {
+    workspace_bin("hotswap-test-activated")
+}
+
+/// A `hotswap run` for a test; stopped with SIGTERM on drop.
+pub struct RunningService {
+    child: Option<Child>,
+    /// Service name.
+    pub service: String,
+    log: PathBuf,
+}
+
+impl RunningService {
+    /// Starts `hotswap run SERVICE ARGS…` and waits until a generation is active.
+    pub fn start(env: &TestEnv, service: &str, args: &[&str]) -> Self {
+        let log = env.dir.path().join(format!("run-{service}.log"));
+        let child = hotswap_command(env)
+            .arg("run")
+            .arg(service)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn hotswap run");
+        let mut running = Self {
+            child: Some(child),
+            service: service.to_owned(),
+            log,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = running.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hotswap run exited with {status}:\n{}", running.log());
+            }
+            let status = env.status();
+            if status["supervisors"][service]["active"].as_u64().is_some() {
+                return running;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service never became active:\n{}",
+                running.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What `hotswap run` logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it (SIGTERM) and returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Sends one HTTP/1.1 request on `stream` and reads the response; returns the body and whether
+/// the server closes the connection after it.
+pub fn http_exchange(stream: &mut BufReader<TcpStream>) -> std::io::Result<(String, bool)> {
+    stream
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
+    let mut line = String::new();
+    let mut length = None;
+    let mut close = false;
+    let mut first = true;
+    loop {
+        line.clear();
+        if stream.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before the response",
+            ));
+        }
+        if first {
+            if !line.starts_with("HTTP/1.1 200") {
+                return Err(std::io::Error::other(format!("bad status line {line:?}")));
+            }
+            first = false;
+            continue;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+        if lower.starts_with("connection: close") {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; length.ok_or_else(|| std::io::Error::other("no content-length"))?];
+    std::io::Read::read_exact(stream, &mut body)?;
+    Ok((String::from_utf8_lossy(&body).trim_end().to_owned(), close))
+}
+
+/// Continuous HTTP load: either a new connection per request, or keep-alive connections that
+/// reconnect when the server says `connection: close` (which is not a failure).
+pub struct HttpLoad {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<LoadReport>,
+}
+
+impl HttpLoad {
+    /// Starts the client.
+    pub fn start(addr: &str, keep_alive: bool, max_requests: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let addr = addr.to_owned();
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE * 30;
+            let mut report = LoadReport::default();
+            let mut connection: Option<BufReader<TcpStream>> = None;
+            for _ in 0..max_requests {
+                if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let result = (|| {
+                    if connection.is_none() {
+                        let stream = TcpStream::connect(&addr)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        connection = Some(BufReader::new(stream));
+                    }
+                    let (body, close) = http_exchange(connection.as_mut().unwrap())?;
+                    if close || !keep_alive {
+                        connection = None;
+                    }
+                    Ok::<_, std::io::Error>(body)
+                })();
+                match result {
+                    Ok(body) => *report.replies.entry(body).or_default() += 1,
+                    Err(err) => {
+                        connection = None;
+                        report.failed += 1;
+                        if report.failures.len() < 20 {
+                            report.failures.push(err.to_string());
+                        }
+                    }
+                }
+            }
+            report
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops the client and returns what it saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread")
+    }
+}
+
+/// One HTTP request on a new connection; returns the body (panics on failure).
+pub fn tcp_http_body(addr: &str) -> String {
+    let stream = TcpStream::connect(addr).expect("connect");
+    http_exchange(&mut BufReader::new(stream)).expect("http").0
+}

@@ -73,7 +73,7 @@ fn require_root(what: &str) -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    status(cargo().args(["build", "--package", "hotswap", "--bins"]))
+    status(cargo().args(["build", "--package", "hotswap", "--bins", "--examples"]))
 }
 
 fn run(args: Vec<String>) -> Result<()> {

@@ -5,8 +5,10 @@ mod bind;
 mod daemon;
 mod metrics;
 mod register;
+mod run;
 mod status;
 mod switch;
+mod upgrade;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -42,6 +44,14 @@ enum Command {
     Register(register::Args),
     /// Make a generation of a service the active one (one atomic map update).
     Switch(switch::Args),
+    /// Run a service under a supervisor: start it with socket activation, switch to it when
+    /// ready, restart it if it dies; serves `upgrade` and `rollback`.
+    Run(run::Args),
+    /// Start a new generation of a service run by `hotswap run`, switch to it when ready, drain
+    /// the old one.
+    Upgrade(upgrade::Args),
+    /// Switch a service run by `hotswap run` back to its previous generation while it lives.
+    Rollback(upgrade::RollbackArgs),
     /// Show services, bindings, generations and the backend.
     Status(status::Args),
     /// Show per-service counters.
@@ -95,6 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unbind(args) => bind::run(&cli.socket, args, false),
         Command::Register(args) => register::run(&cli.socket, args),
         Command::Switch(args) => switch::run(&cli.socket, args),
+        Command::Run(args) => run::run(cli.socket, args),
+        Command::Upgrade(args) => upgrade::run(&cli.socket, args),
+        Command::Rollback(args) => upgrade::rollback(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
     }

@@ -1,10 +1,11 @@
 //! `hotswap status`.
 
-use std::{fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use crate::{
     protocol::{Reply, Request},
     registry::StatusReport,
+    supervisor::{self, GenerationState, SupervisorMessage, SupervisorReport, SupervisorRequest},
 };
 
 /// [--json].
@@ -16,21 +17,97 @@ pub struct Args {
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    match super::request(socket, &Request::Status)? {
-        Reply::Status(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", render(&report));
+    let report = match super::request(socket, &Request::Status)? {
+        Reply::Status(report) => report,
+        reply => return Err(super::unexpected(reply)),
+    };
+    let supervisors = supervisors(socket, &report);
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["supervisors"] = serde_json::to_value(&supervisors)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", render(&report, &supervisors));
+    }
+    Ok(())
+}
+
+/// The lifecycle reports of the services run by `hotswap run`, by service name.
+fn supervisors(socket: &Path, report: &StatusReport) -> BTreeMap<String, SupervisorReport> {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return BTreeMap::new();
+    };
+    report
+        .services
+        .iter()
+        .filter_map(|service| {
+            let reply = runtime.block_on(supervisor::request(
+                socket,
+                &service.name,
+                &SupervisorRequest::Status,
+                &mut |_| {},
+            ));
+            match reply {
+                Ok(SupervisorMessage::Status(s)) => Some((service.name.to_string(), s)),
+                _ => None,
             }
-            Ok(())
+        })
+        .collect()
+}
+
+fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
+    let _ = writeln!(
+        out,
+        "  run by pid {} ({}){}; restarts: {}",
+        supervisor.pid,
+        supervisor
+            .listens
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        supervisor
+            .upgrading
+            .map(|g| format!("; upgrading to {g}"))
+            .unwrap_or_default(),
+        supervisor.restarts
+    );
+    for g in &supervisor.generations {
+        let state = match &g.state {
+            GenerationState::Starting => "starting".to_owned(),
+            GenerationState::Ready => "ready".to_owned(),
+            GenerationState::Active => "active".to_owned(),
+            GenerationState::Draining => "draining".to_owned(),
+            GenerationState::Exited { exit } => format!("exited ({exit})"),
+            GenerationState::Failed { reason } => format!("failed: {reason}"),
+        };
+        let mut timings = Vec::new();
+        if let Some(ms) = g.ready_after_ms {
+            timings.push(format!("ready after {ms} ms"));
         }
-        reply => Err(super::unexpected(reply)),
+        if let Some(ms) = g.drained_after_ms {
+            timings.push(format!("drained in {ms} ms"));
+        }
+        if g.restarts > 0 {
+            timings.push(format!("{} restarts", g.restarts));
+        }
+        let _ = writeln!(
+            out,
+            "    gen {:>3}  {:<16} pid {:<8} {}  [{}]",
+            g.id,
+            state,
+            g.pid.map_or("-".to_owned(), |p| p.to_string()),
+            timings.join(", "),
+            g.command.join(" ")
+        );
     }
 }
 
 /// The human-readable status.
-pub fn render(report: &StatusReport) -> String {
+pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorReport>) -> String {
     let mut out = String::new();
     let backend = &report.backend;
     let _ = writeln!(out, "backend: {} ({})", backend.name, backend.reason);
@@ -55,6 +132,9 @@ pub fn render(report: &StatusReport) -> String {
         }
         for binding in &service.bindings {
             let _ = writeln!(out, "  bind {binding}");
+        }
+        if let Some(supervisor) = supervisors.get(service.name.as_str()) {
+            render_lifecycle(&mut out, supervisor);
         }
         if service.generations.is_empty() {
             let _ = writeln!(out, "  no generations");

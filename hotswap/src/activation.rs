@@ -1,0 +1,193 @@
+//! For servers: take the listeners passed by socket activation, say when you are ready, and
+//! learn when to drain.
+//!
+//! Works the same under `hotswap run` and under plain systemd: both pass sockets with
+//! `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES` (sd_listen_fds(3)) and take readiness on
+//! `NOTIFY_SOCKET` (sd_notify(3)). `hotswap run` names each socket after its protocol: `tcp`,
+//! `udp`.
+//!
+//! ```no_run
+//! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+//! use hotswap::activation::{drain_signal, notify_ready, Listeners};
+//!
+//! let mut listeners = Listeners::from_env()?;
+//! let listener = listeners.take_tokio_tcp("tcp")?;
+//! notify_ready()?;
+//! let drain = drain_signal()?;
+//! tokio::pin!(drain);
+//! loop {
+//!     tokio::select! {
+//!         _ = &mut drain => break, // stop accepting; finish what is in flight, then exit
+//!         accepted = listener.accept() => {
+//!             let (_stream, _peer) = accepted?;
+//!             // serve it
+//!         }
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::{
+    io,
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+};
+
+/// Socket activation went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    /// `LISTEN_*` could not be read.
+    #[error("reading the socket-activation variables failed")]
+    Environment(#[source] io::Error),
+    /// No socket of that name was passed.
+    #[error("no socket named {name:?} was passed (passed: {passed})")]
+    Missing {
+        /// The name asked for.
+        name: String,
+        /// The names that were passed.
+        passed: String,
+    },
+    /// The socket is not of the kind asked for.
+    #[error("socket {name:?} is not a {kind}")]
+    WrongKind {
+        /// The name.
+        name: String,
+        /// What was asked for.
+        kind: &'static str,
+    },
+    /// Making the socket non-blocking or handing it to tokio failed.
+    #[error("preparing socket {name:?} failed")]
+    Setup {
+        /// The name.
+        name: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The sockets this process was given, by name.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    sockets: Vec<(String, OwnedFd)>,
+}
+
+impl Listeners {
+    /// Takes the sockets passed to this process (none when `LISTEN_PID` is not this process).
+    /// Call it once: the fds then belong to the returned value.
+    pub fn from_env() -> Result<Self, ActivationError> {
+        let sockets = sd_notify::listen_fds_with_names()
+            .map_err(ActivationError::Environment)?
+            // SAFETY: sd_listen_fds(3) hands these fds to this process, once.
+            .map(|(fd, name)| (name, unsafe { OwnedFd::from_raw_fd(fd) }))
+            .collect();
+        Ok(Self { sockets })
+    }
+
+    /// The names of the sockets not taken yet.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sockets.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Takes the socket called `name`.
+    pub fn take(&mut self, name: &str) -> Result<OwnedFd, ActivationError> {
+        let index = self
+            .sockets
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| ActivationError::Missing {
+                name: name.to_owned(),
+                passed: self.names().collect::<Vec<_>>().join(", "),
+            })?;
+        Ok(self.sockets.remove(index).1)
+    }
+
+    /// Takes the listening TCP socket called `name`.
+    pub fn take_tcp(&mut self, name: &str) -> Result<std::net::TcpListener, ActivationError> {
+        let fd = self.take(name)?;
+        check_kind(&fd, name, libc::SOCK_STREAM, "TCP socket")?;
+        Ok(std::net::TcpListener::from(fd))
+    }
+
+    /// Takes the UDP socket called `name`.
+    pub fn take_udp(&mut self, name: &str) -> Result<std::net::UdpSocket, ActivationError> {
+        let fd = self.take(name)?;
+        check_kind(&fd, name, libc::SOCK_DGRAM, "UDP socket")?;
+        Ok(std::net::UdpSocket::from(fd))
+    }
+
+    /// Takes the listening TCP socket called `name` as a tokio listener (inside a runtime).
+    pub fn take_tokio_tcp(
+        &mut self,
+        name: &str,
+    ) -> Result<tokio::net::TcpListener, ActivationError> {
+        let listener = self.take_tcp(name)?;
+        let setup = |source| ActivationError::Setup {
+            name: name.to_owned(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(setup)?;
+        tokio::net::TcpListener::from_std(listener).map_err(setup)
+    }
+
+    /// Takes the UDP socket called `name` as a tokio socket (inside a runtime).
+    pub fn take_tokio_udp(&mut self, name: &str) -> Result<tokio::net::UdpSocket, ActivationError> {
+        let socket = self.take_udp(name)?;
+        let setup = |source| ActivationError::Setup {
+            name: name.to_owned(),
+            source,
+        };
+        socket.set_nonblocking(true).map_err(setup)?;
+        tokio::net::UdpSocket::from_std(socket).map_err(setup)
+    }
+}
+
+fn check_kind(
+    fd: &OwnedFd,
+    name: &str,
+    sock_type: libc::c_int,
+    kind: &'static str,
+) -> Result<(), ActivationError> {
+    let actual = nix::sys::socket::getsockopt(&fd.as_fd(), nix::sys::socket::sockopt::SockType);
+    let wanted = match sock_type {
+        libc::SOCK_STREAM => nix::sys::socket::SockType::Stream,
+        _ => nix::sys::socket::SockType::Datagram,
+    };
+    if actual.ok() != Some(wanted) {
+        return Err(ActivationError::WrongKind {
+            name: name.to_owned(),
+            kind,
+        });
+    }
+    Ok(())
+}
+
+/// Tells the supervisor (hotswap or systemd) that this process is ready to serve. Does nothing
+/// when no one listens (`NOTIFY_SOCKET` unset).
+pub fn notify_ready() -> io::Result<()> {
+    sd_notify::notify(&[sd_notify::NotifyState::Ready])
+}
+
+/// Tells the supervisor that this process is draining.
+pub fn notify_stopping() -> io::Result<()> {
+    sd_notify::notify(&[sd_notify::NotifyState::Stopping])
+}
+
+/// Completes when the supervisor asks this process to drain: on SIGTERM (hotswap's default
+/// drain signal, and systemd's stop signal) or SIGINT. Stop accepting, finish in-flight work,
+/// then exit.
+pub fn drain_signal() -> io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// The generation id `hotswap run` gave this process (`HOTSWAP_GENERATION`), if any.
+pub fn generation() -> Option<u32> {
+    std::env::var("HOTSWAP_GENERATION").ok()?.parse().ok()
+}

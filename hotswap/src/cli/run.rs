@@ -1,0 +1,84 @@
+//! `hotswap run`.
+
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use nix::sys::signal::Signal;
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    model::{Protocol, ServiceName},
+    supervisor::{
+        self,
+        spec::{parse_duration, parse_signal, ListenSpec, ReadyMode},
+        RunConfig,
+    },
+};
+
+/// SERVICE --listen … [options] -- COMMAND [ARGS…]
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Service name.
+    service: ServiceName,
+    /// An address of the service: tcp://ADDR:PORT or udp://ADDR:PORT; repeat for more.
+    #[arg(long = "listen", required = true, value_name = "PROTO://ADDR:PORT")]
+    listens: Vec<ListenSpec>,
+    /// How a new generation shows it is ready: notify (sd_notify READY=1), tcp (it accepts a
+    /// connection) or delay:<DURATION> [default: tcp with a TCP address, else delay:1s].
+    #[arg(long)]
+    ready: Option<ReadyMode>,
+    /// A generation not ready after this long is stopped and nothing is switched.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ready_timeout: Duration,
+    /// The signal that tells an old generation to drain.
+    #[arg(long, default_value = "SIGTERM", value_parser = parse_signal)]
+    drain_signal: Signal,
+    /// An old generation still running this long after the drain signal is killed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// If a new generation dies within this time after the switch, switch back.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    grace: Duration,
+    /// The server to run, with its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// The readiness used when none is given.
+pub fn default_ready(listens: &[ListenSpec]) -> ReadyMode {
+    if listens.iter().any(|l| l.protocol == Protocol::Tcp) {
+        ReadyMode::Tcp
+    } else {
+        ReadyMode::Delay(Duration::from_secs(1))
+    }
+}
+
+pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let ready = args.ready.unwrap_or_else(|| default_ready(&args.listens));
+    // Fail before anything starts when the command cannot run.
+    supervisor::resolve_program(&args.command[0])?;
+    let config = RunConfig {
+        service: args.service,
+        listens: args.listens,
+        ready,
+        ready_timeout: args.ready_timeout,
+        drain_signal: args.drain_signal,
+        drain_timeout: args.drain_timeout,
+        grace: args.grace,
+        command: args.command,
+        daemon_socket: socket,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(supervisor::run(config, super::daemon::shutdown_signal()))?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! `hotswap upgrade` and `hotswap rollback`.
+
+use std::{path::Path, time::Duration};
+
+use crate::{
+    model::ServiceName,
+    supervisor::{
+        self,
+        spec::{parse_duration, ReadyMode},
+        SupervisorMessage, SupervisorRequest,
+    },
+};
+
+/// SERVICE [--ready …] [--ready-timeout …] [-- COMMAND [ARGS…]]
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Service name.
+    service: ServiceName,
+    /// Readiness for this upgrade (default: the one `run` was given).
+    #[arg(long)]
+    ready: Option<ReadyMode>,
+    /// Readiness timeout for this upgrade (default: the one `run` was given).
+    #[arg(long, value_parser = parse_duration)]
+    ready_timeout: Option<Duration>,
+    /// A new command (default: the current one again).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// SERVICE
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// Service name.
+    service: ServiceName,
+}
+
+fn talk(socket: &Path, service: &ServiceName, request: SupervisorRequest) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let prefix = service.to_string();
+    let result = runtime.block_on(supervisor::request(
+        socket,
+        service,
+        &request,
+        &mut |line| {
+            println!("{prefix}: {line}");
+        },
+    ))?;
+    if let SupervisorMessage::Done { message, .. } = result {
+        println!("{prefix}: {message}");
+    }
+    Ok(())
+}
+
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    if let Some(program) = args.command.first() {
+        supervisor::resolve_program(program)?;
+    }
+    let request = SupervisorRequest::Upgrade {
+        command: (!args.command.is_empty()).then_some(args.command),
+        ready: args.ready,
+        ready_timeout_ms: args.ready_timeout.map(|d| d.as_millis() as u64),
+    };
+    talk(socket, &args.service, request)
+}
+
+pub fn rollback(socket: &Path, args: RollbackArgs) -> anyhow::Result<()> {
+    talk(socket, &args.service, SupervisorRequest::Rollback)
+}

@@ -1,0 +1,1356 @@
+//! `hotswap run`: a foreground supervisor for one service. It creates each generation's
+//! sockets, starts the generation's process with socket activation, waits until it is ready,
+//! switches the daemon to it, and drains the one before without losing what the kernel already
+//! accepted for it. `hotswap upgrade`, `rollback` and `status` talk to it over its own control
+//! socket, next to the daemon's.
+//!
+//! The accept-queue problem (DESIGN.md §4): the supervisor holds every socket it created and
+//! registers *its own* fds with the daemon. After a switch no new connection reaches the old
+//! socket, but connections already queued there belong to it. The supervisor waits until the
+//! old socket's queue (`TCP_INFO.tcpi_unacked` on a listener; `SIOCINQ` for UDP) is empty and
+//! has stayed empty for a settle time, and only then sends the drain signal. A server that
+//! closes its listener at once loses nothing: the queue is empty and the supervisor's copy keeps
+//! the socket open until the process has exited.
+
+mod process;
+pub mod spec;
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+        unix::process::ExitStatusExt as _,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use nix::{
+    fcntl::{Flock, FlockArg},
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    net::{UnixDatagram, UnixListener, UnixStream},
+    sync::{mpsc, watch},
+};
+
+pub use process::{resolve_program, SpawnError};
+use spec::{ListenSpec, ReadyMode};
+
+use crate::{
+    client::{self, ClientError},
+    error_chain,
+    model::{Protocol, ServiceName},
+    protocol::{Connection, FrameError, Reply, Request},
+};
+
+/// How long a drained socket's queue must stay empty before the drain signal is sent: covers
+/// handshakes that were half done at the switch.
+pub const DRAIN_SETTLE: Duration = Duration::from_millis(100);
+
+/// First and longest wait before restarting a generation that died on its own.
+const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
+
+/// A generation that ran this long before it died restarts without waiting.
+const RESTART_RESET: Duration = Duration::from_secs(10);
+
+/// How `hotswap run` runs a service.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Service.
+    pub service: ServiceName,
+    /// Its addresses.
+    pub listens: Vec<ListenSpec>,
+    /// How to tell a new generation is ready.
+    pub ready: ReadyMode,
+    /// How long a new generation may take to get ready.
+    pub ready_timeout: Duration,
+    /// What tells a generation to drain.
+    pub drain_signal: Signal,
+    /// How long a draining generation may take before it is killed.
+    pub drain_timeout: Duration,
+    /// How long after a switch a new generation's death rolls back automatically.
+    pub grace: Duration,
+    /// The command.
+    pub command: Vec<String>,
+    /// The daemon's control socket.
+    pub daemon_socket: PathBuf,
+}
+
+/// What can go wrong supervising.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The daemon refused or could not be reached.
+    #[error(transparent)]
+    Daemon(#[from] ClientError),
+    /// The daemon answered something unexpected.
+    #[error("unexpected reply from the daemon: {0}")]
+    UnexpectedReply(String),
+    /// A listen address is bound to another service.
+    #[error("{listen} is bound to service {owner}, not {service}")]
+    BoundElsewhere {
+        /// The address.
+        listen: ListenSpec,
+        /// Its owner.
+        owner: String,
+        /// This service.
+        service: ServiceName,
+    },
+    /// Starting the process failed.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// Creating a socket failed.
+    #[error("creating the {protocol} socket for {addr} failed")]
+    Socket {
+        /// Protocol.
+        protocol: Protocol,
+        /// Address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file-system or socket operation failed.
+    #[error("{what} {path} failed")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another supervisor runs the service.
+    #[error("service {0} is already run by another `hotswap run`")]
+    AlreadyRunning(ServiceName),
+    /// No supervisor runs the service.
+    #[error("service {0} is not run by `hotswap run` (start it with `hotswap run {0} --listen … -- COMMAND`)")]
+    NotRunning(ServiceName),
+    /// The new generation did not get ready in time.
+    #[error("generation {generation} was not ready after {timeout:?}; it was stopped{}", keep_note(.kept))]
+    NotReady {
+        /// The generation.
+        generation: u32,
+        /// The timeout.
+        timeout: Duration,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// The new generation exited before it was ready.
+    #[error("generation {generation} exited ({exit}) before it was ready{}", keep_note(.kept))]
+    ExitedBeforeReady {
+        /// The generation.
+        generation: u32,
+        /// How it exited.
+        exit: ExitInfo,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// The new generation died in its grace period; the old one is active again.
+    #[error("generation {generation} exited ({exit}) {after:?} after the switch; rolled back to generation {back}")]
+    RolledBack {
+        /// The generation that died.
+        generation: u32,
+        /// How.
+        exit: ExitInfo,
+        /// When.
+        after: Duration,
+        /// The generation active again.
+        back: u32,
+    },
+    /// The operator rolled back during the upgrade.
+    #[error("rolled back to generation {0} during the upgrade")]
+    RolledBackByOperator(u32),
+    /// Another upgrade is running.
+    #[error("an upgrade of {service} is already in progress (generation {generation})")]
+    UpgradeInProgress {
+        /// Service.
+        service: ServiceName,
+        /// The generation it is bringing up.
+        generation: u32,
+    },
+    /// Nothing to roll back to.
+    #[error("cannot roll back {service}: {why}")]
+    CannotRollBack {
+        /// Service.
+        service: ServiceName,
+        /// Why.
+        why: String,
+    },
+    /// The supervisor is stopping.
+    #[error("the supervisor is stopping")]
+    Stopping,
+    /// Talking to the supervisor failed.
+    #[error("talking to the supervisor failed")]
+    Frame(#[from] FrameError),
+    /// The supervisor refused; its words.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn keep_note(kept: &Option<u32>) -> String {
+    kept.map(|k| format!("; generation {k} stays active"))
+        .unwrap_or_default()
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if one killed it.
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "code {code}"),
+            (None, Some(signal)) => match Signal::try_from(signal) {
+                Ok(s) => write!(f, "signal {}", s.as_str()),
+                Err(_) => write!(f, "signal {signal}"),
+            },
+            (None, None) => f.write_str("unknown status"),
+        }
+    }
+}
+
+/// Where a generation is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum GenerationState {
+    /// Started, not ready yet.
+    Starting,
+    /// Ready, not active (a new one before the switch, or an old one after it).
+    Ready,
+    /// New connections go to it.
+    Active,
+    /// Told to drain.
+    Draining,
+    /// Its process is gone and so are its sockets.
+    Exited {
+        /// How it ended.
+        exit: ExitInfo,
+    },
+    /// It never became ready.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A generation as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationReport {
+    /// Daemon generation id.
+    pub id: u32,
+    /// The current process.
+    pub pid: Option<u32>,
+    /// Its command.
+    pub command: Vec<String>,
+    /// Where it is.
+    #[serde(flatten)]
+    pub state: GenerationState,
+    /// Start time, ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// How long it took to get ready.
+    pub ready_after_ms: Option<u64>,
+    /// When it became active, ms since the Unix epoch.
+    pub switched_at_ms: Option<u64>,
+    /// How long draining took, from the switch away to the exit.
+    pub drained_after_ms: Option<u64>,
+    /// Restarts after it died on its own.
+    pub restarts: u32,
+}
+
+/// What a supervisor reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorReport {
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// Listen addresses.
+    pub listens: Vec<ListenSpec>,
+    /// The active generation.
+    pub active: Option<u32>,
+    /// The generation an upgrade is bringing up.
+    pub upgrading: Option<u32>,
+    /// Generations restarted after dying on their own, in total.
+    pub restarts: u32,
+    /// Live generations and the last few that exited, oldest first.
+    pub generations: Vec<GenerationReport>,
+}
+
+/// A request to a supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case")]
+pub enum SupervisorRequest {
+    /// Start a new generation, switch to it, drain the old one.
+    Upgrade {
+        /// A new command, or `None` for the current one.
+        command: Option<Vec<String>>,
+        /// Readiness for this upgrade.
+        ready: Option<ReadyMode>,
+        /// Readiness timeout for this upgrade, in ms.
+        ready_timeout_ms: Option<u64>,
+    },
+    /// Switch back to the previous generation.
+    Rollback,
+    /// Report.
+    Status,
+}
+
+/// A message from a supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SupervisorMessage {
+    /// A step of a long operation.
+    Progress {
+        /// What happened.
+        line: String,
+    },
+    /// The end of an operation.
+    Done {
+        /// Whether it succeeded.
+        ok: bool,
+        /// The summary or the reason.
+        message: String,
+    },
+    /// A report.
+    Status(SupervisorReport),
+}
+
+/// The supervisor's control socket for `service`, next to the daemon's.
+pub fn supervisor_socket(daemon_socket: &Path, service: &ServiceName) -> PathBuf {
+    daemon_socket
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{service}.run.sock"))
+}
+
+fn ms_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Generation {
+    id: u32,
+    command: Vec<String>,
+    /// The supervisor's own copies: registered with the daemon, and what keeps a draining
+    /// generation's queue alive after its process closed its listener.
+    sockets: Vec<(Protocol, OwnedFd)>,
+    pid: Option<u32>,
+    /// Bumped on every (re)start, so a stale exit is not mistaken for the current process's.
+    serial: u64,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    state: GenerationState,
+    started_at: SystemTime,
+    spawned: Instant,
+    ready_after: Option<Duration>,
+    switched_at: Option<SystemTime>,
+    switched_away: Option<Instant>,
+    drained_after: Option<Duration>,
+    restarts: u32,
+    notify: Option<Arc<UnixDatagram>>,
+}
+
+impl Generation {
+    fn report(&self) -> GenerationReport {
+        GenerationReport {
+            id: self.id,
+            pid: self.pid,
+            command: self.command.clone(),
+            state: self.state.clone(),
+            started_at_ms: ms_since_epoch(self.started_at),
+            ready_after_ms: self.ready_after.map(|d| d.as_millis() as u64),
+            switched_at_ms: self.switched_at.map(ms_since_epoch),
+            drained_after_ms: self.drained_after.map(|d| d.as_millis() as u64),
+            restarts: self.restarts,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+}
+
+struct State {
+    generations: BTreeMap<u32, Generation>,
+    active: Option<u32>,
+    previous: Option<u32>,
+    upgrading: Option<u32>,
+    command: Vec<String>,
+    restarts: u32,
+    stopping: bool,
+}
+
+struct Supervisor {
+    config: RunConfig,
+    state: Mutex<State>,
+    events: mpsc::UnboundedSender<(u32, u64, ExitInfo)>,
+    notify_dir: PathBuf,
+}
+
+/// Sends `progress` lines somewhere: the log for `run`, a client for `upgrade`.
+type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
+
+impl Supervisor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn daemon(&self, request: Request) -> Result<Reply, SupervisorError> {
+        Ok(client::request(&self.config.daemon_socket, &request).await?)
+    }
+
+    /// Binds every listen address that is not bound yet.
+    async fn ensure_bindings(&self) -> Result<(), SupervisorError> {
+        let Reply::Status(status) = self.daemon(Request::Status).await? else {
+            return Err(SupervisorError::UnexpectedReply("to status".into()));
+        };
+        for listen in &self.config.listens {
+            let binding = listen.binding();
+            let owner = status
+                .services
+                .iter()
+                .find(|s| s.bindings.contains(&binding))
+                .map(|s| s.name.clone());
+            match owner {
+                Some(owner) if owner == self.config.service => {}
+                Some(owner) => {
+                    return Err(SupervisorError::BoundElsewhere {
+                        listen: *listen,
+                        owner: owner.to_string(),
+                        service: self.config.service.clone(),
+                    })
+                }
+                None => {
+                    self.daemon(Request::Bind {
+                        service: self.config.service.clone(),
+                        binding,
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One socket per protocol: IPv4-only services get an IPv4 socket on their (first) address,
+    /// others a dual-stack IPv6 one. The port is the kernel's choice: steering ignores it, and
+    /// it lets the supervisor reach this very socket for the tcp readiness probe.
+    fn create_sockets(&self) -> Result<Vec<(Protocol, OwnedFd)>, SupervisorError> {
+        use socket2::{Domain, Socket, Type};
+        let mut sockets = Vec::new();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let listens: Vec<&ListenSpec> = self
+                .config
+                .listens
+                .iter()
+                .filter(|l| l.protocol == protocol)
+                .collect();
+            let Some(first) = listens.first() else {
+                continue;
+            };
+            let all_v4 = listens.iter().all(|l| l.addr.is_ipv4());
+            let same_ip = listens.iter().all(|l| l.addr.ip() == first.addr.ip());
+            let addr = match (all_v4, same_ip) {
+                (_, true) => SocketAddr::new(first.addr.ip(), 0),
+                (true, false) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                (false, false) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            };
+            let fail = |source| SupervisorError::Socket {
+                protocol,
+                addr,
+                source,
+            };
+            let ty = match protocol {
+                Protocol::Tcp => Type::STREAM,
+                Protocol::Udp => Type::DGRAM,
+            };
+            let socket = Socket::new(Domain::for_address(addr), ty, None).map_err(fail)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(all_v4).map_err(fail)?;
+            }
+            socket.bind(&addr.into()).map_err(fail)?;
+            if protocol == Protocol::Tcp {
+                socket.listen(1024).map_err(fail)?;
+            }
+            sockets.push((protocol, OwnedFd::from(socket)));
+        }
+        Ok(sockets)
+    }
+
+    /// Creates a generation: sockets, registration, process. Returns its id.
+    async fn start_generation(
+        self: &Arc<Self>,
+        command: Vec<String>,
+    ) -> Result<u32, SupervisorError> {
+        if self.lock().stopping {
+            return Err(SupervisorError::Stopping);
+        }
+        process::resolve_program(command.first().ok_or(SpawnError::NoCommand)?)?;
+        let sockets = self.create_sockets()?;
+        let label: String = command
+            .join(" ")
+            .chars()
+            .take(hotswap_common::MAX_LABEL)
+            .collect();
+        let reply = self
+            .daemon(Request::Register {
+                service: self.config.service.clone(),
+                pid: std::process::id(),
+                fds: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+                label: Some(label),
+                activate: false,
+            })
+            .await?;
+        let Reply::Registered { generation: id, .. } = reply else {
+            return Err(SupervisorError::UnexpectedReply("to register".into()));
+        };
+        let notify = if self.config.ready == ReadyMode::Notify {
+            Some(Arc::new(self.notify_socket(id)?))
+        } else {
+            None
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let generation = Generation {
+            id,
+            command,
+            sockets,
+            pid: None,
+            serial: 0,
+            exit: exit_rx,
+            state: GenerationState::Starting,
+            started_at: SystemTime::now(),
+            spawned: Instant::now(),
+            ready_after: None,
+            switched_at: None,
+            switched_away: None,
+            drained_after: None,
+            restarts: 0,
+            notify,
+        };
+        self.lock().generations.insert(id, generation);
+        if let Err(err) = self.spawn_process(id, exit_tx) {
+            self.retire(
+                id,
+                GenerationState::Failed {
+                    reason: error_chain(&err),
+                },
+            );
+            return Err(err);
+        }
+        Ok(id)
+    }
+
+    fn notify_socket(&self, id: u32) -> Result<UnixDatagram, SupervisorError> {
+        let path = self.notify_dir.join(format!("{id}.sock"));
+        let _ = std::fs::remove_file(&path);
+        UnixDatagram::bind(&path).map_err(|source| SupervisorError::Io {
+            what: "binding notify socket",
+            path,
+            source,
+        })
+    }
+
+    /// Starts (or restarts) generation `id`'s process on its sockets.
+    fn spawn_process(
+        self: &Arc<Self>,
+        id: u32,
+        exit_tx: watch::Sender<Option<ExitInfo>>,
+    ) -> Result<(), SupervisorError> {
+        let mut state = self.lock();
+        let generation = state.generations.get_mut(&id).expect("caller inserted it");
+        let sockets: Vec<(Protocol, BorrowedFd<'_>)> = generation
+            .sockets
+            .iter()
+            .map(|(p, fd)| (*p, fd.as_fd()))
+            .collect();
+        let id_text = id.to_string();
+        let notify_path = self.notify_dir.join(format!("{id}.sock"));
+        let mut env: Vec<(&str, &OsStr)> = vec![
+            ("HOTSWAP_SERVICE", OsStr::new(self.config.service.as_str())),
+            ("HOTSWAP_GENERATION", OsStr::new(&id_text)),
+        ];
+        if generation.notify.is_some() {
+            env.push(("NOTIFY_SOCKET", notify_path.as_os_str()));
+        }
+        let mut child = process::spawn_activated(&generation.command, &sockets, &env)?;
+        let pid = child.id();
+        generation.pid = pid;
+        generation.serial += 1;
+        generation.spawned = Instant::now();
+        let serial = generation.serial;
+        drop(state);
+        let supervisor = Arc::clone(self);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let exit = match status {
+                Ok(status) => ExitInfo {
+                    code: status.code(),
+                    signal: status.signal(),
+                },
+                Err(_) => ExitInfo {
+                    code: None,
+                    signal: None,
+                },
+            };
+            let _ = exit_tx.send(Some(exit));
+            let _ = supervisor.events.send((id, serial, exit));
+            // Keep the sender, so the receiver sees this value, until a restart replaces it.
+            std::future::pending::<()>().await;
+        });
+        Ok(())
+    }
+
+    /// Waits until `id` is ready. On failure the generation is stopped and retired.
+    async fn wait_ready(
+        self: &Arc<Self>,
+        id: u32,
+        mode: ReadyMode,
+        timeout: Duration,
+    ) -> Result<Duration, SupervisorError> {
+        let (mut exit, notify, probe_target, spawned) = {
+            let state = self.lock();
+            let g = &state.generations[&id];
+            let probe = g
+                .sockets
+                .iter()
+                .find(|(p, _)| *p == Protocol::Tcp)
+                .and_then(|(_, fd)| crate::socket::local_addr(fd.as_fd()))
+                .map(loopback_for);
+            (g.exit.clone(), g.notify.clone(), probe, g.spawned)
+        };
+        let kept = self.lock().active;
+        let ready = async {
+            match mode {
+                ReadyMode::Delay(d) => tokio::time::sleep(d).await,
+                ReadyMode::Notify => {
+                    let socket = notify.expect("made for notify mode");
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        if let Ok(n) = socket.recv(&mut buf).await {
+                            if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") {
+                                break;
+                            }
+                        }
+                    }
+                }
+                ReadyMode::Tcp => self.tcp_probe(id, probe_target).await,
+            }
+        };
+        let outcome = tokio::select! {
+            () = ready => Ok(spawned.elapsed()),
+            () = tokio::time::sleep(timeout) => Err(SupervisorError::NotReady { generation: id, timeout, kept }),
+            exit = exit.wait_for(Option::is_some) => {
+                let exit = exit.ok().and_then(|e| *e).unwrap_or(ExitInfo { code: None, signal: None });
+                Err(SupervisorError::ExitedBeforeReady { generation: id, exit, kept })
+            }
+        };
+        match outcome {
+            Ok(after) => {
+                let mut state = self.lock();
+                if let Some(g) = state.generations.get_mut(&id) {
+                    g.state = GenerationState::Ready;
+                    g.ready_after = Some(after);
+                }
+                Ok(after)
+            }
+            Err(err) => {
+                self.kill_and_wait(id, Signal::SIGKILL, Duration::from_secs(5))
+                    .await;
+                let reason = match &err {
+                    SupervisorError::NotReady { timeout, .. } => {
+                        format!("not ready after {}", humantime::format_duration(*timeout))
+                    }
+                    SupervisorError::ExitedBeforeReady { exit, .. } => {
+                        format!("exited ({exit}) before ready")
+                    }
+                    other => other.to_string(),
+                };
+                self.retire(id, GenerationState::Failed { reason });
+                Err(err)
+            }
+        }
+    }
+
+    /// Connects to the generation's own socket until a connection is accepted by the process
+    /// (the socket's accept queue is empty again).
+    async fn tcp_probe(&self, id: u32, target: Option<SocketAddr>) {
+        let Some(target) = target else {
+            // No TCP socket: nothing to probe; wait for the timeout.
+            return std::future::pending().await;
+        };
+        loop {
+            if let Ok(stream) = tokio::net::TcpStream::connect(target).await {
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if self.queue_len(id, Protocol::Tcp) == Some(0) {
+                        drop(stream);
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// What waits in the generation's socket for `protocol`: accepted-but-not-taken
+    /// connections (TCP) or bytes of the next datagram (UDP).
+    fn queue_len(&self, id: u32, protocol: Protocol) -> Option<u32> {
+        let state = self.lock();
+        let g = state.generations.get(&id)?;
+        let (_, fd) = g.sockets.iter().find(|(p, _)| *p == protocol)?;
+        queue_len(fd.as_fd(), protocol).ok()
+    }
+
+    /// Makes `id` active in the kernel.
+    async fn switch_to(&self, id: u32) -> Result<Option<u32>, SupervisorError> {
+        let reply = self
+            .daemon(Request::Switch {
+                service: self.config.service.clone(),
+                generation: id,
+            })
+            .await?;
+        let Reply::Switched { .. } = reply else {
+            return Err(SupervisorError::UnexpectedReply("to switch".into()));
+        };
+        let mut state = self.lock();
+        let previous = state.active.replace(id);
+        if let Some(prev) = previous.filter(|&p| p != id) {
+            if let Some(g) = state.generations.get_mut(&prev) {
+                g.state = GenerationState::Ready;
+                g.switched_away = Some(Instant::now());
+            }
+            state.previous = Some(prev);
+        }
+        if let Some(g) = state.generations.get_mut(&id) {
+            g.state = GenerationState::Active;
+            g.switched_at = Some(SystemTime::now());
+            g.switched_away = None;
+        }
+        Ok(previous)
+    }
+
+    /// Drains `id`: waits until its sockets' queues are empty and settled, sends the drain
+    /// signal, waits for the exit (killing after the drain timeout), then closes its sockets.
+    async fn drain(self: &Arc<Self>, id: u32, progress: Progress<'_>) {
+        let deadline = Instant::now() + self.config.drain_timeout;
+        let protocols: Vec<Protocol> = match self.lock().generations.get(&id) {
+            Some(g) => g.sockets.iter().map(|(p, _)| *p).collect(),
+            None => return,
+        };
+        let mut empty_since: Option<Instant> = None;
+        loop {
+            let empty = protocols
+                .iter()
+                .all(|&p| self.queue_len(id, p).unwrap_or(0) == 0);
+            let now = Instant::now();
+            match (empty, empty_since) {
+                (true, Some(since)) if now - since >= DRAIN_SETTLE => break,
+                (true, None) => empty_since = Some(now),
+                (false, _) => empty_since = None,
+                _ => {}
+            }
+            if now >= deadline {
+                progress(format!(
+                    "generation {id}: queue not empty after the drain timeout"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let alive = {
+            let mut state = self.lock();
+            match state.generations.get_mut(&id) {
+                Some(g) => {
+                    g.state = GenerationState::Draining;
+                    g.alive()
+                }
+                None => return,
+            }
+        };
+        if alive {
+            progress(format!(
+                "generation {id}: queue drained; sent {}",
+                self.config.drain_signal.as_str()
+            ));
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let exit = self
+                .kill_and_wait(id, self.config.drain_signal, remaining)
+                .await;
+            let exit = match exit {
+                Some(exit) => exit,
+                None => {
+                    progress(format!(
+                        "generation {id}: still running after the drain timeout ({}); killed",
+                        humantime::format_duration(self.config.drain_timeout)
+                    ));
+                    self.kill_and_wait(id, Signal::SIGKILL, Duration::from_secs(10))
+                        .await
+                        .unwrap_or(ExitInfo {
+                            code: None,
+                            signal: Some(libc::SIGKILL),
+                        })
+                }
+            };
+            let after = self
+                .lock()
+                .generations
+                .get(&id)
+                .and_then(|g| g.switched_away)
+                .map(|t| t.elapsed());
+            progress(format!(
+                "generation {id} exited ({exit}){}",
+                after
+                    .map(|a| format!(" {:.1} s after the switch", a.as_secs_f64()))
+                    .unwrap_or_default()
+            ));
+        }
+        let exit = self
+            .lock()
+            .generations
+            .get(&id)
+            .and_then(|g| *g.exit.borrow());
+        self.retire(
+            id,
+            GenerationState::Exited {
+                exit: exit.unwrap_or(ExitInfo {
+                    code: None,
+                    signal: None,
+                }),
+            },
+        );
+    }
+
+    /// Sends `signal` to `id`'s process and waits up to `timeout` for it to exit.
+    async fn kill_and_wait(&self, id: u32, signal: Signal, timeout: Duration) -> Option<ExitInfo> {
+        let (pid, mut exit) = {
+            let state = self.lock();
+            let g = state.generations.get(&id)?;
+            (g.pid, g.exit.clone())
+        };
+        if exit.borrow().is_none() {
+            if let Some(pid) = pid {
+                let _ = kill(Pid::from_raw(pid as i32), signal);
+            }
+        }
+        tokio::time::timeout(timeout, exit.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|e| *e))
+    }
+
+    /// Closes a generation's sockets (the daemon lets it go) and keeps it in the history.
+    fn retire(&self, id: u32, final_state: GenerationState) {
+        let mut state = self.lock();
+        if let Some(g) = state.generations.get_mut(&id) {
+            if let (Some(away), None) = (g.switched_away, g.drained_after) {
+                g.drained_after = Some(away.elapsed());
+            }
+            g.sockets.clear();
+            g.notify = None;
+            g.state = final_state;
+        }
+        let _ = std::fs::remove_file(self.notify_dir.join(format!("{id}.sock")));
+        if state.previous == Some(id) {
+            state.previous = None;
+        }
+        // Keep the last few exited generations for `status`.
+        let retired: Vec<u32> = state
+            .generations
+            .iter()
+            .filter(|(_, g)| g.sockets.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for old in retired.iter().take(retired.len().saturating_sub(8)) {
+            state.generations.remove(old);
+        }
+    }
+
+    /// `hotswap upgrade`.
+    async fn upgrade(
+        self: &Arc<Self>,
+        command: Option<Vec<String>>,
+        ready: Option<ReadyMode>,
+        ready_timeout: Option<Duration>,
+        progress: Progress<'_>,
+    ) -> Result<String, SupervisorError> {
+        let command = {
+            let mut state = self.lock();
+            if state.stopping {
+                return Err(SupervisorError::Stopping);
+            }
+            if let Some(generation) = state.upgrading {
+                return Err(SupervisorError::UpgradeInProgress {
+                    service: self.config.service.clone(),
+                    generation,
+                });
+            }
+            // Reserve the slot before any await, so two upgrades cannot both pass the check.
+            state.upgrading = Some(0);
+            command.unwrap_or_else(|| state.command.clone())
+        };
+        let result = self
+            .upgrade_steps(
+                command,
+                ready.unwrap_or(self.config.ready),
+                ready_timeout.unwrap_or(self.config.ready_timeout),
+                progress,
+            )
+            .await;
+        self.lock().upgrading = None;
+        result
+    }
+
+    async fn upgrade_steps(
+        self: &Arc<Self>,
+        command: Vec<String>,
+        ready: ReadyMode,
+        ready_timeout: Duration,
+        progress: Progress<'_>,
+    ) -> Result<String, SupervisorError> {
+        let old = self.lock().active;
+        let new = self.start_generation(command.clone()).await?;
+        self.lock().upgrading = Some(new);
+        let pid = self.lock().generations.get(&new).and_then(|g| g.pid);
+        progress(format!(
+            "generation {new} started (pid {})",
+            pid.map_or("?".into(), |p| p.to_string())
+        ));
+        let after = self.wait_ready(new, ready, ready_timeout).await?;
+        progress(format!(
+            "generation {new} ready after {} ms",
+            after.as_millis()
+        ));
+        self.switch_to(new).await?;
+        match old {
+            Some(old) => progress(format!("switched {old} -> {new}")),
+            None => progress(format!("switched to {new}")),
+        }
+        self.lock().command = command;
+        let Some(old) = old else {
+            return Ok(format!("generation {new} is active"));
+        };
+
+        // Grace: if the new generation dies now while the old one can still serve, go back.
+        let mut exit = self.lock().generations[&new].exit.clone();
+        let switched = Instant::now();
+        let died =
+            match tokio::time::timeout(self.config.grace, exit.wait_for(Option::is_some)).await {
+                Ok(Ok(exit)) => Some(exit.unwrap_or(ExitInfo {
+                    code: None,
+                    signal: None,
+                })),
+                _ => None,
+            };
+        if let Some(exit) = died {
+            let old_alive = self
+                .lock()
+                .generations
+                .get(&old)
+                .is_some_and(|g| g.alive() && !g.sockets.is_empty());
+            if old_alive && self.lock().active == Some(new) {
+                self.switch_to(old).await?;
+                progress(format!("generation {new} exited ({exit}) within the grace period; switched back to {old}"));
+                self.retire(new, GenerationState::Exited { exit });
+                return Err(SupervisorError::RolledBack {
+                    generation: new,
+                    exit,
+                    after: switched.elapsed(),
+                    back: old,
+                });
+            }
+        }
+        if self.lock().active != Some(new) {
+            // The operator rolled back meanwhile: drain the new one instead.
+            let back = self.lock().active.unwrap_or(old);
+            self.drain(new, progress).await;
+            return Err(SupervisorError::RolledBackByOperator(back));
+        }
+        self.drain(old, progress).await;
+        Ok(format!("generation {new} is active"))
+    }
+
+    /// `hotswap rollback`.
+    async fn rollback(self: &Arc<Self>, progress: Progress<'_>) -> Result<String, SupervisorError> {
+        let (active, previous) = {
+            let state = self.lock();
+            (state.active, state.previous)
+        };
+        let cannot = |why: String| SupervisorError::CannotRollBack {
+            service: self.config.service.clone(),
+            why,
+        };
+        let previous = previous.ok_or_else(|| cannot("there is no previous generation".into()))?;
+        {
+            let state = self.lock();
+            let g = state.generations.get(&previous);
+            match g.map(|g| (&g.state, g.alive() && !g.sockets.is_empty())) {
+                Some((GenerationState::Ready, true)) => {}
+                Some((GenerationState::Draining, _)) => {
+                    return Err(cannot(format!("generation {previous} is draining already")))
+                }
+                _ => return Err(cannot(format!("generation {previous} has exited"))),
+            }
+        }
+        self.switch_to(previous).await?;
+        progress(format!(
+            "switched {} -> {previous}",
+            active.map_or("-".into(), |a| a.to_string())
+        ));
+        Ok(format!("generation {previous} is active"))
+    }
+
+    fn report(&self) -> SupervisorReport {
+        let state = self.lock();
+        SupervisorReport {
+            pid: std::process::id(),
+            listens: self.config.listens.clone(),
+            active: state.active,
+            upgrading: state.upgrading.filter(|&g| g != 0),
+            restarts: state.restarts,
+            generations: state.generations.values().map(Generation::report).collect(),
+        }
+    }
+
+    /// A generation's process exited. An active generation that died on its own restarts with
+    /// backoff on the same sockets, so connections queue meanwhile and nothing is refused.
+    fn on_exit(self: &Arc<Self>, id: u32, serial: u64, exit: ExitInfo) {
+        let mut state = self.lock();
+        let restart = !state.stopping
+            && state.active == Some(id)
+            && state.upgrading != Some(id)
+            && state
+                .generations
+                .get(&id)
+                .is_some_and(|g| g.serial == serial && !g.sockets.is_empty());
+        if !restart {
+            return;
+        }
+        state.restarts += 1;
+        let g = state.generations.get_mut(&id).expect("checked");
+        let uptime = g.spawned.elapsed();
+        if uptime >= RESTART_RESET {
+            g.restarts = 0;
+        }
+        g.restarts += 1;
+        let backoff = if uptime >= RESTART_RESET {
+            Duration::ZERO
+        } else {
+            (RESTART_BACKOFF.0 * 2u32.saturating_pow(g.restarts.saturating_sub(1).min(16)))
+                .min(RESTART_BACKOFF.1)
+        };
+        let restarts = g.restarts;
+        drop(state);
+        tracing::warn!(
+            "generation {id} exited on its own ({exit}); restart {restarts} in {} ms",
+            backoff.as_millis()
+        );
+        let supervisor = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            if supervisor.lock().stopping {
+                return;
+            }
+            let (exit_tx, exit_rx) = watch::channel(None);
+            if let Some(g) = supervisor.lock().generations.get_mut(&id) {
+                g.exit = exit_rx;
+            }
+            match supervisor.spawn_process(id, exit_tx) {
+                Ok(()) => tracing::info!("generation {id} restarted"),
+                Err(err) => tracing::error!("restarting generation {id}: {}", error_chain(&err)),
+            }
+        });
+    }
+
+    async fn serve_control(self: Arc<Self>, stream: UnixStream) -> Result<(), FrameError> {
+        let uid = stream.peer_cred()?.uid();
+        let connection = Arc::new(tokio::sync::Mutex::new(Connection::new(stream)));
+        let request: SupervisorRequest = match connection.lock().await.receive().await {
+            Ok(r) => r,
+            Err(err) => {
+                let done = SupervisorMessage::Done {
+                    ok: false,
+                    message: format!("malformed request: {err}"),
+                };
+                return connection.lock().await.send(&done).await;
+            }
+        };
+        if uid != 0 {
+            let done = SupervisorMessage::Done {
+                ok: false,
+                message: format!(
+                    "permission denied: uid {uid} may not control hotswap (only root may)"
+                ),
+            };
+            return connection.lock().await.send(&done).await;
+        }
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
+        let progress = move |line: String| {
+            tracing::info!("{line}");
+            let _ = lines_tx.send(line);
+        };
+        let forward = {
+            let connection = Arc::clone(&connection);
+            async move {
+                while let Some(line) = lines_rx.recv().await {
+                    let _ = connection
+                        .lock()
+                        .await
+                        .send(&SupervisorMessage::Progress { line })
+                        .await;
+                }
+            }
+        };
+        let work = async {
+            let result = match request {
+                SupervisorRequest::Status => return Some(SupervisorMessage::Status(self.report())),
+                SupervisorRequest::Upgrade {
+                    command,
+                    ready,
+                    ready_timeout_ms,
+                } => {
+                    self.upgrade(
+                        command,
+                        ready,
+                        ready_timeout_ms.map(Duration::from_millis),
+                        &progress,
+                    )
+                    .await
+                }
+                SupervisorRequest::Rollback => self.rollback(&progress).await,
+            };
+            drop(progress);
+            Some(match result {
+                Ok(message) => SupervisorMessage::Done { ok: true, message },
+                Err(err) => {
+                    tracing::warn!("{}", error_chain(&err));
+                    SupervisorMessage::Done {
+                        ok: false,
+                        message: error_chain(&err),
+                    }
+                }
+            })
+        };
+        let (done, ()) = tokio::join!(work, forward);
+        if let Some(done) = done {
+            connection.lock().await.send(&done).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A loopback address of the socket's family when it is bound to the unspecified address.
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Connections waiting in a TCP listener's accept queue (`TCP_INFO.tcpi_unacked` of a
+/// listening socket), or the size of the next datagram waiting in a UDP socket (`SIOCINQ`).
+pub fn queue_len(fd: BorrowedFd<'_>, protocol: Protocol) -> io::Result<u32> {
+    match protocol {
+        Protocol::Tcp => {
+            // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: info and len describe a valid buffer.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&raw mut info).cast(),
+                    &mut len,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(info.tcpi_unacked)
+        }
+        Protocol::Udp => {
+            let mut pending: libc::c_int = 0;
+            // SAFETY: SIOCINQ writes one int.
+            let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut pending) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(pending as u32)
+        }
+    }
+}
+
+/// Runs a service until `shutdown` completes: starts generation 1, switches to it, serves
+/// `upgrade`/`rollback`/`status`, restarts generations that die on their own. On shutdown every
+/// generation is drained. Returns an error if the first generation never gets ready.
+pub async fn run(
+    config: RunConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SupervisorError> {
+    let control_path = supervisor_socket(&config.daemon_socket, &config.service);
+    let io_error = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| SupervisorError::Io { what, path, source }
+    };
+    if let Some(dir) = control_path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+    }
+    let lock_path = control_path.with_extension("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_error("opening", &lock_path))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| SupervisorError::AlreadyRunning(config.service.clone()))?;
+    let notify_dir = control_path.with_extension("notify");
+    let _ = std::fs::remove_dir_all(&notify_dir);
+    std::fs::create_dir_all(&notify_dir).map_err(io_error("creating", &notify_dir))?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let supervisor = Arc::new(Supervisor {
+        state: Mutex::new(State {
+            generations: BTreeMap::new(),
+            active: None,
+            previous: None,
+            upgrading: Some(0),
+            command: config.command.clone(),
+            restarts: 0,
+            stopping: false,
+        }),
+        config,
+        events: events_tx,
+        notify_dir: notify_dir.clone(),
+    });
+    let log = |line: String| tracing::info!("{line}");
+    let service = supervisor.config.service.clone();
+
+    // Generation 1, with exits watched while it starts.
+    supervisor.ensure_bindings().await?;
+    let first = async {
+        let command = supervisor.config.command.clone();
+        supervisor
+            .upgrade_steps(
+                command,
+                supervisor.config.ready,
+                supervisor.config.ready_timeout,
+                &log,
+            )
+            .await
+    };
+    tokio::pin!(first);
+    tokio::pin!(shutdown);
+    let started = loop {
+        tokio::select! {
+            result = &mut first => break result,
+            Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
+            () = &mut shutdown => {
+                supervisor.lock().stopping = true;
+                break Err(SupervisorError::Stopping);
+            }
+        }
+    };
+    supervisor.lock().upgrading = None;
+    if let Err(err) = started {
+        let _ = std::fs::remove_dir_all(&notify_dir);
+        return Err(err);
+    }
+    // Tell systemd, when it started us with Type=notify.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let _ = std::fs::remove_file(&control_path);
+    let listener = UnixListener::bind(&control_path).map_err(io_error("binding", &control_path))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_error("restricting", &control_path))?;
+    }
+    tracing::info!(
+        "service {service} running; control socket {}",
+        control_path.display()
+    );
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let supervisor = Arc::clone(&supervisor);
+                    tokio::spawn(async move {
+                        if let Err(err) = supervisor.serve_control(stream).await {
+                            tracing::debug!("control connection: {}", error_chain(&err));
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    tracing::info!("stopping service {service}: draining every generation");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    supervisor.lock().stopping = true;
+    let live: Vec<u32> = supervisor
+        .lock()
+        .generations
+        .iter()
+        .filter(|(_, g)| !g.sockets.is_empty())
+        .map(|(&id, _)| id)
+        .collect();
+    for id in live {
+        supervisor.drain(id, &log).await;
+    }
+    let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_dir_all(&notify_dir);
+    Ok(())
+}
+
+/// Sends one request to a service's supervisor; progress lines go to `on_progress`. Returns the
+/// final message, or the status report.
+pub async fn request(
+    daemon_socket: &Path,
+    service: &ServiceName,
+    request: &SupervisorRequest,
+    on_progress: &mut dyn FnMut(&str),
+) -> Result<SupervisorMessage, SupervisorError> {
+    let path = supervisor_socket(daemon_socket, service);
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                SupervisorError::NotRunning(service.clone())
+            }
+            _ => SupervisorError::Io {
+                what: "connecting to",
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+    let mut connection = Connection::new(stream);
+    connection.send(request).await?;
+    loop {
+        match connection.receive::<SupervisorMessage>().await? {
+            SupervisorMessage::Progress { line } => on_progress(&line),
+            SupervisorMessage::Done { ok: false, message } => {
+                return Err(SupervisorError::Refused(message))
+            }
+            done => return Ok(done),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Starting a generation's process with systemd socket activation: its sockets at fds 3, 4, …,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID` equal to its own pid.
+//!
+//! `LISTEN_PID` can only be known after fork; setting an environment variable there would
+//! allocate, which is not safe in a forked child of a threaded process. So the whole
+//! environment is prepared before the fork with room for the pid's digits, and the child
+//! writes them in and calls `execve` itself.
+
+use std::{
+    ffi::{CString, OsStr, OsString},
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use crate::model::Protocol;
+
+/// Starting a process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Nothing to run.
+    #[error("no command given")]
+    NoCommand,
+    /// The program is not on `PATH` or not executable.
+    #[error("command not found: {0}")]
+    NotFound(String),
+    /// A word of the command or environment has a NUL byte.
+    #[error("the command or its environment contains a NUL byte")]
+    Nul,
+    /// fork/exec failed.
+    #[error("starting {program} failed")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The first fd of socket activation (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Finds `program` the way a shell would: as a path if it has a slash, else on `PATH`.
+pub fn resolve_program(program: &str) -> Result<PathBuf, SpawnError> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(SpawnError::NotFound(program.to_owned()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| SpawnError::NotFound(program.to_owned()))
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError::Nul)
+}
+
+/// Everything the forked child needs, prepared before the fork.
+struct ExecPlan {
+    program: CString,
+    /// Keep the strings alive for the pointers below.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL.
+    listen_pid: Vec<u8>,
+    env_ptrs: Vec<*const libc::c_char>,
+    sockets: Vec<RawFd>,
+}
+
+// SAFETY: the raw pointers point into buffers owned by the plan itself; the plan moves into the
+// pre_exec closure whole and is only used in the forked child.
+unsafe impl Send for ExecPlan {}
+// SAFETY: as above; nothing is shared between threads through it.
+unsafe impl Sync for ExecPlan {}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+impl ExecPlan {
+    /// Runs in the forked child: moves the sockets to 3, 4, …, fills in LISTEN_PID, execs.
+    /// Only async-signal-safe calls.
+    fn exec(&mut self) -> io::Error {
+        let count = self.sockets.len() as RawFd;
+        // SAFETY: fd juggling and execve on buffers the plan owns.
+        unsafe {
+            // First out of the target range, so no source is overwritten by another's target.
+            for i in 0..self.sockets.len() {
+                let high = libc::fcntl(self.sockets[i], libc::F_DUPFD, LISTEN_FDS_START + count);
+                if high < 0 {
+                    return io::Error::last_os_error();
+                }
+                self.sockets[i] = high;
+            }
+            for (i, &fd) in self.sockets.iter().enumerate() {
+                // dup2 clears FD_CLOEXEC on the new fd: exactly these survive the exec.
+                if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+                    return io::Error::last_os_error();
+                }
+                libc::close(fd);
+            }
+            // Kill the child if the supervisor dies: `hotswap run` *is* the service.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            let mut pid = libc::getpid() as u32;
+            let mut digits = [0u8; 10];
+            let mut n = 0;
+            loop {
+                digits[n] = b'0' + (pid % 10) as u8;
+                n += 1;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            let start = LISTEN_PID_PREFIX.len();
+            for i in 0..n {
+                self.listen_pid[start + i] = digits[n - 1 - i];
+            }
+            self.listen_pid[start + n] = 0;
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.env_ptrs.as_ptr(),
+            );
+            io::Error::last_os_error()
+        }
+    }
+}
+
+/// Starts `command` with `sockets` passed by socket activation, each named after its protocol,
+/// and `extra_env` added to this process's environment (minus any inherited activation or
+/// notify variables).
+pub fn spawn_activated(
+    command: &[String],
+    sockets: &[(Protocol, BorrowedFd<'_>)],
+    extra_env: &[(&str, &OsStr)],
+) -> Result<tokio::process::Child, SpawnError> {
+    let program_name = command.first().ok_or(SpawnError::NoCommand)?;
+    let program_path = resolve_program(program_name)?;
+    let program = cstring(program_path.as_os_str().as_bytes())?;
+    let argv = command
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = sockets.iter().map(|(p, _)| p.to_string()).collect();
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let skip = [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+        ]
+        .iter()
+        .any(|k| key == *k)
+            || extra_env.iter().any(|(k, _)| key == *k);
+        if !skip {
+            let mut entry = key.as_bytes().to_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            env.push(cstring(&entry)?);
+        }
+    }
+    let mut add = |key: &str, value: &[u8]| -> Result<(), SpawnError> {
+        let mut entry = key.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value);
+        env.push(cstring(&entry)?);
+        Ok(())
+    };
+    add("LISTEN_FDS", sockets.len().to_string().as_bytes())?;
+    add("LISTEN_FDNAMES", names.join(":").as_bytes())?;
+    for (key, value) in extra_env {
+        add(key, value.as_bytes())?;
+    }
+    let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
+    listen_pid.extend_from_slice(&[0u8; 11]);
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(listen_pid.as_ptr().cast());
+    env_ptrs.push(std::ptr::null());
+    let mut plan = ExecPlan {
+        program,
+        _argv: argv,
+        argv_ptrs,
+        _env: env,
+        listen_pid,
+        env_ptrs,
+        sockets: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+    };
+    let mut cmd = tokio::process::Command::new(&program_path);
+    cmd.args(&command[1..]).kill_on_drop(false);
+    // SAFETY: ExecPlan::exec only makes async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(move || Err(plan.exec()));
+    }
+    cmd.spawn().map_err(|source| SpawnError::Spawn {
+        program: program_name.clone(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_resolve_like_a_shell() {
+        assert!(resolve_program("sh").is_ok());
+        assert!(matches!(
+            resolve_program("no-such-program-xyz"),
+            Err(SpawnError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_program("/etc/passwd"),
+            Err(SpawnError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn children_get_socket_activation_variables() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let script = r#"test "$LISTEN_PID" = "$$" && test "$LISTEN_FDS" = 2 && test "$LISTEN_FDNAMES" = tcp:udp && test -S /proc/self/fd/3 && test -S /proc/self/fd/4 && test "$EXTRA" = yes"#;
+        let command: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+        use std::os::fd::AsFd as _;
+        let sockets = [
+            (Protocol::Tcp, listener.as_fd()),
+            (Protocol::Udp, udp.as_fd()),
+        ];
+        let mut child =
+            spawn_activated(&command, &sockets, &[("EXTRA", OsStr::new("yes"))]).unwrap();
+        assert!(child.wait().await.unwrap().success());
+    }
+}

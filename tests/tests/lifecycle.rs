@@ -1,0 +1,435 @@
+//! `hotswap run`, `upgrade` and `rollback` on the real kernel, under load.
+
+use std::{
+    collections::BTreeSet,
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    activated_fixture, example_server, HttpLoad, RunningService, TestEnv, PATIENCE,
+};
+
+fn path(p: std::path::PathBuf) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+/// `hotswap upgrade ARGS` must succeed; returns its output.
+fn upgrade(env: &TestEnv, args: &[&str]) -> String {
+    let mut all = vec!["upgrade"];
+    all.extend_from_slice(args);
+    env.ok(&all)
+}
+
+fn upgrades_under_load(name: &str, server: &str, count: usize) {
+    let env = TestEnv::with_daemon(name);
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--grace",
+            "50ms",
+            "--drain-timeout",
+            "10s",
+            "--",
+            server,
+        ],
+    );
+    let fresh = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let kept = HttpLoad::start("127.0.0.1:8080", true, 10_000_000);
+    for _ in 0..count {
+        let out = upgrade(&env, &["web"]);
+        assert!(out.contains("is active"), "{out}");
+    }
+    // Let both clients see the last generation too.
+    std::thread::sleep(Duration::from_millis(100));
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    println!("{name}: new connection per request: {fresh:?}");
+    println!("{name}: keep-alive: {kept:?}");
+    assert_eq!(
+        fresh.failed,
+        0,
+        "failed requests: {:?}\n{}",
+        fresh.failures,
+        service.log()
+    );
+    assert_eq!(
+        kept.failed,
+        0,
+        "failed requests: {:?}\n{}",
+        kept.failures,
+        service.log()
+    );
+    // Many generations served: the upgrades really moved the traffic.
+    assert!(fresh.replies.len() > count / 2, "{fresh:?}");
+    let status = env.status();
+    assert_eq!(status["supervisors"]["web"]["active"], count as u64 + 1);
+}
+
+#[test]
+fn hundred_upgrades_of_the_example_server_lose_nothing() {
+    upgrades_under_load("upgrade-example", &path(example_server()), 100);
+}
+
+#[test]
+fn hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing() {
+    upgrades_under_load("upgrade-fixture", &path(activated_fixture()), 100);
+}
+
+#[test]
+fn udp_datagrams_during_upgrades_are_answered_exactly_once() {
+    let env = TestEnv::with_daemon("upgrade-udp");
+    let _service = RunningService::start(
+        &env,
+        "dns",
+        &[
+            "--listen",
+            "udp://127.0.0.1:5353",
+            "--ready",
+            "delay:20ms",
+            "--grace",
+            "20ms",
+            "--",
+            &path(example_server()),
+        ],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let client = std::thread::spawn(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let (mut sent, mut answered, mut lost, mut duplicated) = (0u64, 0u64, 0u64, 0u64);
+        let mut generations = BTreeSet::new();
+        let deadline = Instant::now() + PATIENCE * 3;
+        let mut buf = [0u8; 512];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            sent += 1;
+            let payload = format!("seq={sent}");
+            socket
+                .send_to(payload.as_bytes(), "127.0.0.1:5353")
+                .unwrap();
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    assert!(answer.ends_with(&payload), "answer {answer:?} to {payload}");
+                    generations.insert(answer.split(" pid").next().unwrap().to_owned());
+                    answered += 1;
+                }
+                Err(_) => lost += 1,
+            }
+            // Anything more for this datagram is a duplicate.
+            socket
+                .set_read_timeout(Some(Duration::from_millis(1)))
+                .unwrap();
+            while socket.recv_from(&mut buf).is_ok() {
+                duplicated += 1;
+            }
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+        }
+        (sent, answered, lost, duplicated, generations)
+    });
+    for _ in 0..20 {
+        upgrade(&env, &["dns"]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, answered, lost, duplicated, generations) = client.join().unwrap();
+    println!("udp: sent {sent}, answered {answered}, lost {lost}, duplicated {duplicated}, by {} generations", generations.len());
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(sent, answered);
+    assert!(generations.len() > 10, "{generations:?}");
+}
+
+fn active(env: &TestEnv, service: &str) -> u64 {
+    env.status()["supervisors"][service]["active"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn failed_upgrades_keep_the_old_generation() {
+    let env = TestEnv::with_daemon("upgrade-fail");
+    let hello = path(example_server());
+    let fixture = path(activated_fixture());
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--grace",
+            "2s",
+            "--drain-timeout",
+            "500ms",
+            "--",
+            &hello,
+        ],
+    );
+    let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let kept = HttpLoad::start("127.0.0.1:8080", true, 10_000_000);
+
+    // Not ready in time.
+    let line = env.fails(&[
+        "upgrade",
+        "web",
+        "--ready-timeout",
+        "300ms",
+        "--",
+        "sleep",
+        "100",
+    ]);
+    assert!(
+        line.contains("was not ready after 300ms") && line.contains("generation 1 stays active"),
+        "{line}"
+    );
+    assert_eq!(active(&env, "web"), 1);
+    // Dies before it is ready.
+    let line = env.fails(&["upgrade", "web", "--", "false"]);
+    assert!(
+        line.contains("exited (code 1) before it was ready"),
+        "{line}"
+    );
+    assert_eq!(active(&env, "web"), 1);
+    // A new generation that never got traffic cost nothing.
+    let (report, kept_report) = (load.stop(), kept.stop());
+    assert_eq!(
+        report.failed + kept_report.failed,
+        0,
+        "{report:?} {kept_report:?}\n{}",
+        service.log()
+    );
+
+    // Dies right after the switch: rolled back automatically. What it had accepted or queued
+    // dies with it, as with any crash; nothing is refused.
+    let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let line = env.fails(&["upgrade", "web", "--", &fixture, "--exit-after", "300"]);
+    assert!(line.contains("rolled back to generation 1"), "{line}");
+    assert_eq!(active(&env, "web"), 1);
+    let report = load.stop();
+    assert!(
+        report.failures.iter().all(|f| !f.contains("refused")),
+        "{report:?}"
+    );
+    assert!(report.served() > 0);
+
+    // An old generation that ignores SIGTERM is killed after the drain timeout.
+    let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let out = upgrade(&env, &["web", "--", &fixture, "--ignore-term"]);
+    let stuck = active(&env, "web");
+    let out2 = upgrade(&env, &["web", "--", &hello]);
+    assert!(out2.contains("killed"), "{out}\n{out2}");
+    assert!(out2.contains("signal SIGKILL"), "{out2}");
+    assert_ne!(active(&env, "web"), stuck);
+
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}\n{}", report.failures, service.log());
+}
+
+#[test]
+fn rollback_and_concurrent_upgrades() {
+    let env = TestEnv::with_daemon("rollback");
+    let hello = path(example_server());
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "notify",
+            "--grace",
+            "3s",
+            "--",
+            &hello,
+        ],
+    );
+    let line = env.fails(&["rollback", "web"]);
+    assert!(line.contains("no previous generation"), "{line}");
+
+    // An upgrade waits in its grace period; meanwhile a second one is refused and a rollback
+    // goes back to generation 1.
+    let first = integration_tests::hotswap_command(&env)
+        .args(["upgrade", "web"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while active(&env, "web") != 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let line = env.fails(&["upgrade", "web"]);
+    assert!(line.contains("already in progress"), "{line}");
+    let out = env.ok(&["rollback", "web"]);
+    assert!(out.contains("switched 2 -> 1"), "{out}");
+    assert_eq!(
+        integration_tests::tcp_http_body("127.0.0.1:8080")
+            .split(" pid")
+            .next(),
+        Some("generation 1")
+    );
+    let output = first.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("rolled back to generation 1"));
+    assert_eq!(active(&env, "web"), 1);
+}
+
+#[test]
+fn a_generation_that_dies_on_its_own_is_restarted() {
+    let env = TestEnv::with_daemon("restart-gen");
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--",
+            &path(example_server()),
+        ],
+    );
+    let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let pid = env.status()["supervisors"]["web"]["generations"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    // A crash: what the process had accepted dies with it, but the socket stays with the
+    // supervisor, so connections queue until the restart and none is refused.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = env.status();
+        let g = &status["supervisors"]["web"]["generations"][0];
+        if g["restarts"] == 1 && g["pid"].as_u64() != Some(pid) && g["state"] == "active" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let report = load.stop();
+    assert!(report.failed <= 1, "{:?}", report.failures);
+    assert!(
+        report.failures.iter().all(|f| !f.contains("refused")),
+        "{report:?}"
+    );
+    assert!(
+        report.replies.len() == 2,
+        "served by the first process, then by the restarted one: {report:?}"
+    );
+    assert_eq!(env.status()["supervisors"]["web"]["restarts"], 1);
+}
+
+#[test]
+fn bad_run_and_upgrade_arguments_are_refused() {
+    let env = TestEnv::with_daemon("run-bad");
+    let hello = path(example_server());
+    let refused = |args: &[&str], needle: &str| {
+        let line = env.fails(args);
+        assert!(line.contains(needle), "{args:?}: {line}");
+    };
+    refused(&["upgrade", "nope"], "not run by `hotswap run`");
+    refused(&["rollback", "nope"], "not run by `hotswap run`");
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--",
+            "no-such-command-xyz",
+        ],
+        "command not found: no-such-command-xyz",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://localhost:8080",
+            "--",
+            &hello,
+        ],
+        "invalid listen address",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--grace",
+            "5",
+            "--",
+            &hello,
+        ],
+        "invalid duration",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--drain-signal",
+            "SIGFOO",
+            "--",
+            &hello,
+        ],
+        "invalid signal",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "http",
+            "--",
+            &hello,
+        ],
+        "invalid readiness",
+    );
+    refused(
+        &[
+            "run",
+            "Web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--",
+            &hello,
+        ],
+        "invalid service name",
+    );
+    // Nothing was bound by the refused runs.
+    assert_eq!(env.status()["services"], serde_json::json!([]));
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &["--listen", "tcp://127.0.0.1:8080", "--", &hello],
+    );
+    refused(
+        &["upgrade", "web", "--", "no-such-command-xyz"],
+        "command not found",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--",
+            &hello,
+        ],
+        "already run by another",
+    );
+}
