@@ -46,8 +46,14 @@ fn upgrades_under_load(name: &str, server: &str, count: usize) {
     // Let both clients see the last generation too.
     std::thread::sleep(Duration::from_millis(100));
     let (fresh, kept) = (fresh.stop(), kept.stop());
-    println!("{name}: new connection per request: {fresh:?}");
-    println!("{name}: keep-alive: {kept:?}");
+    for (shape, report) in [("new connection per request", &fresh), ("keep-alive", &kept)] {
+        println!(
+            "{name}, {count} upgrades, {shape}: {} served by {} processes, {} failed",
+            report.served(),
+            report.replies.len(),
+            report.failed
+        );
+    }
     assert_eq!(
         fresh.failed,
         0,
