@@ -30,12 +30,12 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// A binary of the workspace, next to the test binaries: `target/<profile>/<name>`.
 fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .join(name);
+    // target/<profile>/deps/<test binary> or target/<profile>/<binary> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("binary in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo xtask test` does)",
@@ -406,6 +406,8 @@ pub struct LoadReport {
     pub failures: Vec<String>,
     /// Count of failed requests.
     pub failed: u64,
+    /// Of those, how many failed to connect at all.
+    pub failed_connections: u64,
 }
 
 impl LoadReport {
@@ -610,9 +612,11 @@ impl HttpLoad {
                 if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
                     break;
                 }
+                let mut connect_failed = false;
                 let result = (|| {
                     if connection.is_none() {
-                        let stream = TcpStream::connect(&addr)?;
+                        let stream =
+                            TcpStream::connect(&addr).inspect_err(|_| connect_failed = true)?;
                         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
                         connection = Some(BufReader::new(stream));
                     }
@@ -627,6 +631,7 @@ impl HttpLoad {
                     Err(err) => {
                         connection = None;
                         report.failed += 1;
+                        report.failed_connections += u64::from(connect_failed);
                         if report.failures.len() < 20 {
                             report.failures.push(err.to_string());
                         }

@@ -46,7 +46,10 @@ fn upgrades_under_load(name: &str, server: &str, count: usize) {
     // Let both clients see the last generation too.
     std::thread::sleep(Duration::from_millis(100));
     let (fresh, kept) = (fresh.stop(), kept.stop());
-    for (shape, report) in [("new connection per request", &fresh), ("keep-alive", &kept)] {
+    for (shape, report) in [
+        ("new connection per request", &fresh),
+        ("keep-alive", &kept),
+    ] {
         println!(
             "{name}, {count} upgrades, {shape}: {} served by {} processes, {} failed",
             report.served(),

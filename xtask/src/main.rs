@@ -27,6 +27,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build, and show hotswap at work: two upgrades and a rollback under load, in a
+    /// private network namespace.
+    Demo,
     /// Set up, build, and run every test: unit tests and the privileged integration tests.
     Test {
         /// Arguments for the test binaries, e.g. a test name filter.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::ensure_all(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Demo => demo(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +97,20 @@ fn run(args: Vec<String>) -> Result<()> {
     ]);
     daemon.args(args);
     status(&mut daemon)
+}
+
+fn demo() -> Result<()> {
+    setup::ensure_all()?;
+    require_root("the demo")?;
+    build()?;
+    status(cargo().args([
+        "run",
+        "--quiet",
+        "--package",
+        "integration-tests",
+        "--bin",
+        "hotswap-demo",
+    ]))
 }
 
 fn test(args: Vec<String>) -> Result<()> {
