@@ -63,3 +63,79 @@ pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ClientEr
     let response: Response = connection.receive().await?;
     response.map_err(ClientError::Refused)
 }
+
+/// Asks the daemon for a service's shared listening socket for `protocol`: `Some` in the uds
+/// backend (the socket arrives with SCM_RIGHTS), `None` in sk_lookup (make your own).
+pub fn shared_listener(
+    socket: &Path,
+    service: &crate::model::ServiceName,
+    protocol: crate::model::Protocol,
+) -> Result<Option<std::os::fd::OwnedFd>, ClientError> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    };
+
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+    let connect_error = |source: io::Error| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_owned())
+        }
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
+        _ => ClientError::Connect {
+            path: socket.to_owned(),
+            source,
+        },
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_error)?;
+    let request = Request::Listener {
+        service: service.clone(),
+        protocol,
+    };
+    let frame = crate::protocol::encode_frame(&request)?;
+    stream.write_all(&frame).map_err(FrameError::Io)?;
+
+    // One recvmsg for the first bytes and the descriptor that rides on them.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let (received, fd) = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| FrameError::Io(e.into()))?;
+        let fd = msg
+            .cmsgs()
+            .map_err(|e| FrameError::Io(e.into()))?
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            // SAFETY: the kernel just installed this descriptor in our table.
+            .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) });
+        (msg.bytes, fd)
+    };
+    if received < 4 {
+        return Err(FrameError::Closed.into());
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    let mut body = buf[4..received].to_vec();
+    while body.len() < len {
+        let mut more = vec![0u8; len - body.len()];
+        let n = stream.read(&mut more).map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(FrameError::Closed.into());
+        }
+        body.extend_from_slice(&more[..n]);
+    }
+    let response: Response = serde_json::from_slice(&body[..len]).map_err(FrameError::Json)?;
+    match response.map_err(ClientError::Refused)? {
+        crate::protocol::Reply::Listener { shared: true } => Ok(fd),
+        crate::protocol::Reply::Listener { shared: false } => Ok(None),
+        other => Err(ClientError::Refused(format!("unexpected reply {other:?}"))),
+    }
+}

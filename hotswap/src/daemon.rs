@@ -22,7 +22,8 @@ use tokio::{
 use crate::{
     backend::{
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, NETNS_PATH},
-        BackendError,
+        uds::UdsBackend,
+        Backend, BackendError,
     },
     error_chain,
     protocol::{Connection, Reply, Request, Response},
@@ -45,6 +46,8 @@ pub struct DaemonConfig {
     pub pin_dir: Option<PathBuf>,
     /// Turn on the eBPF program's debug log lines and forward them to tracing.
     pub debug_ebpf: bool,
+    /// Which backend to use.
+    pub backend: BackendChoice,
 }
 
 /// The daemon could not start or failed.
@@ -133,6 +136,47 @@ fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Which backend the daemon uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// sk_lookup where the program can be loaded and attached, else uds.
+    #[default]
+    Auto,
+    /// sk_lookup or fail.
+    SkLookup,
+    /// The UDS fallback.
+    Uds,
+}
+
+/// Opens the chosen backend. `auto` falls back to uds only when the error says sk_lookup
+/// cannot work on this host (errno-based), never for a problem with this daemon's own state.
+fn choose_backend(
+    choice: BackendChoice,
+    pin_dir: &Path,
+    netns: u64,
+) -> Result<Box<dyn Backend>, DaemonError> {
+    match choice {
+        BackendChoice::Uds => Ok(Box::new(UdsBackend::new(
+            "uds backend forced with --backend uds".to_owned(),
+        ))),
+        BackendChoice::SkLookup => Ok(Box::new(
+            SkLookupBackend::open(pin_dir, netns).map_err(BackendError::from)?,
+        )),
+        BackendChoice::Auto => match SkLookupBackend::open(pin_dir, netns) {
+            Ok(backend) => Ok(Box::new(backend)),
+            Err(err) => match err.unavailable_reason() {
+                Some(reason) => {
+                    tracing::warn!("sk_lookup unavailable: {}", error_chain(&err));
+                    Ok(Box::new(UdsBackend::new(format!(
+                        "chosen automatically: sk_lookup is unavailable: {reason}"
+                    ))))
+                }
+                None => Err(BackendError::from(err).into()),
+            },
+        },
+    }
+}
+
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(
     config: DaemonConfig,
@@ -145,27 +189,22 @@ pub async fn run(
         None => default_pin_dir().map_err(io_error("reading", ns_path))?,
     };
     let _socket_lock = lock_socket_path(&config.socket)?;
-    let backend = SkLookupBackend::open(&pin_dir, netns).map_err(BackendError::from)?;
-    let program_id = backend.program_id();
-    let (mut registry, notes) = Registry::adopt(Box::new(backend), netns)?;
+    let backend = choose_backend(config.backend, &pin_dir, netns)?;
+    let (mut registry, notes) = Registry::adopt(backend, netns)?;
     let info = registry.backend_info();
-    tracing::info!(
-        "backend {}: {} (program id {}, state {})",
-        info.name,
-        info.reason,
-        program_id,
-        info.state_dir
-    );
+    tracing::info!("backend {}: {}", info.name, info.reason);
+    if let Some(id) = info.program_id {
+        tracing::info!("program id {id}, state {}", info.state_dir);
+    }
     for note in notes {
         tracing::info!("{note}");
     }
     registry
         .set_debug_log(config.debug_ebpf)
         .map_err(DaemonError::DebugLog)?;
-    let logger = if config.debug_ebpf {
-        Some(spawn_ebpf_logger(program_id)?)
-    } else {
-        None
+    let logger = match (config.debug_ebpf, info.program_id) {
+        (true, Some(program_id)) => Some(spawn_ebpf_logger(program_id)?),
+        _ => None,
     };
 
     let listener = bind_control_socket(&config.socket)?;
@@ -239,6 +278,7 @@ async fn serve(
     let uid = stream.peer_cred()?.uid();
     let mut connection = Connection::new(stream);
     while let Some(bytes) = connection.receive_bytes().await? {
+        let mut attached = None;
         let response: Response = if uid != 0 {
             Err(format!(
                 "permission denied: uid {uid} may not control hotswap (only root may)"
@@ -248,17 +288,69 @@ async fn serve(
                 Err(err) => Err(format!("malformed request: {err}")),
                 Ok(request) => {
                     tracing::debug!(?request, "request");
-                    handle(&mut lock(&registry), request).map_err(|e| error_chain(&e))
+                    match handle(&mut lock(&registry), request) {
+                        Ok((reply, fd)) => {
+                            attached = fd;
+                            Ok(reply)
+                        }
+                        Err(err) => Err(error_chain(&err)),
+                    }
                 }
             }
         };
-        connection.send(&response).await?;
+        match attached {
+            Some(fd) => {
+                use std::os::fd::AsFd as _;
+                send_with_fd(connection.stream(), &response, fd.as_fd()).await?
+            }
+            None => connection.send(&response).await?,
+        }
     }
     Ok(())
 }
 
-fn handle(registry: &mut Registry, request: Request) -> Result<Reply, RegistryError> {
-    match request {
+/// Sends one frame with `fd` attached (SCM_RIGHTS); the descriptor travels with the frame's
+/// first byte.
+async fn send_with_fd(
+    stream: &UnixStream,
+    response: &Response,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), crate::protocol::FrameError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd as _;
+    let frame = crate::protocol::encode_frame(response)?;
+    let fds = [fd.as_raw_fd()];
+    let mut sent = 0;
+    while sent < frame.len() {
+        stream.writable().await?;
+        let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(&frame[sent..])];
+            let rights = [ControlMessage::ScmRights(&fds)];
+            let cmsgs: &[ControlMessage<'_>] = if sent == 0 { &rights } else { &[] };
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match result {
+            Ok(n) => sent += n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Carries out one request; the reply may come with a descriptor to attach.
+fn handle(
+    registry: &mut Registry,
+    request: Request,
+) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RegistryError> {
+    let reply = match request {
         Request::Bind { service, binding } => {
             registry.bind(&service, binding)?;
             tracing::info!("bound {binding} to service {service}");
@@ -294,11 +386,29 @@ fn handle(registry: &mut Registry, request: Request) -> Result<Reply, RegistryEr
             tracing::info!("switched service {service} to generation {generation}");
             Ok(Reply::Switched { previous })
         }
+        Request::Forget {
+            service,
+            generation,
+        } => {
+            registry.forget(&service, generation)?;
+            tracing::info!("forgot generation {generation} of service {service}");
+            Ok(Reply::Done)
+        }
         Request::Status => Ok(Reply::Status(registry.status())),
+        Request::Listener { service, protocol } => {
+            let fd = registry.shared_listener(&service, protocol)?;
+            return Ok((
+                Reply::Listener {
+                    shared: fd.is_some(),
+                },
+                fd,
+            ));
+        }
         Request::Metrics => Ok(Reply::Metrics {
             services: registry.metrics()?,
         }),
-    }
+    };
+    reply.map(|reply| (reply, None))
 }
 
 /// Whether an sk_lookup error means the daemon lost a race for its state directory.

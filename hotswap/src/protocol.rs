@@ -6,7 +6,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
-    model::{Binding, ServiceName},
+    model::{Binding, Protocol, ServiceName},
     registry::{ServiceMetricsReport, StatusReport},
 };
 
@@ -44,12 +44,27 @@ pub enum Request {
         /// Switch to it too.
         activate: bool,
     },
+    /// Forget a generation whose owner is done with it (its sockets are about to close).
+    Forget {
+        /// Service.
+        service: ServiceName,
+        /// Generation.
+        generation: u32,
+    },
     /// Make a generation active.
     Switch {
         /// Service.
         service: ServiceName,
         /// Generation.
         generation: u32,
+    },
+    /// The service's shared listening socket for a protocol. In the uds backend the reply
+    /// carries it (SCM_RIGHTS); in sk_lookup there is none: each generation makes its own.
+    Listener {
+        /// Service.
+        service: ServiceName,
+        /// Protocol.
+        protocol: Protocol,
     },
     /// Report services, bindings and generations.
     Status,
@@ -69,6 +84,11 @@ pub enum Reply {
         generation: u32,
         /// Whether it is active now.
         activated: bool,
+    },
+    /// The answer to `Listener`; with `shared`, the socket travels with this frame.
+    Listener {
+        /// Whether a socket is attached.
+        shared: bool,
     },
     /// A switch happened.
     Switched {
@@ -126,6 +146,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// The underlying stream (for sending a frame with a file descriptor).
+    pub fn stream(&self) -> &S {
+        self.framed.get_ref()
+    }
+
     /// Receives one frame's bytes; `None` when the peer closed the connection cleanly.
     pub async fn receive_bytes(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         match self.framed.next().await {
@@ -139,6 +164,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let bytes = self.receive_bytes().await?.ok_or(FrameError::Closed)?;
         Ok(serde_json::from_slice(&bytes)?)
     }
+}
+
+/// Encodes `message` as one length-delimited frame.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let json = serde_json::to_vec(message)?;
+    let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&json);
+    Ok(frame)
 }
 
 #[cfg(test)]

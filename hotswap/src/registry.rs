@@ -625,11 +625,16 @@ impl Registry {
                     binding_family: if families[0] { "IPv4" } else { "IPv6" },
                 });
             }
-            if let Some((&generation, _)) = service
-                .generations
-                .iter()
-                .find(|(_, g)| g.sockets.iter().any(|s| s.cookie == socket.cookie))
-            {
+            self.backend
+                .check_socket(service_id, protocol, socket.cookie)?;
+            // One socket may serve several generations (the uds backend shares one, through
+            // other descriptors), but one descriptor is one generation.
+            if let Some((&generation, _)) = service.generations.iter().find(|(_, g)| {
+                g.pid == pid
+                    && g.sockets
+                        .iter()
+                        .any(|s| s.cookie == socket.cookie && s.fd_in_process == fd)
+            }) {
                 return Err(RegistryError::AlreadyRegistered {
                     service: service_name.clone(),
                     generation,
@@ -727,6 +732,38 @@ impl Registry {
         Ok(previous)
     }
 
+    /// Forgets a generation at its owner's word; an active one leaves its service without a
+    /// socket.
+    pub fn forget(
+        &mut self,
+        service_name: &ServiceName,
+        generation: u32,
+    ) -> Result<(), RegistryError> {
+        let service = self
+            .services
+            .get_mut(service_name)
+            .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
+        let gone = service.generations.remove(&generation).ok_or_else(|| {
+            RegistryError::UnknownGeneration {
+                service: service_name.clone(),
+                generation,
+            }
+        })?;
+        for protocol in gone.protocols() {
+            if service.active(protocol) == generation {
+                self.backend.deactivate(service.id, protocol)?;
+                service.set_active(protocol, 0);
+            }
+        }
+        self.backend
+            .save_service(service.id, &service.record, false)?;
+        self.backend.forget_generation(&GenerationKey {
+            service_id: service.id,
+            generation,
+        })?;
+        Ok(())
+    }
+
     /// Lets go of generations whose process exited or no longer holds a registered socket.
     /// An active one leaves its service without a socket: new connections are refused and
     /// counted.
@@ -778,6 +815,17 @@ impl Registry {
             }
         }
         reaped
+    }
+
+    /// The listening socket the backend shares between the service's generations for
+    /// `protocol`, or `None` when each generation brings its own.
+    pub fn shared_listener(
+        &self,
+        service: &ServiceName,
+        protocol: Protocol,
+    ) -> Result<Option<OwnedFd>, RegistryError> {
+        let service = self.service(service)?;
+        Ok(self.backend.shared_listener(service.id, protocol)?)
     }
 
     /// Services, bindings and generations.
@@ -845,7 +893,7 @@ mod tests {
     use std::{
         collections::HashMap,
         net::{TcpListener, UdpSocket},
-        os::fd::{AsRawFd as _, BorrowedFd},
+        os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
         sync::{Arc, Mutex},
     };
 
@@ -974,6 +1022,12 @@ mod tests {
             Ok(())
         }
         fn set_debug_log(&mut self, _: bool) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn shared_listener(&self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+            Ok(None)
+        }
+        fn check_socket(&self, _: u32, _: Protocol, _: u64) -> Result<(), BackendError> {
             Ok(())
         }
     }

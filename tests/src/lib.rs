@@ -118,6 +118,8 @@ pub struct TestEnv {
     pub pin_dir: PathBuf,
     daemon: Option<Child>,
     daemon_log: PathBuf,
+    /// `--backend` for the daemon; `None` for its default (auto).
+    pub backend: Option<String>,
     _netns: NetnsGuard,
 }
 
@@ -141,8 +143,17 @@ impl TestEnv {
             dir,
             pin_dir,
             daemon: None,
+            backend: None,
             _netns: netns,
         }
+    }
+
+    /// A new environment whose daemon runs with `--backend BACKEND`, started.
+    pub fn with_backend(name: &str, backend: &str) -> Self {
+        let mut env = Self::new(name);
+        env.backend = Some(backend.to_owned());
+        env.start_daemon();
+        env
     }
 
     /// A new environment with a running daemon.
@@ -161,6 +172,9 @@ impl TestEnv {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .env("RUST_LOG", "info");
+        if let Some(backend) = &self.backend {
+            cmd.args(["--backend", backend]);
+        }
         cmd
     }
 

@@ -1,12 +1,14 @@
 //! Backends: how a service's active socket is put in front of new connections.
 //!
 //! Everything above the [`Backend`] trait (the registry, the control protocol, the CLI) is the
-//! same for every backend. Today there is one implementation, [`sk_lookup::SkLookupBackend`]:
-//! an eBPF `sk_lookup` program attached to the network namespace.
+//! same for every backend: [`sk_lookup::SkLookupBackend`] (an eBPF `sk_lookup` program attached
+//! to the network namespace) and [`uds::UdsBackend`] (one shared socket per service address,
+//! handed to every generation).
 
 pub mod sk_lookup;
+pub mod uds;
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,9 @@ pub enum BackendError {
     /// The sk_lookup backend failed.
     #[error(transparent)]
     SkLookup(#[from] sk_lookup::SkLookupError),
+    /// The uds backend refused or failed.
+    #[error(transparent)]
+    Uds(#[from] uds::UdsError),
 }
 
 /// What a backend remembers across daemon restarts.
@@ -90,4 +95,18 @@ pub trait Backend: Send {
     fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError>;
     /// Turns the data path's debug logging on or off.
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError>;
+    /// The socket the backend itself holds for a service's `protocol` and hands to every
+    /// generation, or `None` where each generation brings its own.
+    fn shared_listener(
+        &self,
+        service_id: u32,
+        protocol: Protocol,
+    ) -> Result<Option<OwnedFd>, BackendError>;
+    /// Checks that the socket with `cookie` may serve the service's `protocol`.
+    fn check_socket(
+        &self,
+        service_id: u32,
+        protocol: Protocol,
+        cookie: u64,
+    ) -> Result<(), BackendError>;
 }

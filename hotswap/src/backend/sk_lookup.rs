@@ -361,6 +361,51 @@ impl SkLookupBackend {
     }
 }
 
+impl SkLookupError {
+    /// Why sk_lookup cannot work on this host at all, if that is what this error means — as
+    /// opposed to a problem with this daemon's state. Decided from the errno, never from
+    /// message text or map names (aya reports EPERM as the create error of whichever map came
+    /// first).
+    pub fn unavailable_reason(&self) -> Option<String> {
+        let errno = |e: &(dyn std::error::Error + 'static)| {
+            let mut current = Some(e);
+            while let Some(e) = current {
+                if let Some(code) = e
+                    .downcast_ref::<io::Error>()
+                    .and_then(io::Error::raw_os_error)
+                {
+                    return Some(code);
+                }
+                if let Some(nix) = e.downcast_ref::<nix::Error>() {
+                    return Some(*nix as i32);
+                }
+                current = e.source();
+            }
+            None
+        };
+        let code = match self {
+            Self::PermissionDenied(_) => libc::EPERM,
+            Self::MountBpffs(e) => *e as i32,
+            Self::Load(e) => errno(e.as_ref())?,
+            Self::Program { source, .. } => errno(source.as_ref())?,
+            Self::Io { source, .. } => source.raw_os_error()?,
+            _ => return None,
+        };
+        match code {
+            libc::EPERM | libc::EACCES => Some(format!(
+                "permission denied ({}): loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (root, not a user namespace)",
+                nix::errno::Errno::from_raw(code)
+            )),
+            // 524 is the kernel-internal ENOTSUPP some BPF paths leak.
+            libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::E2BIG | 524 => Some(format!(
+                "the kernel does not support sk_lookup programs ({}): they need Linux 5.9 or later",
+                nix::errno::Errno::from_raw(code)
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `err` or one of its causes is the OS error `errno`.
 fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
     let mut current = Some(err);
@@ -612,6 +657,15 @@ impl Backend for SkLookupBackend {
             Err(err) if !not_found(&err) => Err(map_error(map_names::GENERATIONS)(err).into()),
             _ => Ok(()),
         }
+    }
+
+    fn shared_listener(&self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+        // Each generation brings its own socket; the program steers to it.
+        Ok(None)
+    }
+
+    fn check_socket(&self, _: u32, _: Protocol, _: u64) -> Result<(), BackendError> {
+        Ok(())
     }
 
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError> {

@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::Context as _;
 use tracing_subscriber::EnvFilter;
 
-use crate::daemon::{self, DaemonConfig};
+use crate::daemon::{self, BackendChoice, DaemonConfig};
 
 /// [--pin-dir PATH] [--debug-ebpf].
 #[derive(Debug, clap::Args)]
@@ -17,6 +17,11 @@ pub struct Args {
     /// Turn on the eBPF program's per-connection debug log lines (costly: for debugging only).
     #[arg(long)]
     debug_ebpf: bool,
+    /// sk-lookup: the eBPF program steers (needs CAP_BPF and CAP_NET_ADMIN, Linux >= 5.9);
+    /// uds: one shared socket per service address handed to every generation; auto: sk-lookup
+    /// where it works, else uds.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
 }
 
 pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
@@ -36,6 +41,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         socket,
         pin_dir: args.pin_dir,
         debug_ebpf: args.debug_ebpf,
+        backend: args.backend,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

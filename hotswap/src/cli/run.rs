@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    model::{Protocol, ServiceName},
+    model::ServiceName,
     supervisor::{
         self,
         spec::{parse_duration, parse_signal, ListenSpec, ReadyMode},
@@ -24,7 +24,8 @@ pub struct Args {
     #[arg(long = "listen", required = true, value_name = "PROTO://ADDR:PORT")]
     listens: Vec<ListenSpec>,
     /// How a new generation shows it is ready: notify (sd_notify READY=1), tcp (it accepts a
-    /// connection) or delay:<DURATION> [default: tcp with a TCP address, else delay:1s].
+    /// connection) or delay:<DURATION> [default: tcp with a TCP address on the sk_lookup
+    /// backend, else delay:1s].
     #[arg(long)]
     ready: Option<ReadyMode>,
     /// A generation not ready after this long is stopped and nothing is switched.
@@ -44,15 +45,6 @@ pub struct Args {
     command: Vec<String>,
 }
 
-/// The readiness used when none is given.
-pub fn default_ready(listens: &[ListenSpec]) -> ReadyMode {
-    if listens.iter().any(|l| l.protocol == Protocol::Tcp) {
-        ReadyMode::Tcp
-    } else {
-        ReadyMode::Delay(Duration::from_secs(1))
-    }
-}
-
 pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -61,13 +53,12 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let ready = args.ready.unwrap_or_else(|| default_ready(&args.listens));
     // Fail before anything starts when the command cannot run.
     supervisor::resolve_program(&args.command[0])?;
     let config = RunConfig {
         service: args.service,
         listens: args.listens,
-        ready,
+        ready: args.ready,
         ready_timeout: args.ready_timeout,
         drain_signal: args.drain_signal,
         drain_timeout: args.drain_timeout,

@@ -67,8 +67,8 @@ pub struct RunConfig {
     pub service: ServiceName,
     /// Its addresses.
     pub listens: Vec<ListenSpec>,
-    /// How to tell a new generation is ready.
-    pub ready: ReadyMode,
+    /// How to tell a new generation is ready; `None` for the default (see [`default_ready`]).
+    pub ready: Option<ReadyMode>,
     /// How long a new generation may take to get ready.
     pub ready_timeout: Duration,
     /// What tells a generation to drain.
@@ -176,6 +176,9 @@ pub enum SupervisorError {
         /// The generation it is bringing up.
         generation: u32,
     },
+    /// The tcp probe cannot reach one generation through a shared socket.
+    #[error("--ready tcp cannot tell generations apart on the uds backend's shared socket; use --ready notify or --ready delay:<DURATION>")]
+    TcpProbeOnSharedSocket,
     /// Nothing to roll back to.
     #[error("cannot roll back {service}: {why}")]
     CannotRollBack {
@@ -357,7 +360,12 @@ struct Generation {
     switched_away: Option<Instant>,
     drained_after: Option<Duration>,
     restarts: u32,
+    /// How readiness is told.
+    ready: ReadyMode,
     notify: Option<Arc<UnixDatagram>>,
+    /// Whether the sockets are the backend's shared ones (uds): their queue is every
+    /// generation's, so draining does not wait for it.
+    shared: bool,
 }
 
 impl Generation {
@@ -385,6 +393,8 @@ struct State {
     active: Option<u32>,
     previous: Option<u32>,
     upgrading: Option<u32>,
+    /// The generation whose exit the running upgrade handles itself (until its grace ends).
+    protected: Option<u32>,
     command: Vec<String>,
     restarts: u32,
     stopping: bool,
@@ -445,9 +455,13 @@ impl Supervisor {
     /// One socket per protocol: IPv4-only services get an IPv4 socket on their (first) address,
     /// others a dual-stack IPv6 one. The port is the kernel's choice: steering ignores it, and
     /// it lets the supervisor reach this very socket for the tcp readiness probe.
-    fn create_sockets(&self) -> Result<Vec<(Protocol, OwnedFd)>, SupervisorError> {
+    ///
+    /// In the uds backend the daemon's shared socket is used instead (`true` is returned with
+    /// the sockets then).
+    fn create_sockets(&self) -> Result<(Vec<(Protocol, OwnedFd)>, bool), SupervisorError> {
         use socket2::{Domain, Socket, Type};
         let mut sockets = Vec::new();
+        let mut shared = false;
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             let listens: Vec<&ListenSpec> = self
                 .config
@@ -458,6 +472,13 @@ impl Supervisor {
             let Some(first) = listens.first() else {
                 continue;
             };
+            if let Some(fd) =
+                client::shared_listener(&self.config.daemon_socket, &self.config.service, protocol)?
+            {
+                sockets.push((protocol, fd));
+                shared = true;
+                continue;
+            }
             let all_v4 = listens.iter().all(|l| l.addr.is_ipv4());
             let same_ip = listens.iter().all(|l| l.addr.ip() == first.addr.ip());
             let addr = match (all_v4, same_ip) {
@@ -484,19 +505,25 @@ impl Supervisor {
             }
             sockets.push((protocol, OwnedFd::from(socket)));
         }
-        Ok(sockets)
+        Ok((sockets, shared))
     }
 
     /// Creates a generation: sockets, registration, process. Returns its id.
     async fn start_generation(
         self: &Arc<Self>,
         command: Vec<String>,
+        ready: Option<ReadyMode>,
     ) -> Result<u32, SupervisorError> {
         if self.lock().stopping {
             return Err(SupervisorError::Stopping);
         }
         process::resolve_program(command.first().ok_or(SpawnError::NoCommand)?)?;
-        let sockets = self.create_sockets()?;
+        let (sockets, shared) = self.create_sockets()?;
+        let ready = match (ready, shared) {
+            (Some(ReadyMode::Tcp), true) => return Err(SupervisorError::TcpProbeOnSharedSocket),
+            (Some(mode), _) => mode,
+            (None, shared) => default_ready(&self.config.listens, shared),
+        };
         let label: String = command
             .join(" ")
             .chars()
@@ -514,7 +541,7 @@ impl Supervisor {
         let Reply::Registered { generation: id, .. } = reply else {
             return Err(SupervisorError::UnexpectedReply("to register".into()));
         };
-        let notify = if self.config.ready == ReadyMode::Notify {
+        let notify = if ready == ReadyMode::Notify {
             Some(Arc::new(self.notify_socket(id)?))
         } else {
             None
@@ -535,16 +562,19 @@ impl Supervisor {
             switched_away: None,
             drained_after: None,
             restarts: 0,
+            ready,
             notify,
+            shared,
         };
         self.lock().generations.insert(id, generation);
         if let Err(err) = self.spawn_process(id, exit_tx) {
-            self.retire(
+            self.retire_async(
                 id,
                 GenerationState::Failed {
                     reason: error_chain(&err),
                 },
-            );
+            )
+            .await;
             return Err(err);
         }
         Ok(id)
@@ -602,10 +632,9 @@ impl Supervisor {
                     signal: None,
                 },
             };
+            // Receivers keep seeing this value after the sender is gone.
             let _ = exit_tx.send(Some(exit));
             let _ = supervisor.events.send((id, serial, exit));
-            // Keep the sender, so the receiver sees this value, until a restart replaces it.
-            std::future::pending::<()>().await;
         });
         Ok(())
     }
@@ -614,10 +643,9 @@ impl Supervisor {
     async fn wait_ready(
         self: &Arc<Self>,
         id: u32,
-        mode: ReadyMode,
         timeout: Duration,
     ) -> Result<Duration, SupervisorError> {
-        let (mut exit, notify, probe_target, spawned) = {
+        let (mode, mut exit, notify, probe_target, spawned) = {
             let state = self.lock();
             let g = &state.generations[&id];
             let probe = g
@@ -626,14 +654,16 @@ impl Supervisor {
                 .find(|(p, _)| *p == Protocol::Tcp)
                 .and_then(|(_, fd)| crate::socket::local_addr(fd.as_fd()))
                 .map(loopback_for);
-            (g.exit.clone(), g.notify.clone(), probe, g.spawned)
+            (g.ready, g.exit.clone(), g.notify.clone(), probe, g.spawned)
         };
         let kept = self.lock().active;
         let ready = async {
             match mode {
                 ReadyMode::Delay(d) => tokio::time::sleep(d).await,
                 ReadyMode::Notify => {
-                    let socket = notify.expect("made for notify mode");
+                    let Some(socket) = notify else {
+                        return std::future::pending().await;
+                    };
                     let mut buf = [0u8; 4096];
                     loop {
                         if let Ok(n) = socket.recv(&mut buf).await {
@@ -675,7 +705,8 @@ impl Supervisor {
                     }
                     other => other.to_string(),
                 };
-                self.retire(id, GenerationState::Failed { reason });
+                self.retire_async(id, GenerationState::Failed { reason })
+                    .await;
                 Err(err)
             }
         }
@@ -743,12 +774,26 @@ impl Supervisor {
     /// signal, waits for the exit (killing after the drain timeout), then closes its sockets.
     async fn drain(self: &Arc<Self>, id: u32, progress: Progress<'_>) {
         let deadline = Instant::now() + self.config.drain_timeout;
-        let protocols: Vec<Protocol> = match self.lock().generations.get(&id) {
-            Some(g) => g.sockets.iter().map(|(p, _)| *p).collect(),
+        let protocols: Vec<Protocol> = match self.lock().generations.get_mut(&id) {
+            Some(g) => {
+                // From now on `rollback` cannot pick it.
+                g.state = GenerationState::Draining;
+                if g.shared {
+                    // A shared queue belongs to every generation: the new one goes on
+                    // accepting from it.
+                    Vec::new()
+                } else {
+                    g.sockets.iter().map(|(p, _)| *p).collect()
+                }
+            }
             None => return,
         };
         let mut empty_since: Option<Instant> = None;
         loop {
+            if self.lock().generations.get(&id).is_none_or(|g| !g.alive()) {
+                // Died meanwhile: what it left queued cannot be accepted any more.
+                break;
+            }
             let empty = protocols
                 .iter()
                 .all(|&p| self.queue_len(id, p).unwrap_or(0) == 0);
@@ -819,7 +864,7 @@ impl Supervisor {
             .generations
             .get(&id)
             .and_then(|g| *g.exit.borrow());
-        self.retire(
+        self.retire_async(
             id,
             GenerationState::Exited {
                 exit: exit.unwrap_or(ExitInfo {
@@ -827,7 +872,8 @@ impl Supervisor {
                     signal: None,
                 }),
             },
-        );
+        )
+        .await;
     }
 
     /// Sends `signal` to `id`'s process and waits up to `timeout` for it to exit.
@@ -848,7 +894,23 @@ impl Supervisor {
             .and_then(|r| r.ok().and_then(|e| *e))
     }
 
-    /// Closes a generation's sockets (the daemon lets it go) and keeps it in the history.
+    /// Tells the daemon to forget the generation, then retires it. Telling first matters in the
+    /// uds backend: a later generation's copy of the shared socket may get the same fd number.
+    async fn retire_async(&self, id: u32, final_state: GenerationState) {
+        let forget = Request::Forget {
+            service: self.config.service.clone(),
+            generation: id,
+        };
+        if let Err(err) = self.daemon(forget).await {
+            tracing::warn!(
+                "telling the daemon generation {id} is gone: {}",
+                error_chain(&err)
+            );
+        }
+        self.retire(id, final_state);
+    }
+
+    /// Closes a generation's sockets and keeps it in the history.
     fn retire(&self, id: u32, final_state: GenerationState) {
         let mut state = self.lock();
         if let Some(g) = state.generations.get_mut(&id) {
@@ -901,7 +963,7 @@ impl Supervisor {
         let result = self
             .upgrade_steps(
                 command,
-                ready.unwrap_or(self.config.ready),
+                ready.or(self.config.ready),
                 ready_timeout.unwrap_or(self.config.ready_timeout),
                 progress,
             )
@@ -913,19 +975,23 @@ impl Supervisor {
     async fn upgrade_steps(
         self: &Arc<Self>,
         command: Vec<String>,
-        ready: ReadyMode,
+        ready: Option<ReadyMode>,
         ready_timeout: Duration,
         progress: Progress<'_>,
     ) -> Result<String, SupervisorError> {
         let old = self.lock().active;
-        let new = self.start_generation(command.clone()).await?;
-        self.lock().upgrading = Some(new);
+        let new = self.start_generation(command.clone(), ready).await?;
+        {
+            let mut state = self.lock();
+            state.upgrading = Some(new);
+            state.protected = Some(new);
+        }
         let pid = self.lock().generations.get(&new).and_then(|g| g.pid);
         progress(format!(
             "generation {new} started (pid {})",
             pid.map_or("?".into(), |p| p.to_string())
         ));
-        let after = self.wait_ready(new, ready, ready_timeout).await?;
+        let after = self.wait_ready(new, ready_timeout).await?;
         progress(format!(
             "generation {new} ready after {} ms",
             after.as_millis()
@@ -937,6 +1003,7 @@ impl Supervisor {
         }
         self.lock().command = command;
         let Some(old) = old else {
+            self.lock().protected = None;
             return Ok(format!("generation {new} is active"));
         };
 
@@ -960,7 +1027,8 @@ impl Supervisor {
             if old_alive && self.lock().active == Some(new) {
                 self.switch_to(old).await?;
                 progress(format!("generation {new} exited ({exit}) within the grace period; switched back to {old}"));
-                self.retire(new, GenerationState::Exited { exit });
+                self.retire_async(new, GenerationState::Exited { exit })
+                    .await;
                 return Err(SupervisorError::RolledBack {
                     generation: new,
                     exit,
@@ -968,6 +1036,18 @@ impl Supervisor {
                     back: old,
                 });
             }
+        }
+        // Past the grace period, the new generation is like any other: if it dies now it is
+        // restarted.
+        self.lock().protected = None;
+        // A death in the grace period that did not roll back (the old generation was gone):
+        // hand it to the restart logic now.
+        let dead_serial = match self.lock().generations.get(&new) {
+            Some(g) if !g.alive() => Some(g.serial),
+            _ => None,
+        };
+        if let (Some(exit), Some(serial)) = (died, dead_serial) {
+            self.on_exit(new, serial, exit);
         }
         if self.lock().active != Some(new) {
             // The operator rolled back meanwhile: drain the new one instead.
@@ -1027,7 +1107,7 @@ impl Supervisor {
         let mut state = self.lock();
         let restart = !state.stopping
             && state.active == Some(id)
-            && state.upgrading != Some(id)
+            && state.protected != Some(id)
             && state
                 .generations
                 .get(&id)
@@ -1057,16 +1137,30 @@ impl Supervisor {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(backoff).await;
-            if supervisor.lock().stopping {
-                return;
-            }
             let (exit_tx, exit_rx) = watch::channel(None);
-            if let Some(g) = supervisor.lock().generations.get_mut(&id) {
-                g.exit = exit_rx;
+            {
+                let mut state = supervisor.lock();
+                let still_wanted = !state.stopping && state.active == Some(id);
+                match state.generations.get_mut(&id) {
+                    // Switched away from, retired or restarted meanwhile: nothing to do.
+                    Some(g) if still_wanted && g.serial == serial && !g.sockets.is_empty() => {
+                        g.exit = exit_rx;
+                    }
+                    _ => return,
+                }
             }
-            match supervisor.spawn_process(id, exit_tx) {
+            match supervisor.spawn_process(id, exit_tx.clone()) {
                 Ok(()) => tracing::info!("generation {id} restarted"),
-                Err(err) => tracing::error!("restarting generation {id}: {}", error_chain(&err)),
+                Err(err) => {
+                    tracing::error!("restarting generation {id}: {}", error_chain(&err));
+                    // Count it as another death, so the next try comes after a longer wait.
+                    let exit = ExitInfo {
+                        code: None,
+                        signal: None,
+                    };
+                    let _ = exit_tx.send(Some(exit));
+                    let _ = supervisor.events.send((id, serial, exit));
+                }
             }
         });
     }
@@ -1145,6 +1239,16 @@ impl Supervisor {
             connection.lock().await.send(&done).await?;
         }
         Ok(())
+    }
+}
+
+/// The readiness used when none is given: the tcp probe where it can tell generations apart
+/// (own sockets, a TCP address), else a delay.
+pub fn default_ready(listens: &[ListenSpec], shared: bool) -> ReadyMode {
+    if !shared && listens.iter().any(|l| l.protocol == Protocol::Tcp) {
+        ReadyMode::Tcp
+    } else {
+        ReadyMode::Delay(Duration::from_secs(1))
     }
 }
 
@@ -1231,6 +1335,7 @@ pub async fn run(
             active: None,
             previous: None,
             upgrading: Some(0),
+            protected: None,
             command: config.command.clone(),
             restarts: 0,
             stopping: false,
