@@ -4,7 +4,8 @@
 //! Works the same under `hotswap run` and under plain systemd: both pass sockets with
 //! `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES` (sd_listen_fds(3)) and take readiness on
 //! `NOTIFY_SOCKET` (sd_notify(3)). `hotswap run` names each socket after its protocol: `tcp`,
-//! `udp`.
+//! `udp`. A server that starts on its own (not under `hotswap run`) gets its listener from
+//! [`service_listener`] instead, in either backend.
 //!
 //! ```no_run
 //! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
@@ -190,4 +191,109 @@ pub fn drain_signal() -> io::Result<impl std::future::Future<Output = ()>> {
 /// The generation id `hotswap run` gave this process (`HOTSWAP_GENERATION`), if any.
 pub fn generation() -> Option<u32> {
     std::env::var("HOTSWAP_GENERATION").ok()?.parse().ok()
+}
+
+/// Getting a listener from the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceListenerError {
+    /// The daemon refused or could not be reached.
+    #[error(transparent)]
+    Daemon(#[from] crate::client::ClientError),
+    /// The service has no binding of that protocol.
+    #[error("service {service} has no {protocol} binding")]
+    NoBinding {
+        /// Service.
+        service: crate::model::ServiceName,
+        /// Protocol.
+        protocol: crate::model::Protocol,
+    },
+    /// Creating the socket failed.
+    #[error("creating the {protocol} socket failed")]
+    Socket {
+        /// Protocol.
+        protocol: crate::model::Protocol,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon answered something unexpected.
+    #[error("unexpected reply from the daemon")]
+    UnexpectedReply,
+}
+
+/// A listening socket for `service`, registered with the daemon as a new generation of this
+/// process, whichever backend the daemon runs: in sk_lookup this process gets a socket of its
+/// own (bound to the service's address with a kernel-chosen port) and hotswap steers to it; in
+/// uds it gets the daemon's shared socket. With `activate`, the generation also becomes the
+/// active one. Returns the socket and the generation id.
+pub fn service_listener(
+    daemon_socket: &std::path::Path,
+    service: &crate::model::ServiceName,
+    protocol: crate::model::Protocol,
+    label: Option<String>,
+    activate: bool,
+) -> Result<(OwnedFd, u32), ServiceListenerError> {
+    use std::os::fd::AsRawFd as _;
+
+    use crate::{
+        client,
+        model::Protocol,
+        protocol::{Reply, Request},
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServiceListenerError::Socket { protocol, source })?;
+    let fd = match client::shared_listener(daemon_socket, service, protocol)? {
+        Some(shared) => shared,
+        None => {
+            let Reply::Status(status) =
+                runtime.block_on(client::request(daemon_socket, &Request::Status))?
+            else {
+                return Err(ServiceListenerError::UnexpectedReply);
+            };
+            let binding = status
+                .services
+                .iter()
+                .find(|s| &s.name == service)
+                .and_then(|s| s.bindings.iter().find(|b| b.protocol == protocol))
+                .copied()
+                .ok_or_else(|| ServiceListenerError::NoBinding {
+                    service: service.clone(),
+                    protocol,
+                })?;
+            let ip = if binding.prefix.prefix_len() == binding.prefix.max_prefix_len() {
+                binding.prefix.addr()
+            } else if binding.prefix.addr().is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            let addr = std::net::SocketAddr::new(ip, 0);
+            let fail = |source| ServiceListenerError::Socket { protocol, source };
+            let ty = match protocol {
+                Protocol::Tcp => socket2::Type::STREAM,
+                Protocol::Udp => socket2::Type::DGRAM,
+            };
+            let socket =
+                socket2::Socket::new(socket2::Domain::for_address(addr), ty, None).map_err(fail)?;
+            socket.bind(&addr.into()).map_err(fail)?;
+            if protocol == Protocol::Tcp {
+                socket.listen(1024).map_err(fail)?;
+            }
+            socket.into()
+        }
+    };
+    let register = Request::Register {
+        service: service.clone(),
+        pid: std::process::id(),
+        fds: vec![fd.as_raw_fd()],
+        label,
+        activate,
+    };
+    match runtime.block_on(client::request(daemon_socket, &register))? {
+        Reply::Registered { generation, .. } => Ok((fd, generation)),
+        _ => Err(ServiceListenerError::UnexpectedReply),
+    }
 }

@@ -67,6 +67,9 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// `--backend sk-lookup` where it cannot work.
+    #[error("--backend sk-lookup cannot work here: {0} (`hotswap doctor` says more; --backend auto would use uds)")]
+    SkLookupUnavailable(String),
     /// The backend could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -159,14 +162,20 @@ fn choose_backend(
         BackendChoice::Uds => Ok(Box::new(UdsBackend::new(
             "uds backend forced with --backend uds".to_owned(),
         ))),
-        BackendChoice::SkLookup => Ok(Box::new(
-            SkLookupBackend::open(pin_dir, netns).map_err(BackendError::from)?,
-        )),
+        BackendChoice::SkLookup => match SkLookupBackend::open(pin_dir, netns) {
+            Ok(backend) => Ok(Box::new(backend)),
+            Err(err) => match err.unavailable_reason() {
+                Some(reason) => Err(DaemonError::SkLookupUnavailable(reason)),
+                None => Err(BackendError::from(err).into()),
+            },
+        },
         BackendChoice::Auto => match SkLookupBackend::open(pin_dir, netns) {
             Ok(backend) => Ok(Box::new(backend)),
             Err(err) => match err.unavailable_reason() {
                 Some(reason) => {
                     tracing::warn!("sk_lookup unavailable: {}", error_chain(&err));
+                    // Leave no empty state directory behind (fails harmlessly if not empty).
+                    let _ = std::fs::remove_dir(pin_dir);
                     Ok(Box::new(UdsBackend::new(format!(
                         "chosen automatically: sk_lookup is unavailable: {reason}"
                     ))))
@@ -236,7 +245,7 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("stopping; steering continues from the pinned state");
+    tracing::info!("stopping; what the kernel or the generations hold stays in place");
     if let Some(logger) = logger {
         logger.abort();
         if let Err(err) = lock(&registry).set_debug_log(false) {

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod doctor;
 pub mod model;
 pub mod protocol;
 pub mod registry;

@@ -3,6 +3,7 @@
 
 mod bind;
 mod daemon;
+mod doctor;
 mod metrics;
 mod register;
 mod run;
@@ -56,6 +57,9 @@ enum Command {
     Status(status::Args),
     /// Show per-service counters.
     Metrics(metrics::Args),
+    /// Check what this host offers: kernel, bpffs, BTF, capabilities, which backend `auto`
+    /// picks and why, and what to change for sk_lookup. Needs no daemon.
+    Doctor(doctor::Args),
 }
 
 /// Parses the command line, runs the command and returns the exit code. Errors are one line on
@@ -110,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => upgrade::rollback(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 

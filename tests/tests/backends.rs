@@ -1,0 +1,155 @@
+//! Backend selection and what each backend does and refuses.
+
+use std::{
+    net::TcpStream,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    process::Command,
+};
+
+use hotswap::model::{Protocol, ServiceName};
+use integration_tests::TestEnv;
+
+fn listener_from_the_library(backend: &str) {
+    let env = TestEnv::with_backend(&format!("library-{backend}"), backend);
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let service: ServiceName = "web".parse().unwrap();
+    let (fd, generation) = hotswap::activation::service_listener(
+        &env.socket,
+        &service,
+        Protocol::Tcp,
+        Some("library".into()),
+        true,
+    )
+    .unwrap();
+    assert_eq!(generation, 1);
+    // SAFETY: the library handed this fd over; the listener owns it from here.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd.as_raw_fd()) };
+    std::mem::forget(fd);
+    let client = TcpStream::connect("127.0.0.1:8080").unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+    let status = env.status();
+    assert_eq!(
+        status["backend"]["name"],
+        backend.replace('-', "_"),
+        "{status}"
+    );
+    assert_eq!(status["services"][0]["generations"][0]["label"], "library");
+}
+
+#[test]
+fn the_library_gets_a_listener_from_the_sk_lookup_backend() {
+    listener_from_the_library("sk-lookup");
+}
+
+#[test]
+fn the_library_gets_a_listener_from_the_uds_backend() {
+    listener_from_the_library("uds");
+}
+
+#[test]
+fn the_uds_backend_refuses_what_it_cannot_do() {
+    let env = TestEnv::with_backend("uds-refuses", "uds");
+    let status = env.status();
+    assert_eq!(status["backend"]["name"], "uds");
+    assert!(
+        status["backend"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("forced"),
+        "{status}"
+    );
+    let before = env.status();
+    for (args, needle) in [
+        (
+            &["bind", "web", "tcp", "127.0.0.0/8", "8080"][..],
+            "exact addresses only",
+        ),
+        (
+            &["bind", "web", "tcp", "127.0.0.1/32", "0"][..],
+            "exact addresses only",
+        ),
+    ] {
+        let line = env.fails(args);
+        assert!(line.contains(needle), "{line}");
+    }
+    assert_eq!(env.status(), before);
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let line = env.fails(&["bind", "web", "tcp", "127.0.0.1/32", "8081"]);
+    assert!(line.contains("one shared socket per protocol"), "{line}");
+    // The address is really taken by the daemon.
+    assert!(std::net::TcpListener::bind("127.0.0.1:8080").is_err());
+    let line = env.fails(&["metrics"]);
+    assert!(line.contains("needs the sk_lookup backend"), "{line}");
+    // A socket that is not the shared one cannot serve.
+    let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (pid, fd) = (std::process::id().to_string(), own.as_raw_fd().to_string());
+    let line = env.fails(&["register", "web", "--pid", &pid, "--fd", &fd]);
+    assert!(line.contains("shared tcp socket"), "{line}");
+    // --debug-ebpf has no program to debug.
+    let out = Command::new(integration_tests::hotswap_bin())
+        .args(["daemon", "--backend", "uds", "--debug-ebpf", "--socket"])
+        .arg(env.dir.path().join("debug.sock"))
+        .arg("--pin-dir")
+        .arg(env.pin_dir.with_file_name("uds-debug"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs the sk_lookup backend"), "{stderr}");
+}
+
+#[test]
+fn automatic_fallback_in_a_user_namespace() {
+    let scenario = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("hotswap-userns-scenario");
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--"])
+        .arg(&scenario)
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "scenario failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("backend: uds"), "{stdout}");
+}
+
+#[test]
+fn doctor_says_which_backend_auto_picks_and_why() {
+    let doctor = |userns: bool| -> serde_json::Value {
+        let mut cmd = Command::new("unshare");
+        if userns {
+            cmd.args(["--user", "--map-root-user"]);
+        }
+        let out = cmd
+            .args(["--net", "--"])
+            .arg(integration_tests::hotswap_bin())
+            .args(["doctor", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let root = doctor(false);
+    assert_eq!(root["sk_lookup_supported"], true, "{root}");
+    assert_eq!(root["auto_backend"], "sk_lookup");
+    assert_eq!(root["user_namespace"], false);
+    let contained = doctor(true);
+    assert_eq!(contained["sk_lookup_supported"], false, "{contained}");
+    assert_eq!(contained["auto_backend"], "uds");
+    assert_eq!(contained["user_namespace"], true);
+    assert!(
+        contained["reason"].as_str().unwrap().contains("EPERM"),
+        "{contained}"
+    );
+    assert!(!contained["advice"].as_array().unwrap().is_empty());
+}
