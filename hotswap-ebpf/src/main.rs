@@ -27,10 +27,12 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const ENOENT: i32 = 2;
 const ESOCKTNOSUPPORT: i32 = 94;
-/// BPF_SK_LOOKUP_F_REPLACE: while a new version of this program is attached beside the old
+/// BPF_SK_LOOKUP_F_REPLACE (1): while a new version of this program is attached beside the old
 /// one during a program upgrade, both run; the second must be allowed to repeat the first's
 /// choice instead of failing with EEXIST.
-const SK_ASSIGN_FLAGS: u64 = 1;
+/// BPF_SK_LOOKUP_F_NO_REUSEPORT (2): the registered socket itself gets the connection, even if
+/// it is in an SO_REUSEPORT group (as `hotswap run`'s UDP sockets of all generations are).
+const SK_ASSIGN_FLAGS: u64 = 1 | 2;
 
 #[map(name = "HS_BINDINGS")]
 static BINDINGS: LpmTrie<BindingData, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);

@@ -126,6 +126,8 @@ fn udp_datagrams_during_upgrades_are_answered_exactly_once(backend: &str) {
     let flag = std::sync::Arc::clone(&stop);
     let client = std::thread::spawn(move || {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Connected, as resolvers are: answers must come from the service's own address.
+        socket.connect("127.0.0.1:5353").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
@@ -136,9 +138,7 @@ fn udp_datagrams_during_upgrades_are_answered_exactly_once(backend: &str) {
         while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
             sent += 1;
             let payload = format!("seq={sent}");
-            socket
-                .send_to(payload.as_bytes(), "127.0.0.1:5353")
-                .unwrap();
+            socket.send(payload.as_bytes()).unwrap();
             match socket.recv_from(&mut buf) {
                 Ok((n, _)) => {
                     let answer = String::from_utf8_lossy(&buf[..n]).into_owned();

@@ -453,8 +453,8 @@ impl Supervisor {
     }
 
     /// One socket per protocol: IPv4-only services get an IPv4 socket on their (first) address,
-    /// others a dual-stack IPv6 one. The port is the kernel's choice: steering ignores it, and
-    /// it lets the supervisor reach this very socket for the tcp readiness probe.
+    /// others a dual-stack IPv6 one. For TCP the port is the kernel's choice: steering ignores
+    /// it, and it lets the supervisor reach this very socket for the tcp readiness probe.
     ///
     /// In the uds backend the daemon's shared socket is used instead (`true` is returned with
     /// the sockets then).
@@ -499,7 +499,17 @@ impl Supervisor {
             if addr.is_ipv6() {
                 socket.set_only_v6(all_v4).map_err(fail)?;
             }
-            socket.bind(&addr.into()).map_err(fail)?;
+            // A UDP service with one address gets sockets on that very address and port, in
+            // one SO_REUSEPORT group across generations (the program assigns with
+            // BPF_SK_LOOKUP_F_NO_REUSEPORT, so the group never spreads traffic): answers then
+            // leave from the address clients sent to, which connected UDP clients require.
+            let exact = (protocol == Protocol::Udp && listens.len() == 1).then_some(first.addr);
+            let bound_exactly = exact.is_some_and(|exact| {
+                socket.set_reuse_port(true).is_ok() && socket.bind(&exact.into()).is_ok()
+            });
+            if !bound_exactly {
+                socket.bind(&addr.into()).map_err(fail)?;
+            }
             if protocol == Protocol::Tcp {
                 socket.listen(1024).map_err(fail)?;
             }
