@@ -39,6 +39,9 @@ pub enum ActivationError {
     /// `LISTEN_*` could not be read.
     #[error("reading the socket-activation variables failed")]
     Environment(#[source] io::Error),
+    /// `Listeners::from_env` was called before in this process.
+    #[error("the socket-activation fds were taken already (Listeners::from_env is called once)")]
+    AlreadyTaken,
     /// No socket of that name was passed.
     #[error("no socket named {name:?} was passed (passed: {passed})")]
     Missing {
@@ -76,6 +79,11 @@ impl Listeners {
     /// Takes the sockets passed to this process (none when `LISTEN_PID` is not this process).
     /// Call it once: the fds then belong to the returned value.
     pub fn from_env() -> Result<Self, ActivationError> {
+        // The fds can have one owner only: a second call gets none.
+        static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(ActivationError::AlreadyTaken);
+        }
         let sockets = sd_notify::listen_fds_with_names()
             .map_err(ActivationError::Environment)?
             // SAFETY: sd_listen_fds(3) hands these fds to this process, once.

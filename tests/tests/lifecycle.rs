@@ -265,7 +265,10 @@ fn failed_upgrades_keep_the_old_generation(backend: &str) {
     if backend == "uds" {
         // The honest difference: on a shared socket a stuck generation that ignores the drain
         // signal goes on accepting until it is killed, and what it accepted dies with it.
-        assert!(report.failures.iter().all(|f| !f.contains("refused")), "{report:?}");
+        assert!(
+            report.failures.iter().all(|f| !f.contains("refused")),
+            "{report:?}"
+        );
     } else {
         assert_eq!(report.failed, 0, "{:?}\n{}", report.failures, service.log());
     }

@@ -54,11 +54,19 @@ fn talk(socket: &Path, service: &ServiceName, request: SupervisorRequest) -> any
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    if let Some(program) = args.command.first() {
-        supervisor::resolve_program(program)?;
+    let mut command = args.command;
+    if let Some(program) = command.first_mut() {
+        let resolved = supervisor::resolve_program(program)?;
+        // The supervisor runs it from its own working directory, not ours.
+        if program.contains('/') {
+            *program = std::fs::canonicalize(&resolved)
+                .unwrap_or(resolved)
+                .to_string_lossy()
+                .into_owned();
+        }
     }
     let request = SupervisorRequest::Upgrade {
-        command: (!args.command.is_empty()).then_some(args.command),
+        command: (!command.is_empty()).then_some(command),
         ready: args.ready,
         ready_timeout_ms: args.ready_timeout.map(|d| d.as_millis() as u64),
     };

@@ -82,6 +82,8 @@ struct ExecPlan {
     listen_pid: Vec<u8>,
     env_ptrs: Vec<*const libc::c_char>,
     sockets: Vec<RawFd>,
+    /// The supervisor's pid, to notice in the child that it died before PR_SET_PDEATHSIG.
+    parent: libc::pid_t,
 }
 
 // SAFETY: the raw pointers point into buffers owned by the plan itself; the plan moves into the
@@ -114,8 +116,12 @@ impl ExecPlan {
                 }
                 libc::close(fd);
             }
-            // Kill the child if the supervisor dies: `hotswap run` *is* the service.
+            // Kill the child if the supervisor dies: `hotswap run` *is* the service. If it died
+            // before the prctl, the parent is someone else already: give up.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() != self.parent {
+                libc::_exit(1);
+            }
             let mut pid = libc::getpid() as u32;
             let mut digits = [0u8; 10];
             let mut n = 0;
@@ -203,6 +209,8 @@ pub fn spawn_activated(
         listen_pid,
         env_ptrs,
         sockets: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+        // SAFETY: getpid cannot fail.
+        parent: unsafe { libc::getpid() },
     };
     let mut cmd = tokio::process::Command::new(&program_path);
     cmd.args(&command[1..]).kill_on_drop(false);
