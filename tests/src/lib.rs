@@ -231,6 +231,11 @@ impl TestEnv {
         child.wait().unwrap();
     }
 
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// What the daemon logged so far.
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(&self.daemon_log).unwrap_or_default()

@@ -30,6 +30,15 @@ enum Task {
     /// Set up, build, and show hotswap at work: two upgrades and a rollback under load, in a
     /// private network namespace.
     Demo,
+    /// Set up, build, and measure hotswap side by side (see BENCHMARKS.md).
+    Bench {
+        /// A shorter run (under 2 minutes) with fewer rounds and upgrades.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+    },
     /// Set up, build, and run every test: unit tests and the privileged integration tests.
     Test {
         /// Arguments for the test binaries, e.g. a test name filter.
@@ -45,6 +54,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
         Task::Demo => demo(),
+        Task::Bench { quick, json } => bench(quick, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,6 +121,43 @@ fn demo() -> Result<()> {
         "--bin",
         "hotswap-demo",
     ]))
+}
+
+fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
+    setup::ensure_all()?;
+    require_root("the bench")?;
+    // Measure optimised code: the daemon, the CLI, the servers and the load generator.
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "hotswap",
+        "--bins",
+        "--examples",
+        "--package",
+        "integration-tests",
+        "--bins",
+    ]))?;
+    let mut bench = cargo();
+    bench.args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "integration-tests",
+        "--bin",
+        "hotswap-bench",
+        "--",
+    ]);
+    if quick {
+        bench.arg("--quick");
+    }
+    if let Some(json) = json {
+        // The bench runs from the workspace root; keep the caller's relative path meaning.
+        let json = std::env::current_dir()?.join(json);
+        bench.arg("--json").arg(json);
+    }
+    status(&mut bench)
 }
 
 fn test(args: Vec<String>) -> Result<()> {

@@ -1,0 +1,705 @@
+//! `cargo xtask bench [--quick] [--json PATH]`: hotswap's figures, measured side by side in one
+//! run, in private network namespaces on loopback (BENCHMARKS.md says what each one means).
+//!
+//! Every comparison interleaves its A and B rounds so that drift on a noisy machine cancels, and
+//! reports the median ratio with the spread (min–max) of the per-round ratios. `--smoke` makes
+//! every count tiny: `cargo xtask test` runs it so the bench cannot rot; it asserts nothing about
+//! speed.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use hotswap::model::{parse_prefix, Binding, Protocol, ServiceName};
+use hotswap_common::SocketKey;
+use integration_tests::{
+    activated_fixture, example_server, HttpLoad, NetnsGuard, RunningService, TestEnv,
+};
+use serde_json::{json, Value};
+
+/// How long and how often: full, quick or smoke.
+#[derive(Clone, Copy)]
+struct Plan {
+    rounds: usize,
+    round: Duration,
+    map_updates: usize,
+    cli_switches: usize,
+    upgrades: usize,
+    bindings: usize,
+    services: usize,
+}
+
+const FULL: Plan = Plan {
+    rounds: 7,
+    round: Duration::from_millis(1500),
+    map_updates: 100_000,
+    cli_switches: 1000,
+    upgrades: 250,
+    bindings: 10_000,
+    services: 1000,
+};
+const QUICK: Plan = Plan {
+    rounds: 5,
+    round: Duration::from_millis(500),
+    map_updates: 20_000,
+    cli_switches: 200,
+    upgrades: 20,
+    bindings: 10_000,
+    services: 1000,
+};
+const SMOKE: Plan = Plan {
+    rounds: 2,
+    round: Duration::from_millis(50),
+    map_updates: 100,
+    cli_switches: 5,
+    upgrades: 2,
+    bindings: 20,
+    services: 5,
+};
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+/// A listening socket with a deep backlog, so a busy machine delays the server instead of
+/// dropping SYNs (a dropped SYN costs the client a 1 s retransmit and ruins a round).
+fn listen(addr: &str) -> TcpListener {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(4096).unwrap();
+    socket.into()
+}
+
+/// A server thread: accepts connections; with `respond`, reads one line and answers one. Blocks
+/// in accept(); `stop` plus a shutdown() of the socket ends it.
+fn tcp_server(
+    listener: TcpListener,
+    respond: bool,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut stream, _)) = listener.accept() else {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            };
+            if respond {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                let _ = stream.write_all(b"ok\n");
+            }
+        }
+    })
+}
+
+/// Stops servers started with `stop`: sets it and wakes every blocked accept().
+fn stop_servers(stop: &AtomicBool, fds: &[i32], servers: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for &fd in fds {
+        // SAFETY: shutting down sockets this process owns, to wake their accept().
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    for server in servers {
+        server.join().unwrap();
+    }
+}
+
+fn udp_server(socket: UdpSocket, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        }
+    })
+}
+
+/// Connections (or request/response exchanges) per second against `addr` for `duration`.
+fn tcp_rate(addr: &str, respond: bool, duration: Duration) -> f64 {
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < duration {
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            continue;
+        };
+        if respond {
+            let _ = stream.write_all(b"hi\n");
+            let mut buf = [0u8; 3];
+            if stream.read_exact(&mut buf).is_err() {
+                continue;
+            }
+        } else {
+            // Connect + accept + close: the server closes as soon as it has accepted, so the
+            // end of the stream proves the accept (a handshake alone only fills the queue).
+            let mut buf = [0u8; 1];
+            if !matches!(stream.read(&mut buf), Ok(0)) {
+                continue;
+            }
+        }
+        done += 1;
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+fn udp_rate(addr: &str, duration: Duration) -> f64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut buf = [0u8; 64];
+    while start.elapsed() < duration {
+        socket.send_to(b"x", addr).unwrap();
+        if socket.recv_from(&mut buf).is_ok() {
+            done += 1;
+        }
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Runs `f` on a thread inside a network namespace of its own (no program attached there).
+fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let _netns = NetnsGuard::enter();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A server and client in a network namespace with no program attached, measuring on request,
+/// so "without the program" gets the same long-lived server as "with".
+struct NoProgramPeer {
+    ask: std::sync::mpsc::Sender<Option<Duration>>,
+    answer: std::sync::mpsc::Receiver<f64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NoProgramPeer {
+    fn start() -> Self {
+        let (ask, asked) = std::sync::mpsc::channel::<Option<Duration>>();
+        let (answered, answer) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let _netns = NetnsGuard::enter();
+            let stop = Arc::new(AtomicBool::new(false));
+            let listener = listen("127.0.0.1:9200");
+            let fd = listener.as_raw_fd();
+            let server = tcp_server(listener, false, Arc::clone(&stop));
+            while let Ok(Some(d)) = asked.recv() {
+                let _ = answered.send(tcp_rate("127.0.0.1:9200", false, d));
+            }
+            stop_servers(&stop, &[fd], vec![server]);
+        });
+        Self {
+            ask,
+            answer,
+            thread: Some(thread),
+        }
+    }
+
+    fn measure(&self, d: Duration) -> f64 {
+        self.ask.send(Some(d)).unwrap();
+        self.answer.recv().unwrap()
+    }
+}
+
+impl Drop for NoProgramPeer {
+    fn drop(&mut self) {
+        let _ = self.ask.send(None);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A ratio A/B over interleaved rounds: median ratio and per-round spread.
+fn ratio_summary(name: &str, a: &[f64], b: &[f64]) -> Value {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    let (mut a_sorted, mut b_sorted) = (a.to_vec(), b.to_vec());
+    let m = median(&mut ratios);
+    json!({
+        "name": name,
+        "a_median": median(&mut a_sorted),
+        "b_median": median(&mut b_sorted),
+        "ratio_median": m,
+        "ratio_min": ratios.first(),
+        "ratio_max": ratios.last(),
+    })
+}
+
+fn connection_path(plan: Plan, env: &TestEnv) -> Vec<Value> {
+    let stop = Arc::new(AtomicBool::new(false));
+    // Steered: connections to :9100 go to a socket on another port.
+    env.ok(&["bind", "steer", "tcp", "127.0.0.1/32", "9100"]);
+    env.ok(&["bind", "steerrr", "tcp", "127.0.0.1/32", "9101"]);
+    env.ok(&["bind", "steeru", "udp", "127.0.0.1/32", "9102"]);
+    let steered = listen("127.0.0.1:0");
+    let steered_rr = listen("127.0.0.1:0");
+    let steered_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id().to_string();
+    for (service, fd) in [
+        ("steer", steered.as_raw_fd()),
+        ("steerrr", steered_rr.as_raw_fd()),
+        ("steeru", steered_udp.as_raw_fd()),
+    ] {
+        env.ok(&[
+            "register",
+            service,
+            "--pid",
+            &me,
+            "--fd",
+            &fd.to_string(),
+            "--activate",
+        ]);
+    }
+    // Plain listeners on their own ports, with the program attached (nobody bound them).
+    let plain = listen("127.0.0.1:9200");
+    let plain_rr = listen("127.0.0.1:9201");
+    let fds = [
+        steered.as_raw_fd(),
+        steered_rr.as_raw_fd(),
+        plain.as_raw_fd(),
+        plain_rr.as_raw_fd(),
+    ];
+    let servers = vec![
+        tcp_server(steered, false, Arc::clone(&stop)),
+        tcp_server(steered_rr, true, Arc::clone(&stop)),
+        udp_server(steered_udp, Arc::clone(&stop)),
+        tcp_server(plain, false, Arc::clone(&stop)),
+        tcp_server(plain_rr, true, Arc::clone(&stop)),
+        udp_server(
+            UdpSocket::bind("127.0.0.1:9202").unwrap(),
+            Arc::clone(&stop),
+        ),
+    ];
+
+    let d = plan.round;
+    let no_program = NoProgramPeer::start();
+    let (mut steered_c, mut plain_c, mut steered_rr_c, mut plain_rr_c) =
+        (vec![], vec![], vec![], vec![]);
+    let (mut steered_u, mut plain_u, mut unbound_with, mut unbound_without) =
+        (vec![], vec![], vec![], vec![]);
+    for _ in 0..plan.rounds {
+        steered_c.push(tcp_rate("127.0.0.1:9100", false, d));
+        plain_c.push(tcp_rate("127.0.0.1:9200", false, d));
+        steered_rr_c.push(tcp_rate("127.0.0.1:9101", true, d));
+        plain_rr_c.push(tcp_rate("127.0.0.1:9201", true, d));
+        steered_u.push(udp_rate("127.0.0.1:9102", d));
+        plain_u.push(udp_rate("127.0.0.1:9202", d));
+        unbound_with.push(tcp_rate("127.0.0.1:9200", false, d));
+        unbound_without.push(no_program.measure(d));
+    }
+    stop_servers(&stop, &fds, servers);
+    vec![
+        ratio_summary(
+            "tcp connections/s: steered ÷ plain listener",
+            &steered_c,
+            &plain_c,
+        ),
+        ratio_summary(
+            "tcp request/response/s: steered ÷ plain listener",
+            &steered_rr_c,
+            &plain_rr_c,
+        ),
+        ratio_summary(
+            "udp datagrams/s (echo): steered ÷ plain",
+            &steered_u,
+            &plain_u,
+        ),
+        ratio_summary(
+            "tcp connections/s, unbound port: program attached ÷ no program",
+            &unbound_with,
+            &unbound_without,
+        ),
+    ]
+}
+
+fn switch_latency(plan: Plan, env: &TestEnv) -> Value {
+    env.ok(&["bind", "switchy", "tcp", "127.0.0.1/32", "9300"]);
+    let one = TcpListener::bind("127.0.0.1:0").unwrap();
+    let two = TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id().to_string();
+    env.ok(&[
+        "register",
+        "switchy",
+        "--pid",
+        &me,
+        "--fd",
+        &one.as_raw_fd().to_string(),
+        "--activate",
+    ]);
+    env.ok(&[
+        "register",
+        "switchy",
+        "--pid",
+        &me,
+        "--fd",
+        &two.as_raw_fd().to_string(),
+    ]);
+    let status = env.status();
+    let service_id = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "switchy")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap() as u32;
+
+    // The map update alone: the pinned socket map, updated as the daemon does.
+    let map =
+        aya::maps::MapData::from_pin(env.pin_dir.join(hotswap_common::map_names::SOCKETS)).unwrap();
+    let mut sockets: aya::maps::SockHash<_, SocketKey> =
+        aya::maps::Map::SockHash(map).try_into().unwrap();
+    let key = SocketKey::new(service_id, Protocol::Tcp.number());
+    let mut updates = Vec::with_capacity(plan.map_updates);
+    for i in 0..plan.map_updates {
+        let fd = if i % 2 == 0 {
+            two.as_raw_fd()
+        } else {
+            one.as_raw_fd()
+        };
+        let start = Instant::now();
+        sockets.insert(key, fd, 0).unwrap();
+        updates.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    updates.sort_by(|a, b| a.total_cmp(b));
+
+    // `hotswap switch` end to end: a process, a control-socket round trip, the update.
+    let mut cli = Vec::with_capacity(plan.cli_switches);
+    for i in 0..plan.cli_switches {
+        let generation = if i % 2 == 0 { "2" } else { "1" };
+        let start = Instant::now();
+        env.ok(&["switch", "switchy", generation]);
+        cli.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    cli.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "map_update_us": {"count": updates.len(), "p50": percentile(&updates, 0.5), "p99": percentile(&updates, 0.99), "max": updates.last()},
+        "hotswap_switch_ms": {"count": cli.len(), "p50": percentile(&cli, 0.5), "p99": percentile(&cli, 0.99)},
+    })
+}
+
+fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str) -> Value {
+    let env = TestEnv::with_backend(&format!("bench-upgrade-{backend}"), backend);
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            ready,
+            "--grace",
+            "20ms",
+            "--",
+            server,
+        ],
+    );
+    let fresh = HttpLoad::start("127.0.0.1:8080", false, u64::MAX);
+    let kept = HttpLoad::start("127.0.0.1:8080", true, u64::MAX);
+    let start = Instant::now();
+    let mut failed_upgrades = 0;
+    for _ in 0..plan.upgrades {
+        if !env.hotswap(&["upgrade", "web"]).status.success() {
+            failed_upgrades += 1;
+        }
+    }
+    let took = start.elapsed();
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    drop(service);
+    json!({
+        "backend": backend,
+        "server": server.rsplit('/').next(),
+        "upgrades": plan.upgrades,
+        "failed_upgrades": failed_upgrades,
+        "seconds_per_upgrade": took.as_secs_f64() / plan.upgrades as f64,
+        "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
+        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections},
+    })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn scale_and_footprint(plan: Plan) -> Value {
+    let env = TestEnv::with_daemon("bench-scale");
+    let daemon = env.daemon_pid().unwrap();
+    let rss_idle = rss_kib(daemon);
+    env.ok(&["bind", "scaled", "tcp", "127.0.0.1/32", "9400"]);
+    let listener = listen("127.0.0.1:0");
+    let listener_fd = listener.as_raw_fd();
+    let me = std::process::id().to_string();
+    env.ok(&[
+        "register",
+        "scaled",
+        "--pid",
+        &me,
+        "--fd",
+        &listener_fd.to_string(),
+        "--activate",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = tcp_server(listener, false, Arc::clone(&stop));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let request = |r: hotswap::protocol::Request| {
+        runtime
+            .block_on(hotswap::client::request(&env.socket, &r))
+            .unwrap();
+    };
+    let service = |name: &str| -> ServiceName { name.parse().unwrap() };
+    let d = plan.round;
+    let (mut one, mut many) = (vec![], vec![]);
+    // 1 binding first, then many (IPv6 /128s that no test traffic matches), interleaving the
+    // measurement with the growth is not possible, so each side gets its rounds in turn.
+    for _ in 0..plan.rounds {
+        one.push(tcp_rate("127.0.0.1:9400", false, d));
+    }
+    let start = Instant::now();
+    for i in 0..plan.bindings as u32 {
+        let prefix =
+            parse_prefix(&format!("2001:db8::{:x}:{:x}/128", i >> 16, i & 0xffff)).unwrap();
+        request(hotswap::protocol::Request::Bind {
+            service: service("filler"),
+            binding: Binding {
+                protocol: Protocol::Tcp,
+                prefix,
+                port: 80,
+            },
+        });
+    }
+    let bind_rate = plan.bindings as f64 / start.elapsed().as_secs_f64();
+    for _ in 0..plan.rounds {
+        many.push(tcp_rate("127.0.0.1:9400", false, d));
+    }
+    let rss_bindings = rss_kib(daemon);
+    let start = Instant::now();
+    for i in 0..plan.services {
+        let prefix = parse_prefix(&format!("2001:db8:1::{:x}/128", i)).unwrap();
+        request(hotswap::protocol::Request::Bind {
+            service: service(&format!("svc{i}")),
+            binding: Binding {
+                protocol: Protocol::Tcp,
+                prefix,
+                port: 80,
+            },
+        });
+    }
+    let service_rate = plan.services as f64 / start.elapsed().as_secs_f64();
+    let mut services_many = vec![];
+    for _ in 0..plan.rounds {
+        services_many.push(tcp_rate("127.0.0.1:9400", false, d));
+    }
+    let start = Instant::now();
+    let switches = plan.cli_switches.max(10);
+    for _ in 0..switches {
+        request(hotswap::protocol::Request::Switch {
+            service: service("scaled"),
+            generation: 1,
+        });
+    }
+    let switch_rate = switches as f64 / start.elapsed().as_secs_f64();
+    stop_servers(&stop, &[listener_fd], vec![server]);
+
+    // Load + verify + attach, in a namespace of its own.
+    let pin_dir = env
+        .pin_dir
+        .with_file_name(format!("bench-load-{}", std::process::id()));
+    let load_ms = in_fresh_netns({
+        let pin_dir = pin_dir.clone();
+        move || {
+            let netns =
+                hotswap::socket::netns_inode(std::path::Path::new("/proc/thread-self/ns/net"))
+                    .unwrap();
+            let start = Instant::now();
+            let backend =
+                hotswap::backend::sk_lookup::SkLookupBackend::open(&pin_dir, netns).unwrap();
+            let took = start.elapsed().as_secs_f64() * 1e3;
+            drop(backend);
+            took
+        }
+    });
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let status = env.status();
+    json!({
+        "connections_1_binding_vs_many": ratio_summary(&format!("tcp connections/s: {} bindings ÷ 1", plan.bindings + 1), &many, &one),
+        "connections_services": ratio_summary(&format!("tcp connections/s: {} services ÷ 1", plan.services + 2), &services_many, &one),
+        "control_plane_per_second": {"bind": bind_rate, "bind_new_service": service_rate, "switch": switch_rate},
+        "daemon_rss_kib": {"idle": rss_idle, "after_bindings": rss_bindings, "bindings": plan.bindings},
+        "verified_instructions": status["backend"]["verified_instructions"],
+        "load_verify_attach_ms": load_ms,
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let plan = if args.iter().any(|a| a == "--smoke") {
+        SMOKE
+    } else if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let started = Instant::now();
+
+    let env = TestEnv::with_daemon("bench-path");
+    eprintln!(
+        "bench: connection path ({} rounds of {:?} each)",
+        plan.rounds, plan.round
+    );
+    let path = connection_path(plan, &env);
+    eprintln!("bench: switch latency");
+    let switch = switch_latency(plan, &env);
+    drop(env);
+    eprintln!("bench: upgrades under load ({} each)", plan.upgrades);
+    let hello = example_server().to_string_lossy().into_owned();
+    let fixture = activated_fixture().to_string_lossy().into_owned();
+    let upgrade_runs = vec![
+        upgrades(plan, "sk-lookup", &hello, "notify"),
+        upgrades(plan, "sk-lookup", &fixture, "tcp"),
+        upgrades(plan, "uds", &hello, "notify"),
+        upgrades(plan, "uds", &fixture, "delay:50ms"),
+    ];
+    eprintln!("bench: scale and footprint");
+    let scale = scale_and_footprint(plan);
+    let report = json!({
+        "plan": {"rounds": plan.rounds, "round_ms": plan.round.as_millis() as u64, "upgrades": plan.upgrades},
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                    "kernel": nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()},
+        "connection_path": path,
+        "switch": switch,
+        "upgrades": upgrade_runs,
+        "scale": scale,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+
+    println!(
+        "\n{:<70} {:>10} {:>16}",
+        "connection path (median of interleaved rounds)", "ratio", "spread"
+    );
+    for row in report["connection_path"].as_array().unwrap() {
+        println!(
+            "{:<70} {:>10.3} {:>7.3}–{:<7.3}",
+            row["name"].as_str().unwrap(),
+            row["ratio_median"].as_f64().unwrap(),
+            row["ratio_min"].as_f64().unwrap_or(0.0),
+            row["ratio_max"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let s = &report["switch"];
+    println!(
+        "\nswitch: map update p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs ({} updates); `hotswap switch` p50 {:.2} ms, p99 {:.2} ms ({} runs)",
+        s["map_update_us"]["p50"].as_f64().unwrap(),
+        s["map_update_us"]["p99"].as_f64().unwrap(),
+        s["map_update_us"]["max"].as_f64().unwrap(),
+        s["map_update_us"]["count"],
+        s["hotswap_switch_ms"]["p50"].as_f64().unwrap(),
+        s["hotswap_switch_ms"]["p99"].as_f64().unwrap(),
+        s["hotswap_switch_ms"]["count"],
+    );
+    println!(
+        "\n{:<10} {:<24} {:>8} {:>10} {:>22} {:>22}",
+        "backend",
+        "server",
+        "upgrades",
+        "s/upgrade",
+        "new conn: served/fail",
+        "keep-alive: served/fail"
+    );
+    for u in report["upgrades"].as_array().unwrap() {
+        println!(
+            "{:<10} {:<24} {:>8} {:>10.3} {:>14}/{:<7} {:>14}/{:<7}",
+            u["backend"].as_str().unwrap(),
+            u["server"].as_str().unwrap_or(""),
+            u["upgrades"],
+            u["seconds_per_upgrade"].as_f64().unwrap(),
+            u["new_connection_per_request"]["served"],
+            u["new_connection_per_request"]["failed"],
+            u["keep_alive"]["served"],
+            u["keep_alive"]["failed"],
+        );
+    }
+    let sc = &report["scale"];
+    println!(
+        "\nscale: {} {:.3} ({:.3}–{:.3}); {} {:.3}; control plane/s: bind {:.0}, new service {:.0}, switch {:.0}",
+        sc["connections_1_binding_vs_many"]["name"].as_str().unwrap(),
+        sc["connections_1_binding_vs_many"]["ratio_median"].as_f64().unwrap(),
+        sc["connections_1_binding_vs_many"]["ratio_min"].as_f64().unwrap_or(0.0),
+        sc["connections_1_binding_vs_many"]["ratio_max"].as_f64().unwrap_or(0.0),
+        sc["connections_services"]["name"].as_str().unwrap(),
+        sc["connections_services"]["ratio_median"].as_f64().unwrap(),
+        sc["control_plane_per_second"]["bind"].as_f64().unwrap(),
+        sc["control_plane_per_second"]["bind_new_service"].as_f64().unwrap(),
+        sc["control_plane_per_second"]["switch"].as_f64().unwrap(),
+    );
+    println!(
+        "footprint: daemon RSS {} KiB idle, {} KiB with {} bindings; {} verified instructions; load+verify+attach {:.1} ms",
+        sc["daemon_rss_kib"]["idle"],
+        sc["daemon_rss_kib"]["after_bindings"],
+        sc["daemon_rss_kib"]["bindings"],
+        sc["verified_instructions"],
+        sc["load_verify_attach_ms"].as_f64().unwrap(),
+    );
+    println!("\nbench took {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(path) = json_path {
+        std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        println!("wrote {path}");
+    }
+    let failed: u64 = report["upgrades"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            u["new_connection_per_request"]["failed"].as_u64().unwrap()
+                + u["keep_alive"]["failed"].as_u64().unwrap()
+        })
+        .sum();
+    if failed > 0 {
+        eprintln!("bench: {failed} requests failed during upgrades");
+        std::process::exit(1);
+    }
+}
