@@ -132,11 +132,10 @@ fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
         "--release",
         "--package",
         "hotswap",
-        "--bins",
-        "--examples",
         "--package",
         "integration-tests",
         "--bins",
+        "--examples",
     ]))?;
     let mut bench = cargo();
     bench.args([
