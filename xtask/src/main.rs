@@ -126,6 +126,7 @@ fn demo() -> Result<()> {
 fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
     setup::ensure_all()?;
     require_root("the bench")?;
+    setup::ensure_debian_packages(setup::BENCH_PEERS)?;
     // Measure optimised code: the daemon, the CLI, the servers and the load generator.
     status(cargo().args([
         "build",
@@ -162,6 +163,8 @@ fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
 fn test(args: Vec<String>) -> Result<()> {
     setup::ensure_all()?;
     require_root("the integration tests")?;
+    // The bench's smoke test drives nginx and HAProxy too.
+    setup::ensure_debian_packages(setup::BENCH_PEERS)?;
     // The integration tests run the hotswap binary; build it first.
     build()?;
     let mut test = cargo();

@@ -146,3 +146,48 @@ fn ensure_bpffs() -> Result<()> {
     status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         .context("mounting bpffs (needs root): `mount -t bpf bpf /sys/fs/bpf`")
 }
+
+/// Installs Debian packages whose binaries are missing (the bench compares hotswap with nginx
+/// and HAProxy). Service start-up is suppressed during the install: the packages must not start
+/// daemons in the host's namespace.
+pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(_, binary)| !Path::new(binary).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n").context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let result = status(Command::new("apt-get").arg("update").arg("-q")).and_then(|()| {
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result.with_context(|| {
+        format!(
+            "installing {} (apt-get must reach Debian's package registry)",
+            missing.join(" ")
+        )
+    })
+}
+
+/// The peers the bench measures hotswap against.
+pub const BENCH_PEERS: &[(&str, &str)] = &[
+    ("nginx", "/usr/sbin/nginx"),
+    ("haproxy", "/usr/sbin/haproxy"),
+];

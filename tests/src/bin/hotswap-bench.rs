@@ -10,6 +10,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
+    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -446,6 +447,187 @@ fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str) -> Value {
     })
 }
 
+fn read_pid(path: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+/// Waits (bounded) until `done`; false on timeout.
+fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Child processes of `parent`.
+fn children(parent: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("PPid:"))
+                    .and_then(|v| v.trim().parse::<i32>().ok())
+            });
+        if ppid == Some(parent) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Upgrades a peer `count` times under the same two clients as hotswap's upgrades.
+fn peer_upgrades(name: &str, count: usize, mut upgrade: impl FnMut() -> bool) -> Value {
+    let fresh = HttpLoad::start("127.0.0.1:8080", false, u64::MAX);
+    let kept = HttpLoad::start("127.0.0.1:8080", true, u64::MAX);
+    let start = Instant::now();
+    let mut failed_upgrades = 0;
+    for _ in 0..count {
+        if !upgrade() {
+            failed_upgrades += 1;
+        }
+    }
+    let took = start.elapsed();
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    json!({
+        "backend": "-",
+        "server": name,
+        "upgrades": count,
+        "failed_upgrades": failed_upgrades,
+        "seconds_per_upgrade": took.as_secs_f64() / count as f64,
+        "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
+        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections},
+    })
+}
+
+/// nginx's on-the-fly binary upgrade: USR2 (new master with the inherited listeners), WINCH
+/// (old workers finish gracefully), QUIT (old master leaves).
+fn nginx(plan: Plan) -> Value {
+    let env = TestEnv::new("bench-nginx");
+    let dir = env.dir.path();
+    let conf = dir.join("nginx.conf");
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon on; master_process on; worker_processes 1; pid {d}/nginx.pid;\n\
+             error_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+               client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
+               uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+               server {{ listen 127.0.0.1:8080 backlog=4096; location / {{ return 200 \"nginx\\n\"; }} }} }}\n"
+        ),
+    )
+    .unwrap();
+    let started = Command::new("/usr/sbin/nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .status()
+        .expect("nginx (Debian package nginx) runs");
+    assert!(
+        started.success(),
+        "nginx did not start: {}",
+        std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+    );
+    let pid_file = dir.join("nginx.pid");
+    let old_file = dir.join("nginx.pid.oldbin");
+    assert!(wait_for(|| read_pid(&pid_file).is_some()));
+    let result = peer_upgrades("nginx (USR2, WINCH, QUIT)", plan.upgrades, || {
+        let Some(old) = read_pid(&pid_file) else {
+            return false;
+        };
+        signal(old, nix::sys::signal::Signal::SIGUSR2);
+        let started = wait_for(|| {
+            old_file.exists() && read_pid(&pid_file).is_some_and(|p| p != old && alive(p))
+        });
+        signal(old, nix::sys::signal::Signal::SIGWINCH);
+        signal(old, nix::sys::signal::Signal::SIGQUIT);
+        started && wait_for(|| !alive(old))
+    });
+    if let Some(pid) = read_pid(&pid_file) {
+        signal(pid, nix::sys::signal::Signal::SIGQUIT);
+        wait_for(|| !alive(pid));
+    }
+    result
+}
+
+/// HAProxy's master-worker reload: USR2 to the master starts a new worker on the same
+/// listeners; the old worker finishes its connections and leaves.
+fn haproxy(plan: Plan) -> Value {
+    let env = TestEnv::new("bench-haproxy");
+    let dir = env.dir.path();
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        "global\n  master-worker\n  maxconn 4000\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\
+         frontend fe\n  bind 127.0.0.1:8080\n  http-request return status 200 content-type text/plain string \"haproxy\\n\"\n",
+    )
+    .unwrap();
+    let mut master = Command::new("/usr/sbin/haproxy")
+        .args(["-W", "-f"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+        .spawn()
+        .expect("haproxy (Debian package haproxy) runs");
+    let master_pid = master.id() as i32;
+    assert!(
+        wait_for(|| !children(master_pid).is_empty()),
+        "haproxy did not start"
+    );
+    assert!(wait_for(|| TcpStream::connect("127.0.0.1:8080").is_ok()));
+    // A USR2 that comes while the master is still starting is lost: wait for its word.
+    let log = dir.join("haproxy.log");
+    assert!(wait_for(
+        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Loading success"))
+    ));
+    // Even then the master drops a USR2 that comes in its first moments (seen: the first reload
+    // never happened): give it half a second, outside the measurement.
+    std::thread::sleep(Duration::from_millis(500));
+    let result = peer_upgrades("haproxy (master-worker reload)", plan.upgrades, || {
+        let before = children(master_pid);
+        signal(master_pid, nix::sys::signal::Signal::SIGUSR2);
+        let reloaded = wait_for(|| children(master_pid).iter().any(|c| !before.contains(c)));
+        // The master is still finishing its re-exec when the worker appears; a USR2 then could
+        // be lost. hotswap's own upgrades wait 100 ms for the queue to settle, so this is even.
+        std::thread::sleep(Duration::from_millis(100));
+        reloaded
+    });
+    // Hard stop (the measurement is over); every worker goes with the master.
+    let workers = children(master_pid);
+    signal(master_pid, nix::sys::signal::Signal::SIGTERM);
+    if !wait_for(|| !alive(master_pid)) {
+        let _ = master.kill();
+    }
+    let _ = master.wait();
+    for worker in workers {
+        signal(worker, nix::sys::signal::Signal::SIGKILL);
+    }
+    result
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -604,6 +786,8 @@ fn main() {
         upgrades(plan, "uds", &hello, "notify"),
         upgrades(plan, "uds", &fixture, "delay:50ms"),
     ];
+    eprintln!("bench: peers, the same upgrades and load: nginx, haproxy");
+    let peers = vec![nginx(plan), haproxy(plan)];
     eprintln!("bench: scale and footprint");
     let scale = scale_and_footprint(plan);
     let report = json!({
@@ -613,6 +797,7 @@ fn main() {
         "connection_path": path,
         "switch": switch,
         "upgrades": upgrade_runs,
+        "peers": peers,
         "scale": scale,
         "seconds": started.elapsed().as_secs_f64(),
     });
@@ -650,7 +835,12 @@ fn main() {
         "new conn: served/fail",
         "keep-alive: served/fail"
     );
-    for u in report["upgrades"].as_array().unwrap() {
+    for u in report["upgrades"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(report["peers"].as_array().unwrap())
+    {
         println!(
             "{:<10} {:<24} {:>8} {:>10.3} {:>14}/{:<7} {:>14}/{:<7}",
             u["backend"].as_str().unwrap(),
