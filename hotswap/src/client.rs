@@ -44,20 +44,25 @@ fn start_hint(socket: &Path) -> String {
     }
 }
 
+/// What a failed connect to the control socket means for the user.
+fn connect_error(socket: &Path, source: io::Error) -> ClientError {
+    match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_owned())
+        }
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
+        _ => ClientError::Connect {
+            path: socket.to_owned(),
+            source,
+        },
+    }
+}
+
 /// Sends one request and waits for the reply.
 pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ClientError::NotRunning(socket.to_owned())
-            }
-            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
-            _ => ClientError::Connect {
-                path: socket.to_owned(),
-                source,
-            },
-        })?;
+        .map_err(|source| connect_error(socket, source))?;
     let mut connection = Connection::new(stream);
     connection.send(request).await?;
     let response: Response = connection.receive().await?;
@@ -78,17 +83,8 @@ pub fn shared_listener(
 
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
-    let connect_error = |source: io::Error| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            ClientError::NotRunning(socket.to_owned())
-        }
-        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
-        _ => ClientError::Connect {
-            path: socket.to_owned(),
-            source,
-        },
-    };
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_error)?;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|source| connect_error(socket, source))?;
     let request = Request::Listener {
         service: service.clone(),
         protocol,
