@@ -195,20 +195,42 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     .unwrap()
 }
 
-/// A server and client in a network namespace with no program attached, measuring on request,
-/// so "without the program" gets the same long-lived server as "with".
-struct NoProgramPeer {
+/// A server and client in a network namespace of their own, measuring on request.
+struct Peer {
     ask: std::sync::mpsc::Sender<Option<Duration>>,
     answer: std::sync::mpsc::Receiver<f64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl NoProgramPeer {
-    fn start() -> Self {
+impl Peer {
+    /// A namespace of its own with a plain server on :9200; with `program`, the sk_lookup
+    /// program is attached there too (with one binding for another port), so both sides of the
+    /// unbound-port comparison are built the same way.
+    fn start(program: bool) -> Self {
         let (ask, asked) = std::sync::mpsc::channel::<Option<Duration>>();
         let (answered, answer) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let _netns = NetnsGuard::enter();
+            let pin_dir = std::path::PathBuf::from(format!(
+                "/sys/fs/bpf/hotswap-bench-peer-{}-{}",
+                std::process::id(),
+                u8::from(program)
+            ));
+            let _backend = program.then(|| {
+                use hotswap::backend::Backend as _;
+                let netns =
+                    hotswap::socket::netns_inode(std::path::Path::new("/proc/thread-self/ns/net"))
+                        .unwrap();
+                let mut backend =
+                    hotswap::backend::sk_lookup::SkLookupBackend::open(&pin_dir, netns).unwrap();
+                let binding = Binding {
+                    protocol: Protocol::Tcp,
+                    prefix: parse_prefix("127.0.0.1/32").unwrap(),
+                    port: 9999,
+                };
+                backend.add_binding(&binding, 1).unwrap();
+                backend
+            });
             let stop = Arc::new(AtomicBool::new(false));
             let listener = listen("127.0.0.1:9200");
             let fd = listener.as_raw_fd();
@@ -217,6 +239,7 @@ impl NoProgramPeer {
                 let _ = answered.send(tcp_rate("127.0.0.1:9200", false, d));
             }
             stop_servers(&stop, &[fd], vec![server]);
+            let _ = std::fs::remove_dir_all(&pin_dir);
         });
         Self {
             ask,
@@ -231,7 +254,7 @@ impl NoProgramPeer {
     }
 }
 
-impl Drop for NoProgramPeer {
+impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.ask.send(None);
         if let Some(thread) = self.thread.take() {
@@ -302,7 +325,7 @@ fn connection_path(plan: Plan, env: &TestEnv) -> Vec<Value> {
     ];
 
     let d = plan.round;
-    let no_program = NoProgramPeer::start();
+    let (with_program, without_program) = (Peer::start(true), Peer::start(false));
     let (mut steered_c, mut plain_c, mut steered_rr_c, mut plain_rr_c) =
         (vec![], vec![], vec![], vec![]);
     let (mut steered_u, mut plain_u, mut unbound_with, mut unbound_without) =
@@ -314,8 +337,8 @@ fn connection_path(plan: Plan, env: &TestEnv) -> Vec<Value> {
         plain_rr_c.push(tcp_rate("127.0.0.1:9201", true, d));
         steered_u.push(udp_rate("127.0.0.1:9102", d));
         plain_u.push(udp_rate("127.0.0.1:9202", d));
-        unbound_with.push(tcp_rate("127.0.0.1:9200", false, d));
-        unbound_without.push(no_program.measure(d));
+        unbound_with.push(with_program.measure(d));
+        unbound_without.push(without_program.measure(d));
     }
     stop_servers(&stop, &fds, servers);
     vec![
