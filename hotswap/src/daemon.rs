@@ -165,7 +165,11 @@ fn choose_backend(
         BackendChoice::SkLookup => match SkLookupBackend::open(pin_dir, netns) {
             Ok(backend) => Ok(Box::new(backend)),
             Err(err) => match err.unavailable_reason() {
-                Some(reason) => Err(DaemonError::SkLookupUnavailable(reason)),
+                Some(reason) => {
+                    // Leave no empty state directory behind (fails harmlessly if not empty).
+                    let _ = std::fs::remove_dir(pin_dir);
+                    Err(DaemonError::SkLookupUnavailable(reason))
+                }
                 None => Err(BackendError::from(err).into()),
             },
         },
