@@ -323,6 +323,12 @@ fn rollback_and_concurrent_upgrades(backend: &str) {
         Some("generation 1")
     );
     assert_eq!(active(&env, "web"), 1);
+    // Once drained, a generation is gone for good, and rollback says so.
+    let line = env.fails(&["rollback", "web"]);
+    assert!(
+        line.contains("generation 2 was drained and exited"),
+        "{line}"
+    );
 }
 
 fn a_generation_that_dies_on_its_own_is_restarted(backend: &str) {

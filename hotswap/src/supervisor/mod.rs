@@ -395,6 +395,8 @@ struct State {
     upgrading: Option<u32>,
     /// The generation whose exit the running upgrade handles itself (until its grace ends).
     protected: Option<u32>,
+    /// The last previous generation retired, and when: for a helpful `rollback` refusal.
+    last_retired_previous: Option<(u32, Instant)>,
     command: Vec<String>,
     restarts: u32,
     stopping: bool,
@@ -934,6 +936,7 @@ impl Supervisor {
         let _ = std::fs::remove_file(self.notify_dir.join(format!("{id}.sock")));
         if state.previous == Some(id) {
             state.previous = None;
+            state.last_retired_previous = Some((id, Instant::now()));
         }
         // Keep the last few exited generations for `status`.
         let retired: Vec<u32> = state
@@ -1079,7 +1082,14 @@ impl Supervisor {
             service: self.config.service.clone(),
             why,
         };
-        let previous = previous.ok_or_else(|| cannot("there is no previous generation".into()))?;
+        let retired = self.lock().last_retired_previous;
+        let previous = previous.ok_or_else(|| match retired {
+            Some((id, when)) => cannot(format!(
+                "generation {id} was drained and exited {:.0} s ago (rollback works until the old generation is drained, i.e. within --grace after an upgrade)",
+                when.elapsed().as_secs_f64()
+            )),
+            None => cannot("there is no previous generation".into()),
+        })?;
         {
             let state = self.lock();
             let g = state.generations.get(&previous);
@@ -1346,6 +1356,7 @@ pub async fn run(
             previous: None,
             upgrading: Some(0),
             protected: None,
+            last_retired_previous: None,
             command: config.command.clone(),
             restarts: 0,
             stopping: false,
