@@ -331,6 +331,51 @@ fn rollback_and_concurrent_upgrades(backend: &str) {
     );
 }
 
+fn stopping_during_an_upgrade_leaves_nothing_behind(backend: &str) {
+    let env = TestEnv::with_backend("stop-upgrade", backend);
+    let hello = path(example_server());
+    let mut service = RunningService::start(
+        &env,
+        "web",
+        &["--listen", "tcp://127.0.0.1:8080", "--", &hello],
+    );
+    let upgrade = integration_tests::hotswap_command(&env)
+        .args(["upgrade", "web", "--ready", "delay:1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let pids: Vec<i32> = loop {
+        let status = env.status();
+        let supervisor = &status["supervisors"]["web"];
+        if supervisor["upgrading"].as_u64().is_some() {
+            break supervisor["generations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|g| g["pid"].as_i64().map(|p| p as i32))
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(pids.len(), 2);
+    assert!(service.stop().success());
+    let output = upgrade.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("stopping"),
+        "{output:?}"
+    );
+    for pid in pids {
+        let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "));
+        assert!(gone, "generation process {pid} outlived the supervisor");
+    }
+}
+
 fn a_generation_that_dies_on_its_own_is_restarted(backend: &str) {
     let env = TestEnv::with_backend("restart-gen", backend);
     let _service = RunningService::start(
@@ -501,6 +546,7 @@ for_both_backends!(
     udp_datagrams_during_upgrades_are_answered_exactly_once,
     failed_upgrades_keep_the_old_generation,
     rollback_and_concurrent_upgrades,
+    stopping_during_an_upgrade_leaves_nothing_behind,
     a_generation_that_dies_on_its_own_is_restarted,
     bad_run_and_upgrade_arguments_are_refused,
 );

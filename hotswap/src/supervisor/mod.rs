@@ -1005,6 +1005,19 @@ impl Supervisor {
             pid.map_or("?".into(), |p| p.to_string())
         ));
         let after = self.wait_ready(new, ready_timeout).await?;
+        if self.lock().stopping {
+            // The supervisor is shutting down: do not switch to a generation it will drain.
+            self.kill_and_wait(new, Signal::SIGKILL, Duration::from_secs(5))
+                .await;
+            self.retire_async(
+                new,
+                GenerationState::Failed {
+                    reason: "the supervisor stopped".into(),
+                },
+            )
+            .await;
+            return Err(SupervisorError::Stopping);
+        }
         progress(format!(
             "generation {new} ready after {} ms",
             after.as_millis()
@@ -1432,6 +1445,16 @@ pub async fn run(
     tracing::info!("stopping service {service}: draining every generation");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     supervisor.lock().stopping = true;
+    // Let an upgrade in flight end first (it gives up at its next step), so it cannot switch
+    // while everything is being drained.
+    let patience = supervisor.config.ready_timeout
+        + supervisor.config.grace
+        + supervisor.config.drain_timeout
+        + Duration::from_secs(5);
+    let deadline = Instant::now() + patience;
+    while supervisor.lock().upgrading.is_some() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let live: Vec<u32> = supervisor
         .lock()
         .generations
