@@ -700,6 +700,7 @@ impl Registry {
         service_name: &ServiceName,
         generation: u32,
     ) -> Result<Option<u32>, RegistryError> {
+        self.backend.check_switch()?;
         let service = self
             .services
             .get_mut(service_name)

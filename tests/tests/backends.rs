@@ -79,6 +79,8 @@ fn the_uds_backend_refuses_what_it_cannot_do() {
     assert!(line.contains("one shared socket per protocol"), "{line}");
     // The address is really taken by the daemon.
     assert!(std::net::TcpListener::bind("127.0.0.1:8080").is_err());
+    let line = env.fails(&["switch", "web", "1"]);
+    assert!(line.contains("the uds backend cannot switch"), "{line}");
     let line = env.fails(&["metrics"]);
     assert!(line.contains("needs the sk_lookup backend"), "{line}");
     // A socket that is not the shared one cannot serve.

@@ -102,6 +102,10 @@ pub trait Backend: Send {
         service_id: u32,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, BackendError>;
+    /// Whether `switch` can move new connections from one generation to another here.
+    fn check_switch(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Checks that the socket with `cookie` may serve the service's `protocol`.
     fn check_socket(
         &self,

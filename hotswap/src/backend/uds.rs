@@ -47,6 +47,9 @@ pub enum UdsError {
     /// The socket offered is not the service's shared one.
     #[error("in the uds backend every generation serves the service's shared {0} socket; get it from the daemon (hotswap run and hotswap::activation::service_listener do)")]
     NotShared(Protocol),
+    /// A switch cannot move connections between generations that share one socket.
+    #[error("the uds backend cannot switch: generations share one socket and both accept until the old one stops; use hotswap upgrade or rollback (they drain the old generation), or stop the old process")]
+    CannotSwitch,
     /// The operation needs the sk_lookup program.
     #[error("{0} needs the sk_lookup backend")]
     Unsupported(&'static str),
@@ -201,6 +204,10 @@ impl Backend for UdsBackend {
             })?)),
             None => Ok(None),
         }
+    }
+
+    fn check_switch(&self) -> Result<(), BackendError> {
+        Err(UdsError::CannotSwitch.into())
     }
 
     fn check_socket(

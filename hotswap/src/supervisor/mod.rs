@@ -756,15 +756,20 @@ impl Supervisor {
 
     /// Makes `id` active in the kernel.
     async fn switch_to(&self, id: u32) -> Result<Option<u32>, SupervisorError> {
-        let reply = self
-            .daemon(Request::Switch {
-                service: self.config.service.clone(),
-                generation: id,
-            })
-            .await?;
-        let Reply::Switched { .. } = reply else {
-            return Err(SupervisorError::UnexpectedReply("to switch".into()));
-        };
+        let shared = self.lock().generations.get(&id).is_some_and(|g| g.shared);
+        // On a shared socket there is nothing to move: the new generation accepts already, and
+        // the old one stops when it is drained.
+        if !shared {
+            let reply = self
+                .daemon(Request::Switch {
+                    service: self.config.service.clone(),
+                    generation: id,
+                })
+                .await?;
+            let Reply::Switched { .. } = reply else {
+                return Err(SupervisorError::UnexpectedReply("to switch".into()));
+            };
+        }
         let mut state = self.lock();
         let previous = state.active.replace(id);
         if let Some(prev) = previous.filter(|&p| p != id) {
