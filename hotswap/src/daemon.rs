@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     backend::{
-        sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, NETNS_PATH},
+        sk_lookup::{default_pin_dir, SkLookupBackend, NETNS_PATH},
         uds::UdsBackend,
         Backend, BackendError,
     },
@@ -422,13 +422,4 @@ fn handle(
         }),
     };
     reply.map(|reply| (reply, None))
-}
-
-/// Whether an sk_lookup error means the daemon lost a race for its state directory.
-pub fn is_already_running(err: &DaemonError) -> bool {
-    matches!(
-        err,
-        DaemonError::SocketInUse(_)
-            | DaemonError::Backend(BackendError::SkLookup(SkLookupError::Locked(_)))
-    )
 }

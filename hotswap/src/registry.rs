@@ -295,6 +295,41 @@ pub struct Reaped {
     pub process_exited: bool,
 }
 
+/// Takes a generation that has left the registry out of the backend: its protocols' sockets
+/// leave the map where it was active (the service then has none), and its record goes. Every
+/// step is tried; the first error is returned.
+fn let_go(
+    backend: &mut dyn Backend,
+    service: &mut Service,
+    id: u32,
+    generation: &Generation,
+) -> Result<(), BackendError> {
+    let mut first_error = None;
+    let mut was_active = false;
+    for protocol in generation.protocols() {
+        if service.active(protocol) == id {
+            was_active = true;
+            if let Err(err) = backend.deactivate(service.id, protocol) {
+                first_error.get_or_insert(err);
+            }
+            service.set_active(protocol, 0);
+        }
+    }
+    if was_active {
+        if let Err(err) = backend.save_service(service.id, &service.record, false) {
+            first_error.get_or_insert(err);
+        }
+    }
+    let key = GenerationKey {
+        service_id: service.id,
+        generation: id,
+    };
+    if let Err(err) = backend.forget_generation(&key) {
+        first_error.get_or_insert(err);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// Puts each socket in front of its protocol's connections (one map update each) and records
 /// the generation as active for them. On failure, the protocols switched so far are switched
 /// back to what they had.
@@ -750,18 +785,7 @@ impl Registry {
                 generation,
             }
         })?;
-        for protocol in gone.protocols() {
-            if service.active(protocol) == generation {
-                self.backend.deactivate(service.id, protocol)?;
-                service.set_active(protocol, 0);
-            }
-        }
-        self.backend
-            .save_service(service.id, &service.record, false)?;
-        self.backend.forget_generation(&GenerationKey {
-            service_id: service.id,
-            generation,
-        })?;
+        let_go(self.backend.as_mut(), service, generation, &gone)?;
         Ok(())
     }
 
@@ -779,33 +803,11 @@ impl Registry {
                 .collect();
             for id in gone {
                 let generation = service.generations.remove(&id).expect("listed above");
-                let mut was_active = false;
-                for protocol in generation.protocols() {
-                    if service.active(protocol) != id {
-                        continue;
-                    }
-                    was_active = true;
-                    // Usually the closed socket has left the map already; a socket the process
-                    // handed to someone else before exiting has not.
-                    if let Err(err) = self.backend.deactivate(service.id, protocol) {
-                        tracing::warn!("clearing the {protocol} socket of service {name}: {err}");
-                    }
-                    service.set_active(protocol, 0);
-                }
-                if was_active {
-                    if let Err(err) = self
-                        .backend
-                        .save_service(service.id, &service.record, false)
-                    {
-                        tracing::warn!("recording service {name}: {err}");
-                    }
-                }
-                let key = GenerationKey {
-                    service_id: service.id,
-                    generation: id,
-                };
-                if let Err(err) = self.backend.forget_generation(&key) {
-                    tracing::warn!("forgetting generation {id} of service {name}: {err}");
+                let was_active = generation.protocols().any(|p| service.active(p) == id);
+                // Usually a closed socket has left the map already; a socket the process handed
+                // to someone else before exiting has not.
+                if let Err(err) = let_go(self.backend.as_mut(), service, id, &generation) {
+                    tracing::warn!("letting go of generation {id} of service {name}: {err}");
                 }
                 reaped.push(Reaped {
                     service: name.clone(),
