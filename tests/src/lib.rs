@@ -436,32 +436,50 @@ impl LoadReport {
     }
 }
 
-/// A client opening one TCP connection after another, each with one request, until stopped
-/// (bounded by `max_requests` and [`PATIENCE`] times 3).
-pub struct Load {
+/// A failed request, and whether it failed already at connecting.
+struct Failed {
+    error: std::io::Error,
+    at_connect: bool,
+}
+
+impl From<std::io::Error> for Failed {
+    fn from(error: std::io::Error) -> Self {
+        Self {
+            error,
+            at_connect: false,
+        }
+    }
+}
+
+/// A client thread making one request after another until stopped, bounded by a number of
+/// requests and a time; the load generators below differ only in what one request is.
+struct Running {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<LoadReport>,
 }
 
-impl Load {
-    /// Starts the client against `addr`.
-    pub fn start(addr: &str, max_requests: u64) -> Self {
+impl Running {
+    fn spawn(
+        max_requests: u64,
+        bound: Duration,
+        mut request: impl FnMut() -> Result<String, Failed> + Send + 'static,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let addr = addr.to_owned();
         let flag = Arc::clone(&stop);
         let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + PATIENCE * 3;
+            let deadline = Instant::now() + bound;
             let mut report = LoadReport::default();
             for _ in 0..max_requests {
                 if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
                     break;
                 }
-                match tcp_request(&addr) {
+                match request() {
                     Ok(reply) => *report.replies.entry(reply).or_default() += 1,
-                    Err(err) => {
+                    Err(failed) => {
                         report.failed += 1;
+                        report.failed_connections += u64::from(failed.at_connect);
                         if report.failures.len() < 20 {
-                            report.failures.push(err.to_string());
+                            report.failures.push(failed.error.to_string());
                         }
                     }
                 }
@@ -471,10 +489,28 @@ impl Load {
         Self { stop, handle }
     }
 
-    /// Stops the client and returns what it saw.
-    pub fn stop(self) -> LoadReport {
+    fn stop(self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("load thread")
+    }
+}
+
+/// A client opening one TCP connection after another, each with one request, until stopped
+/// (bounded by `max_requests` and [`PATIENCE`] times 3).
+pub struct Load(Running);
+
+impl Load {
+    /// Starts the client against `addr`.
+    pub fn start(addr: &str, max_requests: u64) -> Self {
+        let addr = addr.to_owned();
+        Self(Running::spawn(max_requests, PATIENCE * 3, move || {
+            Ok(tcp_request(&addr)?)
+        }))
+    }
+
+    /// Stops the client and returns what it saw.
+    pub fn stop(self) -> LoadReport {
+        self.0.stop()
     }
 }
 
@@ -612,60 +648,40 @@ pub fn http_exchange(stream: &mut BufReader<TcpStream>) -> std::io::Result<(Stri
 
 /// Continuous HTTP load: either a new connection per request, or keep-alive connections that
 /// reconnect when the server says `connection: close` (which is not a failure).
-pub struct HttpLoad {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<LoadReport>,
-}
+pub struct HttpLoad(Running);
 
 impl HttpLoad {
     /// Starts the client.
     pub fn start(addr: &str, keep_alive: bool, max_requests: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
         let addr = addr.to_owned();
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + PATIENCE * 30;
-            let mut report = LoadReport::default();
-            let mut connection: Option<BufReader<TcpStream>> = None;
-            for _ in 0..max_requests {
-                if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    break;
-                }
-                let mut connect_failed = false;
-                let result = (|| {
-                    if connection.is_none() {
-                        let stream =
-                            TcpStream::connect(&addr).inspect_err(|_| connect_failed = true)?;
-                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                        connection = Some(BufReader::new(stream));
-                    }
-                    let (body, close) = http_exchange(connection.as_mut().unwrap())?;
+        let mut connection: Option<BufReader<TcpStream>> = None;
+        Self(Running::spawn(max_requests, PATIENCE * 30, move || {
+            if connection.is_none() {
+                let stream = TcpStream::connect(&addr).map_err(|error| Failed {
+                    error,
+                    at_connect: true,
+                })?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                connection = Some(BufReader::new(stream));
+            }
+            match http_exchange(connection.as_mut().expect("connected above")) {
+                Ok((body, close)) => {
                     if close || !keep_alive {
                         connection = None;
                     }
-                    Ok::<_, std::io::Error>(body)
-                })();
-                match result {
-                    Ok(body) => *report.replies.entry(body).or_default() += 1,
-                    Err(err) => {
-                        connection = None;
-                        report.failed += 1;
-                        report.failed_connections += u64::from(connect_failed);
-                        if report.failures.len() < 20 {
-                            report.failures.push(err.to_string());
-                        }
-                    }
+                    Ok(body)
+                }
+                Err(error) => {
+                    connection = None;
+                    Err(error.into())
                 }
             }
-            report
-        });
-        Self { stop, handle }
+        }))
     }
 
     /// Stops the client and returns what it saw.
     pub fn stop(self) -> LoadReport {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("load thread")
+        self.0.stop()
     }
 }
 
