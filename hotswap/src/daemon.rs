@@ -29,6 +29,7 @@ use crate::{
     protocol::{Connection, Reply, Request, Response},
     registry::{Registry, RegistryError},
     socket::netns_inode,
+    PathError,
 };
 
 /// The control socket's default path.
@@ -57,16 +58,8 @@ pub enum DaemonError {
     #[error("another hotswap daemon is already serving control socket {0}")]
     SocketInUse(PathBuf),
     /// A file-system or socket operation failed.
-    #[error("{what} {path} failed")]
-    Io {
-        /// What was tried.
-        what: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::PathError),
     /// `--backend sk-lookup` where it cannot work.
     #[error("--backend sk-lookup cannot work here: {0} (`hotswap doctor` says more; --backend auto would use uds)")]
     SkLookupUnavailable(String),
@@ -84,15 +77,10 @@ pub enum DaemonError {
     Logger(#[from] aya_log::Error),
 }
 
-fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DaemonError {
-    let path = path.to_owned();
-    move |source| DaemonError::Io { what, path, source }
-}
-
 /// Takes `<socket>.lock`, so two daemons never fight over one socket path.
 fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+        std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
     }
     let mut lock_path = socket.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -106,16 +94,12 @@ fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> 
         // Never follow a symlink someone planted where the lock goes.
         .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
-        .map_err(io_error("opening", &lock_path))?;
+        .map_err(PathError::at("opening", &lock_path))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
             DaemonError::SocketInUse(socket.to_owned())
         } else {
-            DaemonError::Io {
-                what: "locking",
-                path: lock_path,
-                source: errno.into(),
-            }
+            PathError::at("locking", &lock_path)(errno.into()).into()
         }
     })
 }
@@ -125,7 +109,7 @@ fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     // We hold the lock, so a file left here is a dead daemon's.
     match std::fs::remove_file(socket) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            return Err(io_error("removing stale", socket)(err))
+            return Err(PathError::at("removing stale", socket)(err).into())
         }
         _ => {}
     }
@@ -133,9 +117,9 @@ fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(socket);
     nix::sys::stat::umask(old);
-    let listener = listener.map_err(io_error("binding", socket))?;
+    let listener = listener.map_err(PathError::at("binding", socket))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_error("restricting", socket))?;
+        .map_err(PathError::at("restricting", socket))?;
     Ok(listener)
 }
 
@@ -196,10 +180,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let ns_path = Path::new(NETNS_PATH);
-    let netns = netns_inode(ns_path).map_err(io_error("reading", ns_path))?;
+    let netns = netns_inode(ns_path).map_err(PathError::at("reading", ns_path))?;
     let pin_dir = match &config.pin_dir {
         Some(dir) => dir.clone(),
-        None => default_pin_dir().map_err(io_error("reading", ns_path))?,
+        None => default_pin_dir().map_err(PathError::at("reading", ns_path))?,
     };
     let _socket_lock = lock_socket_path(&config.socket)?;
     let backend = choose_backend(config.backend, &pin_dir, netns)?;
@@ -272,7 +256,7 @@ fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, Dae
     let logger = aya_log::EbpfLogger::init_from_id(program_id)?;
     // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
     let mut logger = unsafe { AsyncFd::register(logger) }
-        .map_err(|e| io_error("polling", Path::new("AYA_LOGS"))(e.into()))?;
+        .map_err(|e| PathError::at("polling", Path::new("AYA_LOGS"))(e.into()))?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = logger.readable_mut().await else {

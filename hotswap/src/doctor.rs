@@ -85,11 +85,7 @@ fn effective_capabilities() -> u64 {
 fn probe_sk_lookup() -> Result<(), SkLookupError> {
     let scratch =
         std::path::PathBuf::from(format!("/sys/fs/bpf/hotswap-doctor-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|source| SkLookupError::Io {
-        what: "creating",
-        path: scratch.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&scratch).map_err(crate::PathError::at("creating", &scratch))?;
     let result = (|| {
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&scratch)

@@ -15,6 +15,27 @@ pub mod registry;
 pub mod socket;
 pub mod supervisor;
 
+/// A file-system or socket operation on a path failed; the modules' error enums carry it.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {} failed", path.display())]
+pub struct PathError {
+    /// What was tried, e.g. `creating`.
+    pub what: &'static str,
+    /// On which path.
+    pub path: std::path::PathBuf,
+    /// The error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PathError {
+    /// A `map_err` adapter: `std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))`.
+    pub fn at(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| Self { what, path, source }
+    }
+}
+
 /// An error and all its causes on one line, `outer: inner: innermost`.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();

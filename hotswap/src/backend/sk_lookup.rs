@@ -31,6 +31,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::{Backend, BackendError, BackendInfo, PersistedState};
 use crate::model::{Binding, Protocol};
+use crate::PathError;
 
 /// The compiled sk_lookup program, built by `build.rs`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -73,17 +74,9 @@ pub enum SkLookupError {
     /// Another daemon holds the state directory.
     #[error("another hotswap daemon is already running on pin dir {0}")]
     Locked(PathBuf),
-    /// A file-system operation on the state directory failed.
-    #[error("{what} {path} failed")]
-    Io {
-        /// What was tried.
-        what: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    /// A file-system or socket operation failed.
+    #[error(transparent)]
+    Io(#[from] crate::PathError),
     /// Loading the object file or creating its maps failed.
     #[error("loading the sk_lookup program failed")]
     Load(#[source] Box<aya::EbpfError>),
@@ -111,11 +104,6 @@ pub enum SkLookupError {
         #[source]
         source: MapError,
     },
-}
-
-fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SkLookupError {
-    let path = path.to_owned();
-    move |source| SkLookupError::Io { what, path, source }
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> SkLookupError {
@@ -188,17 +176,13 @@ impl SkLookupBackend {
     /// steering never stops.
     pub fn open(pin_dir: &Path, netns: u64) -> Result<Self, SkLookupError> {
         ensure_bpffs(pin_dir)?;
-        std::fs::create_dir_all(pin_dir).map_err(io_error("creating", pin_dir))?;
-        let dir = File::open(pin_dir).map_err(io_error("opening", pin_dir))?;
+        std::fs::create_dir_all(pin_dir).map_err(PathError::at("creating", pin_dir))?;
+        let dir = File::open(pin_dir).map_err(PathError::at("opening", pin_dir))?;
         let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
             if errno == nix::errno::Errno::EWOULDBLOCK {
                 SkLookupError::Locked(pin_dir.to_owned())
             } else {
-                SkLookupError::Io {
-                    what: "locking",
-                    path: pin_dir.to_owned(),
-                    source: errno.into(),
-                }
+                PathError::at("locking", pin_dir)(errno.into()).into()
             }
         })?;
 
@@ -208,7 +192,7 @@ impl SkLookupBackend {
         if link_path.exists() {
             let owner = open_pin(&link_path)
                 .and_then(|link| link_netns_inode(link.as_fd()))
-                .map_err(io_error("inspecting", &link_path))?;
+                .map_err(PathError::at("inspecting", &link_path))?;
             if owner == 0 {
                 // The namespace this state served is gone (its inode number was reused by
                 // ours): its bindings mean nothing here.
@@ -271,8 +255,8 @@ impl SkLookupBackend {
             }
             pinned => {
                 let upgrading = pinned.is_some();
-                let netns =
-                    File::open(NETNS_PATH).map_err(io_error("opening", Path::new(NETNS_PATH)))?;
+                let netns = File::open(NETNS_PATH)
+                    .map_err(PathError::at("opening", Path::new(NETNS_PATH)))?;
                 let link_id = program
                     .attach(netns.as_fd())
                     .map_err(program_error("attaching"))?;
@@ -293,9 +277,9 @@ impl SkLookupBackend {
                 link.pin(&new_link_path)
                     .map_err(|e| SkLookupError::Pin(new_link_path.clone(), e))?;
                 std::fs::rename(&new_program_path, &program_path)
-                    .map_err(io_error("renaming", &new_program_path))?;
+                    .map_err(PathError::at("renaming", &new_program_path))?;
                 std::fs::rename(&new_link_path, &link_path)
-                    .map_err(io_error("renaming", &new_link_path))?;
+                    .map_err(PathError::at("renaming", &new_link_path))?;
                 drop(pinned);
                 let reason = if upgrading {
                     "sk_lookup program upgraded: the pinned one differed from this build's"
@@ -388,7 +372,7 @@ impl SkLookupError {
             Self::MountBpffs(e) => *e as i32,
             Self::Load(e) => errno(e.as_ref())?,
             Self::Program { source, .. } => errno(source.as_ref())?,
-            Self::Io { source, .. } => source.raw_os_error()?,
+            Self::Io(e) => e.source.raw_os_error()?,
             _ => return None,
         };
         match code {
@@ -422,10 +406,10 @@ fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
 
 /// Removes every pin in the state directory (maps, program, link).
 fn discard_state(pin_dir: &Path) -> Result<(), SkLookupError> {
-    let entries = std::fs::read_dir(pin_dir).map_err(io_error("reading", pin_dir))?;
+    let entries = std::fs::read_dir(pin_dir).map_err(PathError::at("reading", pin_dir))?;
     for entry in entries.flatten() {
         let path = entry.path();
-        std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+        std::fs::remove_file(&path).map_err(PathError::at("removing", &path))?;
     }
     Ok(())
 }

@@ -48,6 +48,7 @@ use crate::{
     error_chain,
     model::{Protocol, ServiceName},
     protocol::{Connection, FrameError, Reply, Request},
+    PathError,
 };
 
 /// How long a drained socket's queue must stay empty before the drain signal is sent: covers
@@ -117,16 +118,8 @@ pub enum SupervisorError {
         source: io::Error,
     },
     /// A file-system or socket operation failed.
-    #[error("{what} {path} failed")]
-    Io {
-        /// What.
-        what: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::PathError),
     /// Another supervisor runs the service.
     #[error("service {0} is already run by another `hotswap run`")]
     AlreadyRunning(ServiceName),
@@ -595,11 +588,7 @@ impl Supervisor {
     fn notify_socket(&self, id: u32) -> Result<UnixDatagram, SupervisorError> {
         let path = self.notify_dir.join(format!("{id}.sock"));
         let _ = std::fs::remove_file(&path);
-        UnixDatagram::bind(&path).map_err(|source| SupervisorError::Io {
-            what: "binding notify socket",
-            path,
-            source,
-        })
+        Ok(UnixDatagram::bind(&path).map_err(PathError::at("binding notify socket", &path))?)
     }
 
     /// Starts (or restarts) generation `id`'s process on its sockets.
@@ -1346,12 +1335,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SupervisorError> {
     let control_path = supervisor_socket(&config.daemon_socket, &config.service);
-    let io_error = |what: &'static str, path: &Path| {
-        let path = path.to_owned();
-        move |source| SupervisorError::Io { what, path, source }
-    };
     if let Some(dir) = control_path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+        std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
     }
     let lock_path = control_path.with_extension("lock");
     let lock_file = std::fs::OpenOptions::new()
@@ -1359,12 +1344,12 @@ pub async fn run(
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(io_error("opening", &lock_path))?;
+        .map_err(PathError::at("opening", &lock_path))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| SupervisorError::AlreadyRunning(config.service.clone()))?;
     let notify_dir = control_path.with_extension("notify");
     let _ = std::fs::remove_dir_all(&notify_dir);
-    std::fs::create_dir_all(&notify_dir).map_err(io_error("creating", &notify_dir))?;
+    std::fs::create_dir_all(&notify_dir).map_err(PathError::at("creating", &notify_dir))?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let supervisor = Arc::new(Supervisor {
@@ -1420,11 +1405,12 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     let _ = std::fs::remove_file(&control_path);
-    let listener = UnixListener::bind(&control_path).map_err(io_error("binding", &control_path))?;
+    let listener =
+        UnixListener::bind(&control_path).map_err(PathError::at("binding", &control_path))?;
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_error("restricting", &control_path))?;
+            .map_err(PathError::at("restricting", &control_path))?;
     }
     tracing::info!(
         "service {service} running; control socket {}",
@@ -1490,11 +1476,7 @@ pub async fn request(
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
                 SupervisorError::NotRunning(service.clone())
             }
-            _ => SupervisorError::Io {
-                what: "connecting to",
-                path: path.clone(),
-                source: e,
-            },
+            _ => PathError::at("connecting to", &path)(e).into(),
         })?;
     let mut connection = Connection::new(stream);
     connection.send(request).await?;
