@@ -473,6 +473,19 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
             "web",
             "--listen",
             "tcp://127.0.0.1:8080",
+            "--drain-settle",
+            "soon",
+            "--",
+            &hello,
+        ],
+        "invalid value 'soon' for '--drain-settle",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
             "--drain-signal",
             "SIGFOO",
             "--",
@@ -526,6 +539,34 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
         ],
         "already run by another",
     );
+}
+
+/// The old generation gets its drain signal only once `--drain-settle` has passed since the
+/// switch. sk_lookup only: in uds the queue is shared, so there is nothing to settle.
+#[test]
+fn the_drain_signal_waits_for_the_settle_time() {
+    let env = TestEnv::with_backend("drain-settle", "sk-lookup");
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "notify",
+            "--grace",
+            "20ms",
+            "--drain-settle",
+            "1500ms",
+            "--",
+            &path(example_server()),
+        ],
+    );
+    let start = Instant::now();
+    let out = upgrade(&env, &["web"]);
+    let took = start.elapsed();
+    assert!(out.contains("queue drained; sent SIGTERM"), "{out}");
+    assert!(took >= Duration::from_millis(1500), "{took:?}\n{out}");
 }
 
 /// Every lifecycle test runs against both backends: same commands, same promises.

@@ -37,6 +37,11 @@ pub struct Args {
     /// An old generation still running this long after the drain signal is killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// After the switch, the old generation's queue is watched this long before the drain
+    /// signal, so handshakes half done at the switch reach it first: keep it above your
+    /// clients' round-trip time.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    drain_settle: Duration,
     /// If a new generation dies within this time after the switch, switch back.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
@@ -62,6 +67,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         ready_timeout: args.ready_timeout,
         drain_signal: args.drain_signal,
         drain_timeout: args.drain_timeout,
+        drain_settle: args.drain_settle,
         grace: args.grace,
         command: args.command,
         daemon_socket: socket,

@@ -7,8 +7,9 @@
 //! The accept-queue problem (DESIGN.md §4): the supervisor holds every socket it created and
 //! registers *its own* fds with the daemon. After a switch no new connection reaches the old
 //! socket, but connections already queued there belong to it. The supervisor waits until the
-//! old socket's queue (`TCP_INFO.tcpi_unacked` on a listener; `SIOCINQ` for UDP) is empty and
-//! has stayed empty for a settle time, and only then sends the drain signal. A server that
+//! old socket's queue (`TCP_INFO.tcpi_unacked` on a listener; `SIOCINQ` for UDP) is empty, and
+//! at least a settle time has passed since the switch (handshakes half done at the switch land
+//! in the old queue within a round trip), and only then sends the drain signal. A server that
 //! closes its listener at once loses nothing: the queue is empty and the supervisor's copy keeps
 //! the socket open until the process has exited.
 
@@ -51,10 +52,6 @@ use crate::{
     PathError,
 };
 
-/// How long a drained socket's queue must stay empty before the drain signal is sent: covers
-/// handshakes that were half done at the switch.
-pub const DRAIN_SETTLE: Duration = Duration::from_millis(100);
-
 /// First and longest wait before restarting a generation that died on its own.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
@@ -76,6 +73,9 @@ pub struct RunConfig {
     pub drain_signal: Signal,
     /// How long a draining generation may take before it is killed.
     pub drain_timeout: Duration,
+    /// How long after the switch an old generation's queue is watched before the drain
+    /// signal, so handshakes half done at the switch land in it first.
+    pub drain_settle: Duration,
     /// How long after a switch a new generation's death rolls back automatically.
     pub grace: Duration,
     /// The command.
@@ -794,8 +794,17 @@ impl Supervisor {
             }
             None => return,
         };
-        let mut empty_since: Option<Instant> = None;
-        loop {
+        // A handshake half done at the switch completes into the old socket's queue within a
+        // round trip; the settle time, counted from the switch, covers it. After that, an empty
+        // queue stays empty. A shared (uds) queue is not the old generation's to drain.
+        let settled_at = self
+            .lock()
+            .generations
+            .get(&id)
+            .and_then(|g| g.switched_away)
+            .unwrap_or_else(Instant::now)
+            + self.config.drain_settle;
+        while !protocols.is_empty() {
             if self.lock().generations.get(&id).is_none_or(|g| !g.alive()) {
                 // Died meanwhile: what it left queued cannot be accepted any more.
                 break;
@@ -804,11 +813,8 @@ impl Supervisor {
                 .iter()
                 .all(|&p| self.queue_len(id, p).unwrap_or(0) == 0);
             let now = Instant::now();
-            match (empty, empty_since) {
-                (true, Some(since)) if now - since >= DRAIN_SETTLE => break,
-                (true, None) => empty_since = Some(now),
-                (false, _) => empty_since = None,
-                _ => {}
+            if empty && now >= settled_at {
+                break;
             }
             if now >= deadline {
                 progress(format!(
