@@ -28,5 +28,43 @@ fn the_bench_runs_end_to_end() {
     assert_eq!(report["connection_path"].as_array().unwrap().len(), 4);
     assert!(report["switch"]["map_update_us"]["p50"].as_f64().is_some());
     assert_eq!(report["upgrades"].as_array().unwrap().len(), 4);
+    assert_eq!(report["peers"].as_array().unwrap().len(), 2);
     assert!(report["scale"]["verified_instructions"].as_u64().unwrap() > 0);
+    for operation in ["bind", "bind_new_service", "register", "switch"] {
+        assert!(
+            report["scale"]["control_plane_per_second"][operation]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+    }
+}
+
+#[test]
+fn the_bench_runs_only_the_sections_asked_for() {
+    let bench = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("hotswap-bench");
+    let out = Command::new(&bench)
+        .args(["--smoke", "--only", "switch"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("map update"), "{table}");
+    assert!(!table.contains("s/upgrade"), "{table}");
+
+    let out = Command::new(&bench)
+        .args(["--smoke", "--only", "switch,warp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown bench section \"warp\""));
 }

@@ -38,6 +38,10 @@ enum Task {
         /// Also write the figures as JSON to this file.
         #[arg(long, value_name = "PATH")]
         json: Option<std::path::PathBuf>,
+        /// Run only these sections (comma-separated); the table and JSON hold just them.
+        #[arg(long, value_delimiter = ',', value_name = "SECTION",
+              value_parser = ["path", "switch", "upgrades", "peers", "scale"])]
+        only: Vec<String>,
     },
     /// Set up, build, and run every test: unit tests and the privileged integration tests.
     Test {
@@ -54,7 +58,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
         Task::Demo => demo(),
-        Task::Bench { quick, json } => bench(quick, json),
+        Task::Bench { quick, json, only } => bench(quick, json, only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,7 +127,7 @@ fn demo() -> Result<()> {
     ]))
 }
 
-fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
+fn bench(quick: bool, json: Option<std::path::PathBuf>, only: Vec<String>) -> Result<()> {
     setup::ensure_all()?;
     require_root("the bench")?;
     setup::ensure_debian_packages(setup::BENCH_PEERS)?;
@@ -151,6 +155,9 @@ fn bench(quick: bool, json: Option<std::path::PathBuf>) -> Result<()> {
     ]);
     if quick {
         bench.arg("--quick");
+    }
+    if !only.is_empty() {
+        bench.arg("--only").arg(only.join(","));
     }
     if let Some(json) = json {
         // The bench runs from the workspace root; keep the caller's relative path meaning.
