@@ -25,7 +25,19 @@ fn the_bench_runs_end_to_end() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["connection_path"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        report["connection_path"]["ratios"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert!(
+        report["connection_path"]["program_ns_per_run"]["steered_connection"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert!(report["switch"]["map_update_us"]["p50"].as_f64().is_some());
     assert_eq!(report["upgrades"].as_array().unwrap().len(), 4);
     assert_eq!(report["peers"].as_array().unwrap().len(), 2);

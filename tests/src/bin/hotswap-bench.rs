@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -195,31 +195,53 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     .unwrap()
 }
 
-/// What a [`Peer`]'s namespace holds around its server on 127.0.0.1:9200.
+/// What a [`Peer`]'s namespace holds around its servers on 127.0.0.1: tcp :9200 (accept and
+/// close), tcp :9201 (one line each way), udp :9202 (echo).
 #[derive(Clone, Copy)]
 enum PeerSetup {
-    /// A plain listener on :9200, no program.
+    /// The servers listen on those ports; no program.
     NoProgram,
-    /// A plain listener on :9200, the program attached with one binding for another port.
+    /// The servers listen on those ports; the program is attached, with one binding for
+    /// another port.
     Unbound,
-    /// :9200 bound and steered to a listener on another port, plus `bindings` bindings of
-    /// another service and `services` services of one binding each (IPv6 /128s no traffic
-    /// matches).
+    /// The three addresses are bound and steered to the servers' sockets on other ports, plus
+    /// `bindings` bindings of another service and `services` services of one binding each
+    /// (IPv6 /128s no traffic matches).
     Steered { bindings: usize, services: usize },
 }
 
-/// A server and client in a network namespace of their own, measuring on request. Peers let
-/// two setups that cannot share a namespace be measured in interleaved rounds.
+/// What a [`Peer`] measures.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// TCP connect + accept + close per second.
+    Connections,
+    /// TCP connections with one small request and response per second.
+    RequestResponse,
+    /// UDP echo exchanges per second.
+    Datagrams,
+}
+
+/// Service ids in a steered peer: the TCP addresses, then the fillers.
+const PEER_CONNECT: u32 = 1;
+const PEER_REQUEST: u32 = 2;
+const PEER_FILLER: u32 = 3;
+
+/// Servers and a client in a network namespace of their own, measuring on request. Every
+/// comparison is between peers built alike, measured in interleaved rounds. All of a peer's
+/// threads run on one CPU: on a 2-core VM, where the scheduler puts a client and its server
+/// otherwise decides more than the path does; on one CPU the figure is the path's CPU cost.
 struct Peer {
-    ask: std::sync::mpsc::Sender<Option<Duration>>,
+    ask: std::sync::mpsc::Sender<Option<(Measure, Duration)>>,
     answer: std::sync::mpsc::Receiver<f64>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The peer's sk_lookup program, where it has one.
+    program_id: Option<u32>,
 }
 
 impl Peer {
     fn start(setup: PeerSetup) -> Self {
         static PEERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let (ask, asked) = std::sync::mpsc::channel::<Option<Duration>>();
+        let (ask, asked) = std::sync::mpsc::channel::<Option<(Measure, Duration)>>();
         let (answered, answer) = std::sync::mpsc::channel();
         let (started, start) = std::sync::mpsc::channel();
         let pin_dir = std::path::PathBuf::from(format!(
@@ -230,6 +252,10 @@ impl Peer {
         let thread = std::thread::spawn(move || {
             use hotswap::backend::Backend as _;
             let _netns = NetnsGuard::enter();
+            // Threads spawned from here (the servers) inherit the CPU.
+            let mut cpu = nix::sched::CpuSet::new();
+            cpu.set(0).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
             let mut backend = match setup {
                 PeerSetup::NoProgram => None,
                 _ => {
@@ -243,56 +269,109 @@ impl Peer {
                     )
                 }
             };
-            let tcp = |prefix: &str, port| Binding {
-                protocol: Protocol::Tcp,
+            let binding = |protocol, prefix: &str, port| Binding {
+                protocol,
                 prefix: parse_prefix(prefix).unwrap(),
                 port,
             };
-            let listener = match (setup, backend.as_mut()) {
+            let (connect, request, datagram) = match (setup, backend.as_mut()) {
                 (PeerSetup::Steered { bindings, services }, Some(backend)) => {
-                    let listener = listen("127.0.0.1:0");
-                    backend.add_binding(&tcp("127.0.0.1/32", 9200), 1).unwrap();
-                    backend
-                        .activate(1, Protocol::Tcp, std::os::fd::AsFd::as_fd(&listener))
-                        .unwrap();
+                    let sockets = (
+                        listen("127.0.0.1:0"),
+                        listen("127.0.0.1:0"),
+                        UdpSocket::bind("127.0.0.1:0").unwrap(),
+                    );
+                    for (protocol, port, service, fd) in [
+                        (Protocol::Tcp, 9200, PEER_CONNECT, sockets.0.as_fd()),
+                        (Protocol::Tcp, 9201, PEER_REQUEST, sockets.1.as_fd()),
+                        (Protocol::Udp, 9202, PEER_CONNECT, sockets.2.as_fd()),
+                    ] {
+                        backend
+                            .add_binding(&binding(protocol, "127.0.0.1/32", port), service)
+                            .unwrap();
+                        backend.activate(service, protocol, fd).unwrap();
+                    }
                     for i in 0..bindings as u32 {
                         let prefix = format!("2001:db8::{:x}:{:x}/128", i >> 16, i & 0xffff);
-                        backend.add_binding(&tcp(&prefix, 80), 2).unwrap();
+                        backend
+                            .add_binding(&binding(Protocol::Tcp, &prefix, 80), PEER_FILLER)
+                            .unwrap();
                     }
                     for i in 0..services as u32 {
                         let prefix = format!("2001:db8:1::{i:x}/128");
-                        backend.add_binding(&tcp(&prefix, 80), 3 + i).unwrap();
+                        backend
+                            .add_binding(&binding(Protocol::Tcp, &prefix, 80), PEER_FILLER + 1 + i)
+                            .unwrap();
                     }
-                    listener
+                    sockets
                 }
-                (_, Some(backend)) => {
-                    backend.add_binding(&tcp("127.0.0.1/32", 9999), 1).unwrap();
-                    listen("127.0.0.1:9200")
+                (_, backend) => {
+                    if let Some(backend) = backend {
+                        backend
+                            .add_binding(
+                                &binding(Protocol::Tcp, "127.0.0.1/32", 9999),
+                                PEER_CONNECT,
+                            )
+                            .unwrap();
+                    }
+                    (
+                        listen("127.0.0.1:9200"),
+                        listen("127.0.0.1:9201"),
+                        UdpSocket::bind("127.0.0.1:9202").unwrap(),
+                    )
                 }
-                (_, None) => listen("127.0.0.1:9200"),
             };
+            let program_id = backend.as_ref().and_then(|b| b.info().program_id);
             let stop = Arc::new(AtomicBool::new(false));
-            let fd = listener.as_raw_fd();
-            let server = tcp_server(listener, false, Arc::clone(&stop));
-            let _ = started.send(());
-            while let Ok(Some(d)) = asked.recv() {
-                let _ = answered.send(tcp_rate("127.0.0.1:9200", false, d));
+            let fds = [connect.as_raw_fd(), request.as_raw_fd()];
+            let servers = vec![
+                tcp_server(connect, false, Arc::clone(&stop)),
+                tcp_server(request, true, Arc::clone(&stop)),
+                udp_server(datagram, Arc::clone(&stop)),
+            ];
+            let _ = started.send(program_id);
+            while let Ok(Some((measure, d))) = asked.recv() {
+                let rate = match measure {
+                    Measure::Connections => tcp_rate("127.0.0.1:9200", false, d),
+                    Measure::RequestResponse => tcp_rate("127.0.0.1:9201", true, d),
+                    Measure::Datagrams => udp_rate("127.0.0.1:9202", d),
+                };
+                let _ = answered.send(rate);
             }
-            stop_servers(&stop, &[fd], vec![server]);
+            stop_servers(&stop, &fds, servers);
             drop(backend);
             let _ = std::fs::remove_dir_all(&pin_dir);
         });
-        start.recv().expect("a bench peer failed to start");
+        let program_id = start.recv().expect("a bench peer failed to start");
         Self {
             ask,
             answer,
             thread: Some(thread),
+            program_id,
         }
     }
 
-    fn measure(&self, d: Duration) -> f64 {
-        self.ask.send(Some(d)).unwrap();
+    fn measure(&self, measure: Measure, d: Duration) -> f64 {
+        self.ask.send(Some((measure, d))).unwrap();
         self.answer.recv().unwrap()
+    }
+
+    /// The peer's program's run time per run over one round of `measure`, from the kernel's
+    /// BPF statistics (which cost time themselves: they are on only for this).
+    fn program_ns_per_run(&self, measure: Measure, d: Duration) -> f64 {
+        let id = self.program_id.expect("a peer with a program");
+        let stats = || {
+            aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .map(|p| (p.run_time().as_nanos() as f64, p.run_count() as f64))
+                .expect("the peer's program is loaded")
+        };
+        let _on = aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap();
+        let (time, count) = stats();
+        self.measure(measure, d);
+        let (time_after, count_after) = stats();
+        (time_after - time) / (count_after - count).max(1.0)
     }
 }
 
@@ -320,94 +399,53 @@ fn ratio_summary(name: &str, a: &[f64], b: &[f64]) -> Value {
     })
 }
 
-fn connection_path(plan: Plan, env: &TestEnv) -> Vec<Value> {
-    let stop = Arc::new(AtomicBool::new(false));
-    // Steered: connections to :9100 go to a socket on another port.
-    env.ok(&["bind", "steer", "tcp", "127.0.0.1/32", "9100"]);
-    env.ok(&["bind", "steerrr", "tcp", "127.0.0.1/32", "9101"]);
-    env.ok(&["bind", "steeru", "udp", "127.0.0.1/32", "9102"]);
-    let steered = listen("127.0.0.1:0");
-    let steered_rr = listen("127.0.0.1:0");
-    let steered_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let me = std::process::id().to_string();
-    for (service, fd) in [
-        ("steer", steered.as_raw_fd()),
-        ("steerrr", steered_rr.as_raw_fd()),
-        ("steeru", steered_udp.as_raw_fd()),
-    ] {
-        env.ok(&[
-            "register",
-            service,
-            "--pid",
-            &me,
-            "--fd",
-            &fd.to_string(),
-            "--activate",
-        ]);
-    }
-    // Plain listeners on their own ports, with the program attached (nobody bound them).
-    let plain = listen("127.0.0.1:9200");
-    let plain_rr = listen("127.0.0.1:9201");
-    let fds = [
-        steered.as_raw_fd(),
-        steered_rr.as_raw_fd(),
-        plain.as_raw_fd(),
-        plain_rr.as_raw_fd(),
-    ];
-    let servers = vec![
-        tcp_server(steered, false, Arc::clone(&stop)),
-        tcp_server(steered_rr, true, Arc::clone(&stop)),
-        udp_server(steered_udp, Arc::clone(&stop)),
-        tcp_server(plain, false, Arc::clone(&stop)),
-        tcp_server(plain_rr, true, Arc::clone(&stop)),
-        udp_server(
-            UdpSocket::bind("127.0.0.1:9202").unwrap(),
-            Arc::clone(&stop),
-        ),
-    ];
-
+fn connection_path(plan: Plan) -> Value {
+    let steered = Peer::start(PeerSetup::Steered {
+        bindings: 0,
+        services: 0,
+    });
+    let plain = Peer::start(PeerSetup::NoProgram);
+    let unbound = Peer::start(PeerSetup::Unbound);
     let d = plan.round;
-    let (with_program, without_program) = (
-        Peer::start(PeerSetup::Unbound),
-        Peer::start(PeerSetup::NoProgram),
-    );
-    let (mut steered_c, mut plain_c, mut steered_rr_c, mut plain_rr_c) =
-        (vec![], vec![], vec![], vec![]);
-    let (mut steered_u, mut plain_u, mut unbound_with, mut unbound_without) =
-        (vec![], vec![], vec![], vec![]);
+    let mut rates: [Vec<f64>; 7] = Default::default();
     for _ in 0..plan.rounds {
-        steered_c.push(tcp_rate("127.0.0.1:9100", false, d));
-        plain_c.push(tcp_rate("127.0.0.1:9200", false, d));
-        steered_rr_c.push(tcp_rate("127.0.0.1:9101", true, d));
-        plain_rr_c.push(tcp_rate("127.0.0.1:9201", true, d));
-        steered_u.push(udp_rate("127.0.0.1:9102", d));
-        plain_u.push(udp_rate("127.0.0.1:9202", d));
-        unbound_with.push(with_program.measure(d));
-        unbound_without.push(without_program.measure(d));
+        rates[0].push(steered.measure(Measure::Connections, d));
+        rates[1].push(plain.measure(Measure::Connections, d));
+        rates[2].push(unbound.measure(Measure::Connections, d));
+        rates[3].push(steered.measure(Measure::RequestResponse, d));
+        rates[4].push(plain.measure(Measure::RequestResponse, d));
+        rates[5].push(steered.measure(Measure::Datagrams, d));
+        rates[6].push(plain.measure(Measure::Datagrams, d));
     }
-    stop_servers(&stop, &fds, servers);
-    vec![
+    // What one run of the program costs, by the kernel's own clock.
+    let program_ns = json!({
+        "steered_connection": steered.program_ns_per_run(Measure::Connections, d),
+        "steered_datagram_exchange": steered.program_ns_per_run(Measure::Datagrams, d),
+        "unbound_connection": unbound.program_ns_per_run(Measure::Connections, d),
+    });
+    let ratios = vec![
         ratio_summary(
-            "tcp connections/s: steered ÷ plain listener",
-            &steered_c,
-            &plain_c,
+            "tcp connections/s: steered ÷ plain listener, no program",
+            &rates[0],
+            &rates[1],
         ),
         ratio_summary(
-            "tcp request/response/s: steered ÷ plain listener",
-            &steered_rr_c,
-            &plain_rr_c,
+            "tcp request/response/s: steered ÷ plain listener, no program",
+            &rates[3],
+            &rates[4],
         ),
         ratio_summary(
-            "udp datagrams/s (echo): steered ÷ plain",
-            &steered_u,
-            &plain_u,
+            "udp datagrams/s (echo): steered ÷ plain socket, no program",
+            &rates[5],
+            &rates[6],
         ),
         ratio_summary(
             "tcp connections/s, unbound port: program attached ÷ no program",
-            &unbound_with,
-            &unbound_without,
+            &rates[2],
+            &rates[1],
         ),
-    ]
+    ];
+    json!({"ratios": ratios, "program_ns_per_run": program_ns})
 }
 
 fn switch_latency(plan: Plan, env: &TestEnv) -> Value {
@@ -724,9 +762,9 @@ fn scale_and_footprint(plan: Plan) -> Value {
     });
     let (mut one_c, mut bindings_c, mut services_c) = (vec![], vec![], vec![]);
     for _ in 0..plan.rounds {
-        one_c.push(one.measure(plan.round));
-        bindings_c.push(bindings.measure(plan.round));
-        services_c.push(services.measure(plan.round));
+        one_c.push(one.measure(Measure::Connections, plan.round));
+        bindings_c.push(bindings.measure(Measure::Connections, plan.round));
+        services_c.push(services.measure(Measure::Connections, plan.round));
     }
     drop((one, bindings, services));
 
@@ -865,19 +903,16 @@ fn main() {
     let started = Instant::now();
 
     let (mut path, mut switch) = (Value::Null, Value::Null);
-    if wanted("path") || wanted("switch") {
-        let env = TestEnv::with_daemon("bench-path");
-        if wanted("path") {
-            eprintln!(
-                "bench: connection path ({} rounds of {:?} each)",
-                plan.rounds, plan.round
-            );
-            path = Value::from(connection_path(plan, &env));
-        }
-        if wanted("switch") {
-            eprintln!("bench: switch latency");
-            switch = switch_latency(plan, &env);
-        }
+    if wanted("path") {
+        eprintln!(
+            "bench: connection path ({} rounds of {:?} each)",
+            plan.rounds, plan.round
+        );
+        path = connection_path(plan);
+    }
+    if wanted("switch") {
+        eprintln!("bench: switch latency");
+        switch = switch_latency(plan, &TestEnv::with_daemon("bench-switch"));
     }
     let mut upgrade_runs = vec![];
     if wanted("upgrades") {
@@ -933,7 +968,7 @@ fn main() {
 
 /// The table on stdout: the same figures as the JSON, for the sections that ran.
 fn print_report(report: &Value) {
-    if let Some(rows) = report["connection_path"].as_array() {
+    if let Some(rows) = report["connection_path"]["ratios"].as_array() {
         println!(
             "\n{:<70} {:>10} {:>16}",
             "connection path (median of interleaved rounds)", "ratio", "spread"
@@ -941,6 +976,13 @@ fn print_report(report: &Value) {
         for row in rows {
             print_ratio(row);
         }
+        let ns = &report["connection_path"]["program_ns_per_run"];
+        println!(
+            "program run time (kernel BPF stats): {:.0} ns per steered connection, {:.0} ns per run in a UDP exchange, {:.0} ns per unbound connection",
+            ns["steered_connection"].as_f64().unwrap(),
+            ns["steered_datagram_exchange"].as_f64().unwrap(),
+            ns["unbound_connection"].as_f64().unwrap(),
+        );
     }
     let s = &report["switch"];
     if !s.is_null() {
