@@ -38,8 +38,8 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 7,
-    round: Duration::from_millis(1500),
+    rounds: 15,
+    round: Duration::from_millis(700),
     map_updates: 100_000,
     cli_switches: 1000,
     upgrades: 1000,
@@ -384,6 +384,20 @@ impl Drop for Peer {
     }
 }
 
+/// Measures each (peer, what) once per round, rotating the order every round so that no side
+/// always goes first; returns the rates in the order given.
+fn interleaved(plan: Plan, runs: &[(&Peer, Measure)]) -> Vec<Vec<f64>> {
+    let mut rates = vec![Vec::with_capacity(plan.rounds); runs.len()];
+    for round in 0..plan.rounds {
+        for i in 0..runs.len() {
+            let k = (i + round) % runs.len();
+            let (peer, measure) = runs[k];
+            rates[k].push(peer.measure(measure, plan.round));
+        }
+    }
+    rates
+}
+
 /// A ratio A/B over interleaved rounds: median ratio and per-round spread.
 fn ratio_summary(name: &str, a: &[f64], b: &[f64]) -> Value {
     let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
@@ -407,16 +421,25 @@ fn connection_path(plan: Plan) -> Value {
     let plain = Peer::start(PeerSetup::NoProgram);
     let unbound = Peer::start(PeerSetup::Unbound);
     let d = plan.round;
-    let mut rates: [Vec<f64>; 7] = Default::default();
-    for _ in 0..plan.rounds {
-        rates[0].push(steered.measure(Measure::Connections, d));
-        rates[1].push(plain.measure(Measure::Connections, d));
-        rates[2].push(unbound.measure(Measure::Connections, d));
-        rates[3].push(steered.measure(Measure::RequestResponse, d));
-        rates[4].push(plain.measure(Measure::RequestResponse, d));
-        rates[5].push(steered.measure(Measure::Datagrams, d));
-        rates[6].push(plain.measure(Measure::Datagrams, d));
-    }
+    let connections = interleaved(
+        plan,
+        &[
+            (&steered, Measure::Connections),
+            (&plain, Measure::Connections),
+            (&unbound, Measure::Connections),
+        ],
+    );
+    let requests = interleaved(
+        plan,
+        &[
+            (&steered, Measure::RequestResponse),
+            (&plain, Measure::RequestResponse),
+        ],
+    );
+    let datagrams = interleaved(
+        plan,
+        &[(&steered, Measure::Datagrams), (&plain, Measure::Datagrams)],
+    );
     // What one run of the program costs, by the kernel's own clock.
     let program_ns = json!({
         "steered_connection": steered.program_ns_per_run(Measure::Connections, d),
@@ -426,23 +449,23 @@ fn connection_path(plan: Plan) -> Value {
     let ratios = vec![
         ratio_summary(
             "tcp connections/s: steered ÷ plain listener, no program",
-            &rates[0],
-            &rates[1],
+            &connections[0],
+            &connections[1],
         ),
         ratio_summary(
             "tcp request/response/s: steered ÷ plain listener, no program",
-            &rates[3],
-            &rates[4],
+            &requests[0],
+            &requests[1],
         ),
         ratio_summary(
             "udp datagrams/s (echo): steered ÷ plain socket, no program",
-            &rates[5],
-            &rates[6],
+            &datagrams[0],
+            &datagrams[1],
         ),
         ratio_summary(
             "tcp connections/s, unbound port: program attached ÷ no program",
-            &rates[2],
-            &rates[1],
+            &connections[2],
+            &connections[1],
         ),
     ];
     json!({"ratios": ratios, "program_ns_per_run": program_ns})
@@ -760,12 +783,15 @@ fn scale_and_footprint(plan: Plan) -> Value {
         bindings: 0,
         services: plan.services,
     });
-    let (mut one_c, mut bindings_c, mut services_c) = (vec![], vec![], vec![]);
-    for _ in 0..plan.rounds {
-        one_c.push(one.measure(Measure::Connections, plan.round));
-        bindings_c.push(bindings.measure(Measure::Connections, plan.round));
-        services_c.push(services.measure(Measure::Connections, plan.round));
-    }
+    let rates = interleaved(
+        plan,
+        &[
+            (&one, Measure::Connections),
+            (&bindings, Measure::Connections),
+            (&services, Measure::Connections),
+        ],
+    );
+    let (one_c, bindings_c, services_c) = (&rates[0], &rates[1], &rates[2]);
     drop((one, bindings, services));
 
     // The control plane and the daemon's memory: requests through the library client.
@@ -860,8 +886,8 @@ fn scale_and_footprint(plan: Plan) -> Value {
     let _ = std::fs::remove_dir_all(&pin_dir);
     let status = env.status();
     json!({
-        "connections_1_binding_vs_many": ratio_summary(&format!("tcp connections/s: {} bindings ÷ 1", plan.bindings + 1), &bindings_c, &one_c),
-        "connections_services": ratio_summary(&format!("tcp connections/s: {} services ÷ 1", plan.services + 1), &services_c, &one_c),
+        "connections_1_binding_vs_many": ratio_summary(&format!("tcp connections/s: {} bindings ÷ 1", plan.bindings + 1), bindings_c, one_c),
+        "connections_services": ratio_summary(&format!("tcp connections/s: {} services ÷ 1", plan.services + 1), services_c, one_c),
         "control_plane_per_second": {"bind": bind_rate, "bind_new_service": service_rate, "register": per_second(registering), "switch": per_second(switching)},
         "daemon_rss_kib": {"idle": rss_idle, "after_bindings": rss_bindings, "bindings": plan.bindings},
         "verified_instructions": status["backend"]["verified_instructions"],
