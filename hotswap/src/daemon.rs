@@ -104,6 +104,13 @@ fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> 
     })
 }
 
+/// Where the uds backend keeps its state: beside the control socket, whose lock guards it.
+pub fn uds_state_path(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".uds-state.json");
+    PathBuf::from(path)
+}
+
 /// Binds the control socket, readable and writable by its owner (root) only.
 fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     // We hold the lock, so a file left here is a dead daemon's.
@@ -141,11 +148,15 @@ fn choose_backend(
     choice: BackendChoice,
     pin_dir: &Path,
     netns: u64,
+    uds_state: &Path,
 ) -> Result<Box<dyn Backend>, DaemonError> {
+    let uds = |reason: String| -> Result<Box<dyn Backend>, DaemonError> {
+        Ok(Box::new(
+            UdsBackend::open(reason, uds_state).map_err(BackendError::from)?,
+        ))
+    };
     match choice {
-        BackendChoice::Uds => Ok(Box::new(UdsBackend::new(
-            "uds backend forced with --backend uds".to_owned(),
-        ))),
+        BackendChoice::Uds => uds("uds backend forced with --backend uds".to_owned()),
         BackendChoice::SkLookup => match SkLookupBackend::open(pin_dir, netns) {
             Ok(backend) => Ok(Box::new(backend)),
             Err(err) => match err.unavailable_reason() {
@@ -164,9 +175,9 @@ fn choose_backend(
                     tracing::warn!("sk_lookup unavailable: {}", error_chain(&err));
                     // Leave no empty state directory behind (fails harmlessly if not empty).
                     let _ = std::fs::remove_dir(pin_dir);
-                    Ok(Box::new(UdsBackend::new(format!(
+                    uds(format!(
                         "chosen automatically: sk_lookup is unavailable: {reason}"
-                    ))))
+                    ))
                 }
                 None => Err(BackendError::from(err).into()),
             },
@@ -186,7 +197,12 @@ pub async fn run(
         None => default_pin_dir().map_err(PathError::at("reading", ns_path))?,
     };
     let _socket_lock = lock_socket_path(&config.socket)?;
-    let backend = choose_backend(config.backend, &pin_dir, netns)?;
+    let backend = choose_backend(
+        config.backend,
+        &pin_dir,
+        netns,
+        &uds_state_path(&config.socket),
+    )?;
     let (mut registry, notes) = Registry::adopt(backend, netns)?;
     let info = registry.backend_info();
     tracing::info!("backend {}: {}", info.name, info.reason);

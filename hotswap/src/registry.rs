@@ -407,7 +407,7 @@ impl Registry {
             services: BTreeMap::new(),
             bindings: BTreeMap::new(),
         };
-        let mut notes = Vec::new();
+        let mut notes = state.notes;
         let mut names = BTreeMap::new();
         for (id, record) in state.services {
             let Some(name) = record_name(&record) else {
@@ -949,6 +949,7 @@ mod tests {
                         )
                     })
                     .collect(),
+                notes: Vec::new(),
             })
         }
         fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {

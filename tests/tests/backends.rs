@@ -155,3 +155,90 @@ fn doctor_says_which_backend_auto_picks_and_why() {
     );
     assert!(!contained["advice"].as_array().unwrap().is_empty());
 }
+
+/// A restarted uds daemon (killed, or stopped cleanly) takes the shared sockets back from the
+/// generations that hold them: the service keeps its address and generations, and upgrades
+/// go on under load with nothing lost.
+#[test]
+fn a_restarted_uds_daemon_adopts_its_services_and_upgrades_go_on() {
+    let mut env = TestEnv::with_backend("uds-restart", "uds");
+    let example = integration_tests::example_server();
+    let service = integration_tests::RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "notify",
+            "--grace",
+            "50ms",
+            "--",
+            example.to_str().unwrap(),
+        ],
+    );
+    let fresh = integration_tests::HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let kept = integration_tests::HttpLoad::start("127.0.0.1:8080", true, 10_000_000);
+    env.ok(&["upgrade", "web"]);
+    for signal in [
+        nix::sys::signal::Signal::SIGKILL,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let before = env.status();
+        env.stop_daemon(signal);
+        env.start_daemon();
+        let after = env.status();
+        assert_eq!(
+            before["services"],
+            after["services"],
+            "{}",
+            env.daemon_log()
+        );
+        assert!(
+            env.daemon_log().contains("adopted generation"),
+            "{}",
+            env.daemon_log()
+        );
+        for _ in 0..3 {
+            env.ok(&["upgrade", "web"]);
+        }
+    }
+    // The address is still the daemon's: binding it elsewhere is refused as before.
+    let refused = env.fails(&["bind", "other", "tcp", "127.0.0.1/32", "8080"]);
+    assert!(refused.contains("bound to service web"), "{refused}");
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    assert_eq!(fresh.failed, 0, "{:?}\n{}", fresh.failures, service.log());
+    assert_eq!(kept.failed, 0, "{:?}\n{}", kept.failures, service.log());
+    assert_eq!(env.status()["supervisors"]["web"]["active"], 8);
+}
+
+/// An address whose shared socket nobody holds any more is bound again after a restart; a
+/// state file the daemon cannot read stops it with one line naming the file.
+#[test]
+fn a_restarted_uds_daemon_binds_what_nobody_holds_and_refuses_a_corrupt_state_file() {
+    let mut env = TestEnv::with_backend("uds-state", "uds");
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    env.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+    env.start_daemon();
+    assert!(
+        env.daemon_log()
+            .contains("bound tcp 127.0.0.1/32 8080 again"),
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.status()["services"][0]["name"], "web");
+    // The daemon's socket is listening again: the connection waits in its queue.
+    TcpStream::connect("127.0.0.1:8080").unwrap();
+
+    env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    let state = hotswap::daemon::uds_state_path(&env.socket);
+    std::fs::write(&state, b"{ not json").unwrap();
+    let log = env.try_start_daemon().unwrap_err();
+    assert!(
+        log.contains("is unreadable (move it away to start empty)"),
+        "{log}"
+    );
+    std::fs::remove_file(&state).unwrap();
+    env.start_daemon();
+    assert_eq!(env.status()["services"], serde_json::json!([]));
+}

@@ -35,6 +35,8 @@ pub struct PersistedState {
     pub bindings: Vec<(Binding, u32)>,
     /// Registered generations.
     pub generations: Vec<(GenerationKey, GenerationRecord)>,
+    /// What the backend had to change while loading, for the daemon's log.
+    pub notes: Vec<String>,
 }
 
 /// A description of the running backend, for `status`.

@@ -6,19 +6,32 @@
 //! processes over the control socket with SCM_RIGHTS (as Envoy's hot restart does). A switch is
 //! a record of which generation is active; the shared accept queue means nothing is lost, but
 //! there is no atomic cut: until the old generation stops accepting, both may accept.
+//!
+//! What sk_lookup keeps in bpffs this backend keeps in a state file beside the control socket
+//! (services, bindings with their shared socket's cookie, generations). A restarted daemon
+//! takes each shared socket back from a live generation that holds it (pidfd_getfd, checked by
+//! cookie), so the services go on as if nothing happened; an address nobody holds any more is
+//! bound afresh.
 
 use std::{
     collections::BTreeMap,
+    io,
     net::SocketAddr,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
+use hotswap_common::{
+    GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord, MAX_LABEL, MAX_SERVICE_NAME,
+    SLOT_TCP, SLOT_UDP,
+};
+use serde::{Deserialize, Serialize};
 
 use super::{Backend, BackendError, BackendInfo, PersistedState};
 use crate::{
     model::{Binding, Protocol},
-    socket::socket_cookie,
+    socket::{retake_socket, socket_cookie, Pidfd},
+    PathError,
 };
 
 /// The UDS backend refused or failed.
@@ -53,6 +66,126 @@ pub enum UdsError {
     /// The operation needs the sk_lookup program.
     #[error("{0} needs the sk_lookup backend")]
     Unsupported(&'static str),
+    /// Reading or writing the state file failed.
+    #[error(transparent)]
+    State(#[from] PathError),
+    /// The state file is not what this version writes.
+    #[error("the uds state file {} is unreadable (move it away to start empty)", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The state file's contents.
+#[derive(Default, Serialize, Deserialize)]
+struct StateFile {
+    services: Vec<SavedService>,
+    bindings: Vec<SavedBinding>,
+    generations: Vec<SavedGeneration>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedService {
+    id: u32,
+    name: String,
+    next_generation: u32,
+    active_tcp: u32,
+    active_udp: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedBinding {
+    service_id: u32,
+    binding: Binding,
+    /// The shared socket's cookie: what a generation's fd must be to hand it back.
+    cookie: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedGeneration {
+    service_id: u32,
+    generation: u32,
+    pid: u32,
+    fds: [i32; 2],
+    cookies: [u64; 2],
+    registered_at: u64,
+    label: String,
+}
+
+impl SavedService {
+    fn new(id: u32, record: &ServiceRecord) -> Self {
+        let len = (record.name_len as usize).min(MAX_SERVICE_NAME);
+        Self {
+            id,
+            name: String::from_utf8_lossy(&record.name[..len]).into_owned(),
+            next_generation: record.next_generation,
+            active_tcp: record.active_tcp,
+            active_udp: record.active_udp,
+        }
+    }
+
+    fn record(&self) -> ServiceRecord {
+        let mut record = ServiceRecord {
+            name: [0; MAX_SERVICE_NAME + 1],
+            name_len: 0,
+            next_generation: self.next_generation,
+            active_tcp: self.active_tcp,
+            active_udp: self.active_udp,
+        };
+        let name = &self.name.as_bytes()[..self.name.len().min(MAX_SERVICE_NAME)];
+        record.name[..name.len()].copy_from_slice(name);
+        record.name_len = name.len() as u32;
+        record
+    }
+}
+
+impl SavedGeneration {
+    fn new(key: &GenerationKey, record: &GenerationRecord) -> Self {
+        let len = (record.label_len as usize).min(MAX_LABEL);
+        Self {
+            service_id: key.service_id,
+            generation: key.generation,
+            pid: record.pid,
+            fds: record.fds,
+            cookies: record.cookies,
+            registered_at: record.registered_at,
+            label: String::from_utf8_lossy(&record.label[..len]).into_owned(),
+        }
+    }
+
+    fn record(&self) -> GenerationRecord {
+        let mut record = GenerationRecord {
+            cookies: self.cookies,
+            registered_at: self.registered_at,
+            pid: self.pid,
+            fds: self.fds,
+            label_len: 0,
+            pad: [0; 3],
+            label: [0; MAX_LABEL],
+        };
+        let label = &self.label.as_bytes()[..self.label.len().min(MAX_LABEL)];
+        record.label[..label.len()].copy_from_slice(label);
+        record.label_len = label.len() as u8;
+        record
+    }
+
+    /// The shared socket with `cookie`, taken back from this generation's process if it still
+    /// holds it.
+    fn retake(&self, protocol: Protocol, cookie: u64) -> Option<OwnedFd> {
+        let slot = match protocol {
+            Protocol::Tcp => SLOT_TCP,
+            Protocol::Udp => SLOT_UDP,
+        };
+        if self.cookies[slot] != cookie || self.fds[slot] < 0 {
+            return None;
+        }
+        let pidfd = Pidfd::open(self.pid).ok()?;
+        retake_socket(&pidfd, self.pid, self.fds[slot], cookie)
+    }
 }
 
 struct Shared {
@@ -61,19 +194,153 @@ struct Shared {
     cookie: u64,
 }
 
-/// The daemon's shared listeners, one per (service, protocol).
+/// The daemon's shared listeners, one per (service, protocol), and what it must remember.
 pub struct UdsBackend {
     reason: String,
+    state_path: PathBuf,
     sockets: BTreeMap<(u32, Protocol), Shared>,
+    services: BTreeMap<u32, ServiceRecord>,
+    generations: BTreeMap<(u32, u32), GenerationRecord>,
+    /// What loading the state file had to change, for the daemon's log.
+    notes: Vec<String>,
 }
 
 impl UdsBackend {
-    /// A backend with nothing bound; `reason` says why it was chosen.
-    pub fn new(reason: String) -> Self {
-        Self {
+    /// The backend as the state file at `state_path` left it (empty if there is none), with
+    /// each shared socket taken back from a live generation or bound again; `reason` says why
+    /// this backend was chosen.
+    pub fn open(reason: String, state_path: &Path) -> Result<Self, UdsError> {
+        let saved: StateFile = match std::fs::read(state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| UdsError::Corrupt {
+                path: state_path.to_owned(),
+                source,
+            })?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => StateFile::default(),
+            Err(err) => return Err(PathError::at("reading", state_path)(err).into()),
+        };
+        let mut backend = Self {
             reason,
+            state_path: state_path.to_owned(),
             sockets: BTreeMap::new(),
+            services: saved.services.iter().map(|s| (s.id, s.record())).collect(),
+            generations: saved
+                .generations
+                .iter()
+                .map(|g| ((g.service_id, g.generation), g.record()))
+                .collect(),
+            notes: Vec::new(),
+        };
+        for SavedBinding {
+            service_id,
+            binding,
+            cookie,
+        } in saved.bindings
+        {
+            let held = saved
+                .generations
+                .iter()
+                .filter(|g| g.service_id == service_id)
+                .find_map(|g| g.retake(binding.protocol, cookie));
+            let shared = match held {
+                Some(socket) => Shared {
+                    binding,
+                    socket,
+                    cookie,
+                },
+                None => match Shared::bind(binding) {
+                    Ok(shared) => {
+                        backend.notes.push(format!(
+                            "bound {binding} again: no live generation held its socket"
+                        ));
+                        shared
+                    }
+                    Err(err) => {
+                        backend.notes.push(format!(
+                            "dropping {binding}: no live generation held its socket and {}",
+                            crate::error_chain(&err)
+                        ));
+                        continue;
+                    }
+                },
+            };
+            backend
+                .sockets
+                .insert((service_id, binding.protocol), shared);
         }
+        backend.save()?;
+        Ok(backend)
+    }
+
+    /// Writes the state file: a new file renamed over the old one, so a crash leaves one or
+    /// the other whole.
+    fn save(&self) -> Result<(), UdsError> {
+        let state = StateFile {
+            services: self
+                .services
+                .iter()
+                .map(|(&id, record)| SavedService::new(id, record))
+                .collect(),
+            bindings: self
+                .sockets
+                .iter()
+                .map(|(&(service_id, _), shared)| SavedBinding {
+                    service_id,
+                    binding: shared.binding,
+                    cookie: shared.cookie,
+                })
+                .collect(),
+            generations: self
+                .generations
+                .iter()
+                .map(|(&(service_id, generation), record)| {
+                    SavedGeneration::new(
+                        &GenerationKey {
+                            service_id,
+                            generation,
+                        },
+                        record,
+                    )
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&state).expect("plain data serialises");
+        let mut temporary = self.state_path.as_os_str().to_owned();
+        temporary.push(".new");
+        let temporary = PathBuf::from(temporary);
+        write_private(&temporary, &json).map_err(PathError::at("writing", &temporary))?;
+        std::fs::rename(&temporary, &self.state_path)
+            .map_err(PathError::at("replacing", &self.state_path))?;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to a new file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+impl Shared {
+    /// A new socket bound to `binding`'s address.
+    fn bind(binding: Binding) -> Result<Self, UdsError> {
+        let socket = bind(&binding)?;
+        let cookie = socket_cookie(socket.as_fd()).map_err(|source| UdsError::Bind {
+            addr: SocketAddr::new(binding.prefix.addr(), binding.port),
+            source,
+        })?;
+        Ok(Self {
+            binding,
+            socket,
+            cookie,
+        })
     }
 }
 
@@ -111,10 +378,29 @@ impl Backend for UdsBackend {
         }
     }
 
-    /// Nothing survives a daemon restart in this backend: the shared sockets live on in the
-    /// generations, but their addresses cannot be bound again while those live.
     fn load_state(&self) -> Result<PersistedState, BackendError> {
-        Ok(PersistedState::default())
+        Ok(PersistedState {
+            services: self.services.iter().map(|(&id, r)| (id, *r)).collect(),
+            bindings: self
+                .sockets
+                .iter()
+                .map(|(&(service_id, _), shared)| (shared.binding, service_id))
+                .collect(),
+            generations: self
+                .generations
+                .iter()
+                .map(|(&(service_id, generation), r)| {
+                    (
+                        GenerationKey {
+                            service_id,
+                            generation,
+                        },
+                        *r,
+                    )
+                })
+                .collect(),
+            notes: self.notes.clone(),
+        })
     }
 
     fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {
@@ -128,26 +414,19 @@ impl Backend for UdsBackend {
             }
             .into());
         }
-        let socket = bind(binding)?;
-        let cookie = socket_cookie(socket.as_fd()).map_err(|source| UdsError::Bind {
-            addr: SocketAddr::new(binding.prefix.addr(), binding.port),
-            source,
-        })?;
-        self.sockets.insert(
-            (service_id, binding.protocol),
-            Shared {
-                binding: *binding,
-                socket,
-                cookie,
-            },
-        );
+        let shared = Shared::bind(*binding)?;
+        self.sockets.insert((service_id, binding.protocol), shared);
+        if let Err(err) = self.save() {
+            self.sockets.remove(&(service_id, binding.protocol));
+            return Err(err.into());
+        }
         Ok(())
     }
 
     fn remove_binding(&mut self, binding: &Binding) -> Result<(), BackendError> {
         // The daemon lets go of its copy; generations keep theirs until they exit.
         self.sockets.retain(|_, shared| shared.binding != *binding);
-        Ok(())
+        Ok(self.save()?)
     }
 
     fn activate(&mut self, _: u32, _: Protocol, _: BorrowedFd<'_>) -> Result<(), BackendError> {
@@ -163,24 +442,46 @@ impl Backend for UdsBackend {
         Err(UdsError::Unsupported("counting connections (metrics)").into())
     }
 
-    fn save_service(&mut self, _: u32, _: &ServiceRecord, _: bool) -> Result<(), BackendError> {
-        Ok(())
+    fn save_service(
+        &mut self,
+        service_id: u32,
+        record: &ServiceRecord,
+        _: bool,
+    ) -> Result<(), BackendError> {
+        let before = self.services.insert(service_id, *record);
+        self.save().map_err(|err| {
+            match before {
+                Some(before) => self.services.insert(service_id, before),
+                None => self.services.remove(&service_id),
+            };
+            err.into()
+        })
     }
 
-    fn forget_service(&mut self, _: u32) -> Result<(), BackendError> {
-        Ok(())
+    fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
+        self.services.remove(&service_id);
+        Ok(self.save()?)
     }
 
     fn save_generation(
         &mut self,
-        _: &GenerationKey,
-        _: &GenerationRecord,
+        key: &GenerationKey,
+        record: &GenerationRecord,
     ) -> Result<(), BackendError> {
-        Ok(())
+        let key = (key.service_id, key.generation);
+        let before = self.generations.insert(key, *record);
+        self.save().map_err(|err| {
+            match before {
+                Some(before) => self.generations.insert(key, before),
+                None => self.generations.remove(&key),
+            };
+            err.into()
+        })
     }
 
-    fn forget_generation(&mut self, _: &GenerationKey) -> Result<(), BackendError> {
-        Ok(())
+    fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
+        self.generations.remove(&(key.service_id, key.generation));
+        Ok(self.save()?)
     }
 
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError> {
