@@ -137,3 +137,40 @@ fn daemon_restart_keeps_steering_and_adopts_the_state() {
     assert_eq!(generations[0]["id"], 1);
     assert_eq!(generations[0]["active"], true);
 }
+
+/// A pinned map this build's program would read wrongly (as another hotswap version could
+/// leave one) stops the daemon with one line naming it, before anything changes: steering by
+/// the program already attached goes on, and once the map is right again the daemon adopts it.
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_and_nothing_changes() {
+    let mut env = TestEnv::with_daemon("map-layout");
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let server = Server::start("tcp", "127.0.0.1:0", "one");
+    env.register("web", &server, &["--activate"]);
+    let program_id = env.status()["backend"]["program_id"].clone();
+    env.stop_daemon(Signal::SIGTERM);
+
+    // The config array where the services hash belongs.
+    let services = env.pin_dir.join("HS_SERVICES");
+    let config = env.pin_dir.join("HS_CONFIG");
+    let aside = env.pin_dir.join("HS_SERVICES_aside");
+    std::fs::rename(&services, &aside).unwrap();
+    std::fs::rename(&config, &services).unwrap();
+    let log = env.try_start_daemon().unwrap_err();
+    let line = log
+        .lines()
+        .find(|l| l.contains("does not fit this build's program"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("HS_SERVICES"), "{line}");
+    assert!(line.contains("run that version"), "{line}");
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "one");
+
+    std::fs::rename(&services, &config).unwrap();
+    std::fs::rename(&aside, &services).unwrap();
+    env.start_daemon();
+    let status = env.status();
+    assert_eq!(status["backend"]["adopted"], true, "{status}");
+    assert_eq!(status["backend"]["program_id"], program_id);
+    assert_eq!(status["services"][0]["name"], "web");
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "one");
+}

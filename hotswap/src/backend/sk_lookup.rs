@@ -95,6 +95,25 @@ pub enum SkLookupError {
     /// Opening the pinned link failed.
     #[error("opening the pinned link {0} failed")]
     Link(PathBuf, #[source] aya::programs::links::LinkError),
+    /// The program's object file could not be parsed.
+    #[error("parsing the sk_lookup program's object file failed")]
+    Parse(#[source] aya_obj::ParseError),
+    /// A pinned map could not be inspected.
+    #[error("inspecting the pinned map {0} failed")]
+    PinnedMap(PathBuf, #[source] MapError),
+    /// A pinned map has a layout this build's program does not use: another hotswap version
+    /// left it. aya would reuse it as it is and the program would read it wrongly.
+    #[error("the pinned map {} does not fit this build's program (it has {found}; this build needs {expected}): it was left by another hotswap version; run that version, or stop the daemon and remove {} to start afresh", path.display(), dir.display())]
+    IncompatibleMap {
+        /// The pinned map.
+        path: PathBuf,
+        /// Its state directory.
+        dir: PathBuf,
+        /// Its layout.
+        found: String,
+        /// This build's layout.
+        expected: String,
+    },
     /// A map is missing from the object file or has the wrong type.
     #[error("map {map}: {source}")]
     Map {
@@ -148,6 +167,44 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), SkLookupError> {
         .unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
         return Err(SkLookupError::NotBpffs(pin_dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// Refuses pinned maps whose type, key size, value size or capacity differ from what this
+/// build's program declares, before anything is loaded or changed.
+fn check_pinned_maps(pin_dir: &Path) -> Result<(), SkLookupError> {
+    let object = aya_obj::Object::parse(PROGRAM_OBJECT).map_err(SkLookupError::Parse)?;
+    let describe = |(kind, key, value, entries): (u32, u32, u32, u32)| {
+        format!("type {kind}, {key}-byte keys, {value}-byte values, {entries} entries")
+    };
+    for (name, declared) in &object.maps {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|e| SkLookupError::PinnedMap(path.clone(), e))?;
+        let found = (
+            pinned.map_type().map_or(u32::MAX, |kind| kind as u32),
+            pinned.key_size(),
+            pinned.value_size(),
+            pinned.max_entries(),
+        );
+        let expected = (
+            declared.map_type(),
+            declared.key_size(),
+            declared.value_size(),
+            declared.max_entries(),
+        );
+        if found != expected {
+            return Err(SkLookupError::IncompatibleMap {
+                path,
+                dir: pin_dir.to_owned(),
+                found: describe(found),
+                expected: describe(expected),
+            });
+        }
     }
     Ok(())
 }
@@ -207,6 +264,7 @@ impl SkLookupBackend {
             }
         }
 
+        check_pinned_maps(pin_dir)?;
         // Maps are pinned by name: the loader reuses pinned ones, so their contents survive.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
