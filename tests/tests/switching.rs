@@ -174,3 +174,91 @@ fn a_pinned_map_of_another_layout_is_refused_and_nothing_changes() {
     assert_eq!(status["services"][0]["name"], "web");
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "one");
 }
+
+/// The `bpf()` system call with a zero-padded attribute block; returns the new fd.
+fn bpf(command: libc::c_long, attr: &mut [u8; 128]) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `attr` is a valid, large enough bpf_attr for the commands used here.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "bpf({command}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this fd to us.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Pins `fd` at `path` (BPF_OBJ_PIN).
+fn bpf_pin(fd: &std::os::fd::OwnedFd, path: &std::path::Path) {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: as in `bpf`; BPF_OBJ_PIN returns 0, not an fd.
+    let result = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_mut_ptr(), attr.len()) };
+    assert_eq!(result, 0, "pin: {}", std::io::Error::last_os_error());
+}
+
+/// A state directory whose attached program differs from this build's (as an older hotswap
+/// leaves it) is upgraded: the new program is attached and pinned, the old one detached and
+/// gone, and steering works.
+#[test]
+fn a_pinned_program_of_another_build_is_upgraded() {
+    use std::os::fd::AsRawFd as _;
+    let mut env = TestEnv::new("program-upgrade");
+    std::fs::create_dir_all(&env.pin_dir).unwrap();
+    // "Another build": an sk_lookup program that passes everything (r0 = SK_PASS; exit).
+    let instructions: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&30u32.to_ne_bytes()); // BPF_PROG_TYPE_SK_LOOKUP
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(instructions.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[68..72].copy_from_slice(&36u32.to_ne_bytes()); // expected_attach_type BPF_SK_LOOKUP
+    let program = bpf(5, &mut attr); // BPF_PROG_LOAD
+    let netns = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(netns.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&36u32.to_ne_bytes()); // BPF_SK_LOOKUP
+    let link = bpf(28, &mut attr); // BPF_LINK_CREATE
+    bpf_pin(&program, &env.pin_dir.join("program"));
+    bpf_pin(&link, &env.pin_dir.join("link"));
+    let old_id = aya::programs::ProgramInfo::from_pin(env.pin_dir.join("program"))
+        .unwrap()
+        .id();
+    drop((program, link));
+
+    env.start_daemon();
+    let status = env.status();
+    let backend = &status["backend"];
+    assert!(
+        backend["reason"].as_str().unwrap().contains("upgraded"),
+        "{status}"
+    );
+    let new_id = backend["program_id"].as_u64().unwrap() as u32;
+    assert_ne!(new_id, old_id);
+    let pinned = aya::programs::ProgramInfo::from_pin(env.pin_dir.join("program")).unwrap();
+    assert_eq!(pinned.id(), new_id);
+    assert!(!env.pin_dir.join("link_new").exists() && !env.pin_dir.join("program_new").exists());
+    // The old program lost its last reference with its link: the kernel frees it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == old_id)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old program {old_id} still loaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let server = Server::start("tcp", "127.0.0.1:0", "one");
+    env.register("web", &server, &["--activate"]);
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "one");
+}
