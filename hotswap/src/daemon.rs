@@ -225,6 +225,9 @@ pub async fn run(
     let registry = Arc::new(Mutex::new(registry));
     let mut reap_timer = tokio::time::interval(REAP_INTERVAL);
     tokio::pin!(shutdown);
+    // Tell systemd (Type=notify) that the control socket answers: units ordered after this
+    // one can run `hotswap run` now.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -249,6 +252,7 @@ pub async fn run(
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping; what the kernel or the generations hold stays in place");
     if let Some(logger) = logger {
         logger.abort();

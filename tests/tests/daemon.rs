@@ -156,3 +156,77 @@ fn state_of_a_namespace_that_is_gone_is_discarded() {
     let reason = status["backend"]["reason"].as_str().unwrap();
     assert!(reason.contains("discarded"), "{status}");
 }
+
+/// Waits for the next sd_notify message on `socket`.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("an sd_notify message in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Under systemd `Type=notify`, the daemon says READY=1 once its control socket answers and
+/// STOPPING=1 when it stops; `hotswap run` says READY=1 once the first generation is active.
+#[test]
+fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
+    let env = TestEnv::new("sd-notify");
+    let notify_path = env.dir.path().join("systemd-notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    systemd
+        .set_read_timeout(Some(integration_tests::PATIENCE))
+        .unwrap();
+
+    let mut daemon = env
+        .daemon_command()
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(next_notification(&systemd).contains("READY=1"));
+    // Ready means the control socket answers already: no retry here.
+    env.ok(&["status"]);
+
+    let example = integration_tests::example_server();
+    let mut run = Command::new(integration_tests::hotswap_bin())
+        .args([
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "notify",
+            "--",
+        ])
+        .arg(&example)
+        .env("HOTSWAP_SOCKET", &env.socket)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(next_notification(&systemd).contains("READY=1"));
+    // The server itself was ready first (it told the supervisor, not systemd), and the
+    // service answers now.
+    assert!(tcp_request_http("127.0.0.1:8080").contains("generation 1"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(next_notification(&systemd).contains("STOPPING=1"));
+    assert!(run.wait().unwrap().success());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(next_notification(&systemd).contains("STOPPING=1"));
+    assert!(daemon.wait().unwrap().success());
+}
+
+/// One HTTP request to `addr`; the whole answer.
+fn tcp_request_http(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
