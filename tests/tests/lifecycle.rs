@@ -486,6 +486,19 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
             "web",
             "--listen",
             "tcp://127.0.0.1:8080",
+            "--drain-settle",
+            "40s",
+            "--",
+            &hello,
+        ],
+        "--drain-settle (40s) must be shorter than --drain-timeout (30s)",
+    );
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
             "--drain-signal",
             "SIGFOO",
             "--",
@@ -541,10 +554,12 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
     );
 }
 
-/// The old generation gets its drain signal only once `--drain-settle` has passed since the
-/// switch. sk_lookup only: in uds the queue is shared, so there is nothing to settle.
+/// The old generation gets its drain signal once `--drain-settle` has passed since the
+/// switch: counted from the switch, the settle overlaps the grace period instead of following
+/// it. sk_lookup only: in uds the queue is shared, so there is nothing to settle.
 #[test]
-fn the_drain_signal_waits_for_the_settle_time() {
+fn the_drain_signal_waits_for_the_settle_time_counted_from_the_switch() {
+    use std::io::BufRead as _;
     let env = TestEnv::with_backend("drain-settle", "sk-lookup");
     let _service = RunningService::start(
         &env,
@@ -555,18 +570,38 @@ fn the_drain_signal_waits_for_the_settle_time() {
             "--ready",
             "notify",
             "--grace",
-            "20ms",
+            "2s",
             "--drain-settle",
-            "1500ms",
+            "3s",
             "--",
             &path(example_server()),
         ],
     );
-    let start = Instant::now();
-    let out = upgrade(&env, &["web"]);
-    let took = start.elapsed();
-    assert!(out.contains("queue drained; sent SIGTERM"), "{out}");
-    assert!(took >= Duration::from_millis(1500), "{took:?}\n{out}");
+    let mut upgrade = std::process::Command::new(integration_tests::hotswap_bin())
+        .args(["upgrade", "web"])
+        .env("HOTSWAP_SOCKET", &env.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut switched, mut signalled) = (None, None);
+    let mut output = String::new();
+    for line in std::io::BufReader::new(upgrade.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("switched 1 -> 2") {
+            switched = Some(Instant::now());
+        }
+        if line.contains("queue drained; sent SIGTERM") {
+            signalled = Some(Instant::now());
+        }
+        output.push_str(&line);
+        output.push('\n');
+    }
+    assert!(upgrade.wait().unwrap().success(), "{output}");
+    let after = signalled.expect(&output) - switched.expect(&output);
+    // At least the settle; well under grace + settle (5 s), which it would be if it followed
+    // the grace period.
+    assert!(after >= Duration::from_millis(2900), "{after:?}\n{output}");
+    assert!(after < Duration::from_millis(4500), "{after:?}\n{output}");
 }
 
 /// Every lifecycle test runs against both backends: same commands, same promises.

@@ -101,8 +101,9 @@ pub enum SkLookupError {
     /// A pinned map could not be inspected.
     #[error("inspecting the pinned map {0} failed")]
     PinnedMap(PathBuf, #[source] MapError),
-    /// A pinned map has a layout this build's program does not use: another hotswap version
-    /// left it. aya would reuse it as it is and the program would read it wrongly.
+    /// A pinned map's type, key or value size, or capacity is not what this build's program
+    /// declares: another hotswap version left it. aya would reuse it as it is and the program
+    /// would read it wrongly.
     #[error("the pinned map {} does not fit this build's program (it has {found}; this build needs {expected}): it was left by another hotswap version; run that version, or stop the daemon and remove {} to start afresh", path.display(), dir.display())]
     IncompatibleMap {
         /// The pinned map.
@@ -172,7 +173,8 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), SkLookupError> {
 }
 
 /// Refuses pinned maps whose type, key size, value size or capacity differ from what this
-/// build's program declares, before anything is loaded or changed.
+/// build's program declares, before anything is loaded or changed. (A change that keeps all
+/// four, e.g. reordered fields of one size, cannot be seen here: bump the state directory.)
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), SkLookupError> {
     let object = aya_obj::Object::parse(PROGRAM_OBJECT).map_err(SkLookupError::Parse)?;
     let describe = |(kind, key, value, entries): (u32, u32, u32, u32)| {
@@ -430,6 +432,11 @@ impl SkLookupError {
             Self::MountBpffs(e) => *e as i32,
             Self::Load(e) => errno(e.as_ref())?,
             Self::Program { source, .. } => errno(source.as_ref())?,
+            // Reading a pinned map needs the same privileges as loading.
+            Self::PinnedMap(_, source) => match errno(source)? {
+                code @ (libc::EPERM | libc::EACCES) => code,
+                _ => return None,
+            },
             Self::Io(e) => e.source.raw_os_error()?,
             _ => return None,
         };

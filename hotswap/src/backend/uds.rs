@@ -97,7 +97,7 @@ struct SavedService {
     active_udp: u32,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct SavedBinding {
     service_id: u32,
     binding: Binding,
@@ -172,20 +172,6 @@ impl SavedGeneration {
         record.label_len = label.len() as u8;
         record
     }
-
-    /// The shared socket with `cookie`, taken back from this generation's process if it still
-    /// holds it.
-    fn retake(&self, protocol: Protocol, cookie: u64) -> Option<OwnedFd> {
-        let slot = match protocol {
-            Protocol::Tcp => SLOT_TCP,
-            Protocol::Udp => SLOT_UDP,
-        };
-        if self.cookies[slot] != cookie || self.fds[slot] < 0 {
-            return None;
-        }
-        let pidfd = Pidfd::open(self.pid).ok()?;
-        retake_socket(&pidfd, self.pid, self.fds[slot], cookie)
-    }
 }
 
 struct Shared {
@@ -201,6 +187,9 @@ pub struct UdsBackend {
     sockets: BTreeMap<(u32, Protocol), Shared>,
     services: BTreeMap<u32, ServiceRecord>,
     generations: BTreeMap<(u32, u32), GenerationRecord>,
+    /// Bindings of the state file whose socket could not be restored at this start (e.g. the
+    /// address is not configured yet): kept in the file and tried again at the next start.
+    pending: Vec<SavedBinding>,
     /// What loading the state file had to change, for the daemon's log.
     notes: Vec<String>,
 }
@@ -228,19 +217,16 @@ impl UdsBackend {
                 .iter()
                 .map(|g| ((g.service_id, g.generation), g.record()))
                 .collect(),
+            pending: Vec::new(),
             notes: Vec::new(),
         };
-        for SavedBinding {
-            service_id,
-            binding,
-            cookie,
-        } in saved.bindings
-        {
-            let held = saved
+        for saved in saved.bindings {
+            let (service_id, binding, cookie) = (saved.service_id, saved.binding, saved.cookie);
+            let held = backend
                 .generations
                 .iter()
-                .filter(|g| g.service_id == service_id)
-                .find_map(|g| g.retake(binding.protocol, cookie));
+                .filter(|((id, _), _)| *id == service_id)
+                .find_map(|(_, record)| retake(record, binding.protocol, cookie));
             let shared = match held {
                 Some(socket) => Shared {
                     binding,
@@ -256,9 +242,10 @@ impl UdsBackend {
                     }
                     Err(err) => {
                         backend.notes.push(format!(
-                            "dropping {binding}: no live generation held its socket and {}",
+                            "{binding} is not served this time: no live generation held its socket and {}; it stays in the state file and is tried again at the next start",
                             crate::error_chain(&err)
                         ));
+                        backend.pending.push(saved);
                         continue;
                     }
                 },
@@ -288,6 +275,7 @@ impl UdsBackend {
                     binding: shared.binding,
                     cookie: shared.cookie,
                 })
+                .chain(self.pending.iter().cloned())
                 .collect(),
             generations: self
                 .generations
@@ -312,6 +300,55 @@ impl UdsBackend {
             .map_err(PathError::at("replacing", &self.state_path))?;
         Ok(())
     }
+}
+
+impl UdsBackend {
+    /// Applies `change` and saves; when saving fails, `undo` reverts the change, so memory
+    /// always mirrors the file (as the sk_lookup backend's maps keep their old contents when a
+    /// write fails).
+    fn saved<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> T,
+        undo: impl FnOnce(&mut Self, T),
+    ) -> Result<(), BackendError> {
+        let undo_with = change(self);
+        if let Err(err) = self.save() {
+            undo(self, undo_with);
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Removes and returns the pending bindings that match.
+    fn take_pending(&mut self, matches: impl Fn(&SavedBinding) -> bool) -> Vec<SavedBinding> {
+        let (taken, kept) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| matches(p));
+        self.pending = kept;
+        taken
+    }
+}
+
+/// Puts `before` back under `key` (or removes `key` when there was nothing).
+fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, before: Option<V>) {
+    match before {
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
+    };
+}
+
+/// The shared socket with `cookie`, taken back from the process of a generation that still
+/// holds it.
+fn retake(record: &GenerationRecord, protocol: Protocol, cookie: u64) -> Option<OwnedFd> {
+    let slot = match protocol {
+        Protocol::Tcp => SLOT_TCP,
+        Protocol::Udp => SLOT_UDP,
+    };
+    if record.cookies[slot] != cookie || record.fds[slot] < 0 {
+        return None;
+    }
+    let pidfd = Pidfd::open(record.pid).ok()?;
+    retake_socket(&pidfd, record.pid, record.fds[slot], cookie)
 }
 
 /// Writes `bytes` to a new file only its owner can read.
@@ -415,18 +452,44 @@ impl Backend for UdsBackend {
             .into());
         }
         let shared = Shared::bind(*binding)?;
-        self.sockets.insert((service_id, binding.protocol), shared);
-        if let Err(err) = self.save() {
-            self.sockets.remove(&(service_id, binding.protocol));
-            return Err(err.into());
-        }
-        Ok(())
+        let key = (service_id, binding.protocol);
+        self.saved(
+            |backend| {
+                backend.sockets.insert(key, shared);
+                // A binding made now replaces one that could not be restored.
+                backend.take_pending(|p| {
+                    p.binding == *binding
+                        || (p.service_id == service_id && p.binding.protocol == binding.protocol)
+                })
+            },
+            |backend, pending| {
+                backend.sockets.remove(&key);
+                backend.pending.extend(pending);
+            },
+        )
     }
 
     fn remove_binding(&mut self, binding: &Binding) -> Result<(), BackendError> {
         // The daemon lets go of its copy; generations keep theirs until they exit.
-        self.sockets.retain(|_, shared| shared.binding != *binding);
-        Ok(self.save()?)
+        self.saved(
+            |backend| {
+                let keys: Vec<_> = backend
+                    .sockets
+                    .iter()
+                    .filter(|(_, shared)| shared.binding == *binding)
+                    .map(|(key, _)| *key)
+                    .collect();
+                let removed: Vec<_> = keys
+                    .iter()
+                    .filter_map(|key| backend.sockets.remove_entry(key))
+                    .collect();
+                (removed, backend.take_pending(|p| p.binding == *binding))
+            },
+            |backend, (removed, pending)| {
+                backend.sockets.extend(removed);
+                backend.pending.extend(pending);
+            },
+        )
     }
 
     fn activate(&mut self, _: u32, _: Protocol, _: BorrowedFd<'_>) -> Result<(), BackendError> {
@@ -448,19 +511,25 @@ impl Backend for UdsBackend {
         record: &ServiceRecord,
         _: bool,
     ) -> Result<(), BackendError> {
-        let before = self.services.insert(service_id, *record);
-        self.save().map_err(|err| {
-            match before {
-                Some(before) => self.services.insert(service_id, before),
-                None => self.services.remove(&service_id),
-            };
-            err.into()
-        })
+        self.saved(
+            |backend| backend.services.insert(service_id, *record),
+            |backend, before| restore(&mut backend.services, service_id, before),
+        )
     }
 
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
-        self.services.remove(&service_id);
-        Ok(self.save()?)
+        self.saved(
+            |backend| {
+                (
+                    backend.services.remove(&service_id),
+                    backend.take_pending(|p| p.service_id == service_id),
+                )
+            },
+            |backend, (before, pending)| {
+                restore(&mut backend.services, service_id, before);
+                backend.pending.extend(pending);
+            },
+        )
     }
 
     fn save_generation(
@@ -469,19 +538,18 @@ impl Backend for UdsBackend {
         record: &GenerationRecord,
     ) -> Result<(), BackendError> {
         let key = (key.service_id, key.generation);
-        let before = self.generations.insert(key, *record);
-        self.save().map_err(|err| {
-            match before {
-                Some(before) => self.generations.insert(key, before),
-                None => self.generations.remove(&key),
-            };
-            err.into()
-        })
+        self.saved(
+            |backend| backend.generations.insert(key, *record),
+            |backend, before| restore(&mut backend.generations, key, before),
+        )
     }
 
     fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
-        self.generations.remove(&(key.service_id, key.generation));
-        Ok(self.save()?)
+        let key = (key.service_id, key.generation);
+        self.saved(
+            |backend| backend.generations.remove(&key),
+            |backend, before| restore(&mut backend.generations, key, before),
+        )
     }
 
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError> {

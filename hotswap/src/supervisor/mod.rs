@@ -52,6 +52,10 @@ use crate::{
     PathError,
 };
 
+/// How long a drained socket's queue must stay empty (on top of `--drain-settle` since the
+/// switch) before the drain signal.
+const QUEUE_QUIET: Duration = Duration::from_millis(20);
+
 /// First and longest wait before restarting a generation that died on its own.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
@@ -168,6 +172,14 @@ pub enum SupervisorError {
         service: ServiceName,
         /// The generation it is bringing up.
         generation: u32,
+    },
+    /// `--drain-settle` would use up the whole `--drain-timeout`.
+    #[error("--drain-settle ({}) must be shorter than --drain-timeout ({}): the old generation would be killed before it could drain", humantime::format_duration(*settle), humantime::format_duration(*timeout))]
+    SettleNotBelowTimeout {
+        /// The settle time.
+        settle: Duration,
+        /// The drain timeout.
+        timeout: Duration,
     },
     /// The tcp probe cannot reach one generation through a shared socket.
     #[error("--ready tcp cannot tell generations apart on the uds backend's shared socket; use --ready notify or --ready delay:<DURATION>")]
@@ -795,8 +807,11 @@ impl Supervisor {
             None => return,
         };
         // A handshake half done at the switch completes into the old socket's queue within a
-        // round trip; the settle time, counted from the switch, covers it. After that, an empty
-        // queue stays empty. A shared (uds) queue is not the old generation's to drain.
+        // round trip; the settle time, counted from the switch, covers it. The queue must then
+        // also stay empty for QUEUE_QUIET: a queue that was full at the switch empties while
+        // handshakes held back by it are still completing. A shared (uds) queue is not the old
+        // generation's to drain.
+        let mut empty_since: Option<Instant> = None;
         let settled_at = self
             .lock()
             .generations
@@ -813,7 +828,12 @@ impl Supervisor {
                 .iter()
                 .all(|&p| self.queue_len(id, p).unwrap_or(0) == 0);
             let now = Instant::now();
-            if empty && now >= settled_at {
+            empty_since = if empty {
+                empty_since.or(Some(now))
+            } else {
+                None
+            };
+            if now >= settled_at && empty_since.is_some_and(|since| now - since >= QUEUE_QUIET) {
                 break;
             }
             if now >= deadline {
@@ -1340,6 +1360,12 @@ pub async fn run(
     config: RunConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SupervisorError> {
+    if config.drain_settle >= config.drain_timeout {
+        return Err(SupervisorError::SettleNotBelowTimeout {
+            settle: config.drain_settle,
+            timeout: config.drain_timeout,
+        });
+    }
     let control_path = supervisor_socket(&config.daemon_socket, &config.service);
     if let Some(dir) = control_path.parent() {
         std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
