@@ -31,6 +31,9 @@ pub enum ParseError {
         /// The same prefix with the host bits cleared.
         truncated: IpNet,
     },
+    /// `0.0.0.0/32` or `::/128`: no connection is addressed there.
+    #[error("invalid prefix {0}: no connection is addressed to the unspecified address; use {any} for every address", any = ipnet::IpNet::new(.0.addr(), 0).expect("0 is a valid prefix length"))]
+    UnspecifiedHost(IpNet),
     /// Not a number from 0 to 65535.
     #[error("invalid port {0:?}: expected 0-65535 (0 means every port)")]
     Port(String),
@@ -148,6 +151,9 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
         if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
             net = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).expect("at most 32 bits");
         }
+    }
+    if net.addr().is_unspecified() && net.prefix_len() == net.max_prefix_len() {
+        return Err(ParseError::UnspecifiedHost(net));
     }
     if net.trunc() != net {
         return Err(ParseError::PrefixHostBits {

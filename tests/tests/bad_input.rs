@@ -53,6 +53,16 @@ fn malformed_words_are_refused() {
     );
     refused(
         &env,
+        &["bind", "web", "tcp", "0.0.0.0/32", "80"],
+        "no connection is addressed to the unspecified address; use 0.0.0.0/0",
+    );
+    refused(
+        &env,
+        &["bind", "web", "udp", "::/128", "53"],
+        "use ::/0 for every address",
+    );
+    refused(
+        &env,
         &["bind", "web", "tcp", "127.0.0.1/32", "65536"],
         "invalid port",
     );

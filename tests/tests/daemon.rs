@@ -205,7 +205,7 @@ fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
     assert!(next_notification(&systemd).contains("READY=1"));
     // The server itself was ready first (it told the supervisor, not systemd), and the
     // service answers now.
-    assert!(tcp_request_http("127.0.0.1:8080").contains("generation 1"));
+    assert!(integration_tests::tcp_http_body("127.0.0.1:8080").starts_with("generation 1"));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), Signal::SIGTERM).unwrap();
     assert!(next_notification(&systemd).contains("STOPPING=1"));
     assert!(run.wait().unwrap().success());
@@ -217,16 +217,4 @@ fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
     .unwrap();
     assert!(next_notification(&systemd).contains("STOPPING=1"));
     assert!(daemon.wait().unwrap().success());
-}
-
-/// One HTTP request to `addr`; the whole answer.
-fn tcp_request_http(addr: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
 }

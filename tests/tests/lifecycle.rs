@@ -554,6 +554,61 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
     );
 }
 
+/// `--listen` on the unspecified address serves every address of its family, as `bind()`
+/// does (the binding is 0.0.0.0/0 or ::/0), through an upgrade under load.
+fn listening_on_the_unspecified_address_serves_every_address(backend: &str) {
+    let env = TestEnv::with_backend("listen-any", backend);
+    let example = path(example_server());
+    let _web = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://0.0.0.0:8080",
+            "--listen",
+            "udp://0.0.0.0:5353",
+            "--ready",
+            "notify",
+            "--grace",
+            "20ms",
+            "--",
+            &example,
+        ],
+    );
+    let _web6 = RunningService::start(
+        &env,
+        "web6",
+        &[
+            "--listen",
+            "tcp://[::]:8081",
+            "--ready",
+            "notify",
+            "--grace",
+            "20ms",
+            "--",
+            &example,
+        ],
+    );
+    for addr in ["127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8081"] {
+        assert!(
+            integration_tests::tcp_http_body(addr).starts_with("generation 1"),
+            "{addr}"
+        );
+    }
+    assert!(integration_tests::udp_request("127.0.0.2:5353")
+        .unwrap()
+        .starts_with("generation 1"));
+    let load = HttpLoad::start("127.0.0.2:8080", false, 10_000_000);
+    upgrade(&env, &["web"]);
+    upgrade(&env, &["web6"]);
+    let load = load.stop();
+    assert_eq!(load.failed, 0, "{:?}", load.failures);
+    assert!(integration_tests::tcp_http_body("127.0.0.1:8080").starts_with("generation 2"));
+    assert!(integration_tests::tcp_http_body("[::1]:8081").starts_with("generation 2"));
+    let bindings = &env.status()["services"];
+    assert!(bindings.to_string().contains("0.0.0.0/0"), "{bindings}");
+}
+
 /// The old generation gets its drain signal once `--drain-settle` has passed since the
 /// switch: counted from the switch, the settle overlaps the grace period instead of following
 /// it. sk_lookup only: in uds the queue is shared, so there is nothing to settle.
@@ -625,4 +680,5 @@ for_both_backends!(
     stopping_during_an_upgrade_leaves_nothing_behind,
     a_generation_that_dies_on_its_own_is_restarted,
     bad_run_and_upgrade_arguments_are_refused,
+    listening_on_the_unspecified_address_serves_every_address,
 );

@@ -38,7 +38,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum UdsError {
     /// A prefix or a port-0 binding.
-    #[error("the uds backend binds exact addresses only, and {0} is a prefix or every port (that needs the sk_lookup backend)")]
+    #[error("the uds backend binds one address (or 0.0.0.0/0, ::/0: every address) and one port, and {0} is a prefix or every port (that needs the sk_lookup backend)")]
     NeedsExactAddress(Binding),
     /// A second binding of one protocol for a service.
     #[error("the uds backend gives a service one shared socket per protocol, and {existing} is its {protocol} address already")]
@@ -441,7 +441,12 @@ impl Backend for UdsBackend {
     }
 
     fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {
-        if binding.port == 0 || binding.prefix.prefix_len() != binding.prefix.max_prefix_len() {
+        // One address, or every address of a family (0.0.0.0/0, ::/0: a socket bound to the
+        // unspecified address), like bind() can do.
+        let every_address =
+            binding.prefix.prefix_len() == 0 && binding.prefix.addr().is_unspecified();
+        let one_address = binding.prefix.prefix_len() == binding.prefix.max_prefix_len();
+        if binding.port == 0 || !(one_address || every_address) {
             return Err(UdsError::NeedsExactAddress(*binding).into());
         }
         if let Some(existing) = self.sockets.get(&(service_id, binding.protocol)) {

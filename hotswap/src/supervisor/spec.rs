@@ -41,9 +41,16 @@ pub struct ListenSpec {
 }
 
 impl ListenSpec {
-    /// The binding that steers this address to the service: the exact address and port.
+    /// The binding that steers this address to the service: the exact address and port. The
+    /// unspecified address (`0.0.0.0`, `[::]`) means every address of its family, as it does
+    /// for `bind()`: no connection is ever addressed to it.
     pub fn binding(&self) -> Binding {
-        let prefix = IpNet::from(self.addr.ip());
+        let ip = self.addr.ip();
+        let prefix = if ip.is_unspecified() {
+            IpNet::new(ip, 0).expect("0 is a valid prefix length")
+        } else {
+            IpNet::from(ip)
+        };
         Binding {
             protocol: self.protocol,
             prefix,
