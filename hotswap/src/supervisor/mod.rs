@@ -131,12 +131,14 @@ pub enum SupervisorError {
     #[error("service {0} is not run by `hotswap run` (start it with `hotswap run {0} --listen … -- COMMAND`)")]
     NotRunning(ServiceName),
     /// The new generation did not get ready in time.
-    #[error("generation {generation} was not ready after {timeout:?}; it was stopped{}", keep_note(.kept))]
+    #[error("generation {generation} was not ready after {timeout:?} ({}); it was stopped{}", ready_hint(.mode), keep_note(.kept))]
     NotReady {
         /// The generation.
         generation: u32,
         /// The timeout.
         timeout: Duration,
+        /// What it was waited for with.
+        mode: ReadyMode,
         /// The generation that stays active.
         kept: Option<u32>,
     },
@@ -201,6 +203,15 @@ pub enum SupervisorError {
     /// The supervisor refused; its words.
     #[error("{0}")]
     Refused(String),
+}
+
+/// What a generation that never got ready did not do.
+fn ready_hint(mode: &ReadyMode) -> &'static str {
+    match mode {
+        ReadyMode::Tcp => "--ready tcp: it accepted no connection on the socket it was given; a server must take its listener from LISTEN_FDS, not bind its own",
+        ReadyMode::Notify => "--ready notify: it sent no READY=1 to NOTIFY_SOCKET",
+        ReadyMode::Delay(_) => "--ready delay is longer than --ready-timeout",
+    }
 }
 
 fn keep_note(kept: &Option<u32>) -> String {
@@ -691,7 +702,7 @@ impl Supervisor {
         };
         let outcome = tokio::select! {
             () = ready => Ok(spawned.elapsed()),
-            () = tokio::time::sleep(timeout) => Err(SupervisorError::NotReady { generation: id, timeout, kept }),
+            () = tokio::time::sleep(timeout) => Err(SupervisorError::NotReady { generation: id, timeout, mode, kept }),
             exit = exit.wait_for(Option::is_some) => {
                 let exit = exit.ok().and_then(|e| *e).unwrap_or(ExitInfo { code: None, signal: None });
                 Err(SupervisorError::ExitedBeforeReady { generation: id, exit, kept })
