@@ -152,9 +152,6 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
             net = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).expect("at most 32 bits");
         }
     }
-    if net.addr().is_unspecified() && net.prefix_len() == net.max_prefix_len() {
-        return Err(ParseError::UnspecifiedHost(net));
-    }
     if net.trunc() != net {
         return Err(ParseError::PrefixHostBits {
             given: net,
@@ -163,6 +160,16 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
         });
     }
     Ok(net)
+}
+
+/// Refuses a prefix no connection can match, for `bind`: `0.0.0.0/32` and `::/128` (the
+/// unspecified address is never a destination). `unbind` accepts them, so such a binding
+/// made by an older version can still be removed.
+pub fn check_bindable(prefix: &IpNet) -> Result<(), ParseError> {
+    if prefix.addr().is_unspecified() && prefix.prefix_len() == prefix.max_prefix_len() {
+        return Err(ParseError::UnspecifiedHost(*prefix));
+    }
+    Ok(())
 }
 
 /// Parses a port; 0 means every port.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backend::{Backend, BackendError, BackendInfo},
-    model::{check_label, Binding, ParseError, Protocol, ServiceName},
+    model::{check_bindable, check_label, Binding, ParseError, Protocol, ServiceName},
     socket::{
         inode, process_has_socket, retake_socket, take_socket, InspectedSocket, Pidfd, SocketError,
     },
@@ -546,6 +546,7 @@ impl Registry {
 
     /// Steers `binding` to `service`, creating the service when it is new.
     pub fn bind(&mut self, service: &ServiceName, binding: Binding) -> Result<(), RegistryError> {
+        check_bindable(&binding.prefix)?;
         if let Some(owner) = self.bindings.get(&binding) {
             return Err(RegistryError::AlreadyBound {
                 binding,
@@ -823,7 +824,7 @@ impl Registry {
     /// The listening socket the backend shares between the service's generations for
     /// `protocol`, or `None` when each generation brings its own.
     pub fn shared_listener(
-        &self,
+        &mut self,
         service: &ServiceName,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, RegistryError> {
@@ -929,6 +930,7 @@ mod tests {
                 program_id: None,
                 verified_instructions: None,
                 adopted: false,
+                unserved: Vec::new(),
             }
         }
         fn load_state(&self) -> Result<PersistedState, BackendError> {
@@ -1028,7 +1030,11 @@ mod tests {
         fn set_debug_log(&mut self, _: bool) -> Result<(), BackendError> {
             Ok(())
         }
-        fn shared_listener(&self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+        fn shared_listener(
+            &mut self,
+            _: u32,
+            _: Protocol,
+        ) -> Result<Option<OwnedFd>, BackendError> {
             Ok(None)
         }
         fn check_socket(&self, _: u32, _: Protocol, _: u64) -> Result<(), BackendError> {

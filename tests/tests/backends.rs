@@ -207,46 +207,59 @@ fn a_restarted_uds_daemon_adopts_its_services_and_upgrades_go_on() {
 
 /// After a restart, an address whose shared socket no registered generation holds is bound
 /// again; one that cannot be bound now (here: a process that never registered still holds
-/// the socket) is kept in the state file and tried at the next start. A state file the
-/// daemon cannot read stops it with one line naming the file.
+/// the socket) stays bound in the registry, is shown as not served, and is bound again when a
+/// generation asks for it. A state file the daemon cannot read stops it with one line naming
+/// the file.
 #[test]
 fn a_restarted_uds_daemon_binds_what_nobody_holds_and_refuses_a_corrupt_state_file() {
     let mut env = TestEnv::with_backend("uds-state", "uds");
     env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
     let service: ServiceName = "web".parse().unwrap();
-    let unregistered = hotswap::client::shared_listener(&env.socket, &service, Protocol::Tcp)
-        .unwrap()
-        .unwrap();
+    let socket = env.socket.clone();
+    let ask = || hotswap::client::shared_listener(&socket, &service, Protocol::Tcp);
+    let unregistered = ask().unwrap().unwrap();
     env.stop_daemon(nix::sys::signal::Signal::SIGKILL);
     env.start_daemon();
     let log = env.daemon_log();
     assert!(
-        log.contains("tcp 127.0.0.1/32 8080 is not served this time")
-            && log.contains("tried again at the next start"),
+        log.contains("tcp 127.0.0.1/32 8080 is not served for now")
+            && log.contains("bound again when a generation asks for it"),
         "{log}"
     );
+    let status = env.status();
     assert_eq!(
-        env.status()["services"][0]["bindings"],
-        serde_json::json!([])
+        status["services"][0]["bindings"].as_array().unwrap().len(),
+        1,
+        "{status}"
+    );
+    assert_eq!(status["backend"]["unserved"].as_array().unwrap().len(), 1);
+    assert!(env
+        .ok(&["status"])
+        .contains("not served: tcp 127.0.0.1/32 8080"));
+    // Still held elsewhere: asking fails, saying why.
+    let refused = hotswap::error_chain(&ask().unwrap_err());
+    assert!(
+        refused.contains("binding 127.0.0.1:8080 failed"),
+        "{refused}"
     );
 
     drop(unregistered);
+    let served = ask().unwrap().unwrap();
+    assert!(env.status()["backend"]["unserved"].is_null());
+    assert!(env
+        .daemon_log()
+        .contains("bound tcp 127.0.0.1/32 8080 again: a generation asked for it"));
+    drop(served);
+
     env.stop_daemon(nix::sys::signal::Signal::SIGKILL);
     env.start_daemon();
     assert!(
         env.daemon_log()
-            .contains("bound tcp 127.0.0.1/32 8080 again"),
+            .contains("bound tcp 127.0.0.1/32 8080 again: no live generation held its socket"),
         "{}",
         env.daemon_log()
     );
     assert_eq!(env.status()["services"][0]["name"], "web");
-    assert_eq!(
-        env.status()["services"][0]["bindings"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
     // The daemon's socket is listening again: the connection waits in its queue.
     TcpStream::connect("127.0.0.1:8080").unwrap();
 

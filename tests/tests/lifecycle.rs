@@ -494,11 +494,11 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
             "--listen",
             "tcp://127.0.0.1:8080",
             "--drain-settle",
-            "40s",
+            "15s",
             "--",
             &hello,
         ],
-        "--drain-settle (40s) must be shorter than --drain-timeout (30s)",
+        "--drain-settle (15s) must be under half of --drain-timeout (30s)",
     );
     refused(
         &[
@@ -612,8 +612,17 @@ fn listening_on_the_unspecified_address_serves_every_address(backend: &str) {
     assert_eq!(load.failed, 0, "{:?}", load.failures);
     assert!(integration_tests::tcp_http_body("127.0.0.1:8080").starts_with("generation 2"));
     assert!(integration_tests::tcp_http_body("[::1]:8081").starts_with("generation 2"));
-    let bindings = &env.status()["services"];
-    assert!(bindings.to_string().contains("0.0.0.0/0"), "{bindings}");
+    assert!(integration_tests::udp_request("127.0.0.2:5353")
+        .unwrap()
+        .starts_with("generation 2"));
+    let status = env.ok(&["status"]);
+    for binding in [
+        "bind tcp 0.0.0.0/0 8080",
+        "bind udp 0.0.0.0/0 5353",
+        "bind tcp ::/0 8081",
+    ] {
+        assert!(status.contains(binding), "{binding}\n{status}");
+    }
 }
 
 /// The old generation gets its drain signal once `--drain-settle` has passed since the
@@ -662,7 +671,7 @@ fn the_drain_signal_waits_for_the_settle_time_counted_from_the_switch() {
     let after = signalled.expect(&output) - switched.expect(&output);
     // At least the settle; well under grace + settle (5 s), which it would be if it followed
     // the grace period.
-    assert!(after >= Duration::from_millis(2900), "{after:?}\n{output}");
+    assert!(after >= Duration::from_millis(2500), "{after:?}\n{output}");
     assert!(after < Duration::from_millis(4500), "{after:?}\n{output}");
 }
 

@@ -54,6 +54,10 @@ pub struct BackendInfo {
     pub verified_instructions: Option<u32>,
     /// Whether this daemon adopted state a previous daemon left.
     pub adopted: bool,
+    /// Bindings the backend keeps but cannot serve right now (uds: a shared socket that could
+    /// not be restored at start; it is bound again when a generation asks for it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unserved: Vec<Binding>,
 }
 
 /// One way of steering new connections to a service's active socket.
@@ -100,7 +104,7 @@ pub trait Backend: Send {
     /// The socket the backend itself holds for a service's `protocol` and hands to every
     /// generation, or `None` where each generation brings its own.
     fn shared_listener(
-        &self,
+        &mut self,
         service_id: u32,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, BackendError>;

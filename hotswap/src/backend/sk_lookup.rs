@@ -432,9 +432,10 @@ impl SkLookupError {
             Self::MountBpffs(e) => *e as i32,
             Self::Load(e) => errno(e.as_ref())?,
             Self::Program { source, .. } => errno(source.as_ref())?,
-            // Reading a pinned map needs the same privileges as loading.
+            // Reading a pinned map needs the same privileges as loading (EACCES there would
+            // be the pin file's own permissions: a problem with the state, not the host).
             Self::PinnedMap(_, source) => match errno(source)? {
-                code @ (libc::EPERM | libc::EACCES) => code,
+                libc::EPERM => libc::EPERM,
                 _ => return None,
             },
             Self::Io(e) => e.source.raw_os_error()?,
@@ -570,6 +571,7 @@ impl Backend for SkLookupBackend {
             program_id: Some(self.program_id),
             verified_instructions: self.verified_instructions,
             adopted: self.adopted,
+            unserved: Vec::new(),
         }
     }
 
@@ -708,7 +710,7 @@ impl Backend for SkLookupBackend {
         }
     }
 
-    fn shared_listener(&self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+    fn shared_listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
         // Each generation brings its own socket; the program steers to it.
         Ok(None)
     }

@@ -97,7 +97,7 @@ struct SavedService {
     active_udp: u32,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct SavedBinding {
     service_id: u32,
     binding: Binding,
@@ -174,9 +174,13 @@ impl SavedGeneration {
     }
 }
 
+/// A service's shared socket for one protocol.
 struct Shared {
     binding: Binding,
-    socket: OwnedFd,
+    /// `None` while the binding is not served: its socket could not be restored when the
+    /// daemon started (e.g. the address is not configured yet). It is bound again when a
+    /// generation asks for it.
+    socket: Option<OwnedFd>,
     cookie: u64,
 }
 
@@ -187,9 +191,6 @@ pub struct UdsBackend {
     sockets: BTreeMap<(u32, Protocol), Shared>,
     services: BTreeMap<u32, ServiceRecord>,
     generations: BTreeMap<(u32, u32), GenerationRecord>,
-    /// Bindings of the state file whose socket could not be restored at this start (e.g. the
-    /// address is not configured yet): kept in the file and tried again at the next start.
-    pending: Vec<SavedBinding>,
     /// What loading the state file had to change, for the daemon's log.
     notes: Vec<String>,
 }
@@ -217,11 +218,14 @@ impl UdsBackend {
                 .iter()
                 .map(|g| ((g.service_id, g.generation), g.record()))
                 .collect(),
-            pending: Vec::new(),
             notes: Vec::new(),
         };
-        for saved in saved.bindings {
-            let (service_id, binding, cookie) = (saved.service_id, saved.binding, saved.cookie);
+        for SavedBinding {
+            service_id,
+            binding,
+            cookie,
+        } in saved.bindings
+        {
             let held = backend
                 .generations
                 .iter()
@@ -230,7 +234,7 @@ impl UdsBackend {
             let shared = match held {
                 Some(socket) => Shared {
                     binding,
-                    socket,
+                    socket: Some(socket),
                     cookie,
                 },
                 None => match Shared::bind(binding) {
@@ -242,11 +246,14 @@ impl UdsBackend {
                     }
                     Err(err) => {
                         backend.notes.push(format!(
-                            "{binding} is not served this time: no live generation held its socket and {}; it stays in the state file and is tried again at the next start",
+                            "{binding} is not served for now: no live generation held its socket and {}; it is bound again when a generation asks for it",
                             crate::error_chain(&err)
                         ));
-                        backend.pending.push(saved);
-                        continue;
+                        Shared {
+                            binding,
+                            socket: None,
+                            cookie,
+                        }
                     }
                 },
             };
@@ -275,7 +282,6 @@ impl UdsBackend {
                     binding: shared.binding,
                     cookie: shared.cookie,
                 })
-                .chain(self.pending.iter().cloned())
                 .collect(),
             generations: self
                 .generations
@@ -317,15 +323,6 @@ impl UdsBackend {
             return Err(err.into());
         }
         Ok(())
-    }
-
-    /// Removes and returns the pending bindings that match.
-    fn take_pending(&mut self, matches: impl Fn(&SavedBinding) -> bool) -> Vec<SavedBinding> {
-        let (taken, kept) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| matches(p));
-        self.pending = kept;
-        taken
     }
 }
 
@@ -375,7 +372,7 @@ impl Shared {
         })?;
         Ok(Self {
             binding,
-            socket,
+            socket: Some(socket),
             cookie,
         })
     }
@@ -408,10 +405,16 @@ impl Backend for UdsBackend {
         BackendInfo {
             name: "uds".to_owned(),
             reason: self.reason.clone(),
-            state_dir: String::new(),
+            state_dir: self.state_path.display().to_string(),
             program_id: None,
             verified_instructions: None,
             adopted: false,
+            unserved: self
+                .sockets
+                .values()
+                .filter(|shared| shared.socket.is_none())
+                .map(|shared| shared.binding)
+                .collect(),
         }
     }
 
@@ -459,17 +462,9 @@ impl Backend for UdsBackend {
         let shared = Shared::bind(*binding)?;
         let key = (service_id, binding.protocol);
         self.saved(
-            |backend| {
-                backend.sockets.insert(key, shared);
-                // A binding made now replaces one that could not be restored.
-                backend.take_pending(|p| {
-                    p.binding == *binding
-                        || (p.service_id == service_id && p.binding.protocol == binding.protocol)
-                })
-            },
-            |backend, pending| {
+            |backend| backend.sockets.insert(key, shared),
+            |backend, _| {
                 backend.sockets.remove(&key);
-                backend.pending.extend(pending);
             },
         )
     }
@@ -484,16 +479,11 @@ impl Backend for UdsBackend {
                     .filter(|(_, shared)| shared.binding == *binding)
                     .map(|(key, _)| *key)
                     .collect();
-                let removed: Vec<_> = keys
-                    .iter()
+                keys.iter()
                     .filter_map(|key| backend.sockets.remove_entry(key))
-                    .collect();
-                (removed, backend.take_pending(|p| p.binding == *binding))
+                    .collect::<Vec<_>>()
             },
-            |backend, (removed, pending)| {
-                backend.sockets.extend(removed);
-                backend.pending.extend(pending);
-            },
+            |backend, removed| backend.sockets.extend(removed),
         )
     }
 
@@ -524,16 +514,8 @@ impl Backend for UdsBackend {
 
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
         self.saved(
-            |backend| {
-                (
-                    backend.services.remove(&service_id),
-                    backend.take_pending(|p| p.service_id == service_id),
-                )
-            },
-            |backend, (before, pending)| {
-                restore(&mut backend.services, service_id, before);
-                backend.pending.extend(pending);
-            },
+            |backend| backend.services.remove(&service_id),
+            |backend, before| restore(&mut backend.services, service_id, before),
         )
     }
 
@@ -565,19 +547,35 @@ impl Backend for UdsBackend {
     }
 
     fn shared_listener(
-        &self,
+        &mut self,
         service_id: u32,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, BackendError> {
-        match self.sockets.get(&(service_id, protocol)) {
-            Some(shared) => Ok(Some(shared.socket.try_clone().map_err(|source| {
-                UdsError::Bind {
-                    addr: SocketAddr::new(shared.binding.prefix.addr(), shared.binding.port),
-                    source,
-                }
-            })?)),
-            None => Ok(None),
+        let key = (service_id, protocol);
+        let Some(shared) = self.sockets.get(&key) else {
+            return Ok(None);
+        };
+        let binding = shared.binding;
+        if shared.socket.is_none() {
+            // Not served since the daemon started: try again now that a generation asks.
+            let fresh = Shared::bind(binding)?;
+            self.saved(
+                |backend| backend.sockets.insert(key, fresh),
+                |backend, before| {
+                    if let Some(before) = before {
+                        backend.sockets.insert(key, before);
+                    }
+                },
+            )?;
+            tracing::info!("bound {binding} again: a generation asked for it");
         }
+        let socket = self.sockets[&key].socket.as_ref().expect("bound above");
+        Ok(Some(socket.try_clone().map_err(|source| {
+            UdsError::Bind {
+                addr: SocketAddr::new(binding.prefix.addr(), binding.port),
+                source,
+            }
+        })?))
     }
 
     fn check_switch(&self) -> Result<(), BackendError> {
@@ -591,7 +589,7 @@ impl Backend for UdsBackend {
         cookie: u64,
     ) -> Result<(), BackendError> {
         match self.sockets.get(&(service_id, protocol)) {
-            Some(shared) if shared.cookie == cookie => Ok(()),
+            Some(shared) if shared.socket.is_some() && shared.cookie == cookie => Ok(()),
             _ => Err(UdsError::NotShared(protocol).into()),
         }
     }

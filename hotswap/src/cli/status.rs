@@ -119,6 +119,12 @@ pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorRe
         let _ = write!(out, ", {n} instructions verified");
     }
     let _ = writeln!(out);
+    for binding in &backend.unserved {
+        let _ = writeln!(
+            out,
+            "not served: {binding} (its socket could not be restored; it is bound again when a generation asks for it)"
+        );
+    }
     if report.services.is_empty() {
         let _ = writeln!(
             out,

@@ -175,8 +175,8 @@ pub enum SupervisorError {
         /// The generation it is bringing up.
         generation: u32,
     },
-    /// `--drain-settle` would use up the whole `--drain-timeout`.
-    #[error("--drain-settle ({}) must be shorter than --drain-timeout ({}): the old generation would be killed before it could drain", humantime::format_duration(*settle), humantime::format_duration(*timeout))]
+    /// `--drain-settle` would leave the old generation no time to finish.
+    #[error("--drain-settle ({}) must be under half of --drain-timeout ({}): the queue is watched for at most the first half, the second is for the old generation to finish", humantime::format_duration(*settle), humantime::format_duration(*timeout))]
     SettleNotBelowTimeout {
         /// The settle time.
         settle: Duration,
@@ -803,6 +803,9 @@ impl Supervisor {
     /// signal, waits for the exit (killing after the drain timeout), then closes its sockets.
     async fn drain(self: &Arc<Self>, id: u32, progress: Progress<'_>) {
         let deadline = Instant::now() + self.config.drain_timeout;
+        // The queue is watched for at most half the drain timeout, so that a queue that never
+        // stays empty (a shutdown under load) still leaves the process time to finish.
+        let queue_deadline = Instant::now() + self.config.drain_timeout / 2;
         let protocols: Vec<Protocol> = match self.lock().generations.get_mut(&id) {
             Some(g) => {
                 // From now on `rollback` cannot pick it.
@@ -847,9 +850,9 @@ impl Supervisor {
             if now >= settled_at && empty_since.is_some_and(|since| now - since >= QUEUE_QUIET) {
                 break;
             }
-            if now >= deadline {
+            if now >= queue_deadline {
                 progress(format!(
-                    "generation {id}: queue not empty after the drain timeout"
+                    "generation {id}: queue not empty after half the drain timeout; signalling anyway"
                 ));
                 break;
             }
@@ -1371,7 +1374,7 @@ pub async fn run(
     config: RunConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SupervisorError> {
-    if config.drain_settle >= config.drain_timeout {
+    if config.drain_settle + QUEUE_QUIET >= config.drain_timeout / 2 {
         return Err(SupervisorError::SettleNotBelowTimeout {
             settle: config.drain_settle,
             timeout: config.drain_timeout,

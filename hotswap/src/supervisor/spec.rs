@@ -43,9 +43,15 @@ pub struct ListenSpec {
 impl ListenSpec {
     /// The binding that steers this address to the service: the exact address and port. The
     /// unspecified address (`0.0.0.0`, `[::]`) means every address of its family, as it does
-    /// for `bind()`: no connection is ever addressed to it.
+    /// for `bind()`: no connection is ever addressed to it. An IPv4-mapped IPv6 address is
+    /// the IPv4 address it maps (connections to it are IPv4), as in `hotswap bind`.
     pub fn binding(&self) -> Binding {
-        let ip = self.addr.ip();
+        let ip = match self.addr.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            ip => ip,
+        };
         let prefix = if ip.is_unspecified() {
             IpNet::new(ip, 0).expect("0 is a valid prefix length")
         } else {
@@ -147,6 +153,16 @@ mod tests {
         assert_eq!(spec.binding().to_string(), "tcp 127.0.0.1/32 8080");
         let spec: ListenSpec = "udp://[::1]:53".parse().unwrap();
         assert_eq!(spec.binding().to_string(), "udp ::1/128 53");
+        // Every address of a family, as bind() means it; mapped IPv4 is IPv4.
+        for (listen, binding) in [
+            ("tcp://0.0.0.0:80", "tcp 0.0.0.0/0 80"),
+            ("tcp://[::]:80", "tcp ::/0 80"),
+            ("tcp://[::ffff:0.0.0.0]:80", "tcp 0.0.0.0/0 80"),
+            ("tcp://[::ffff:127.0.0.1]:80", "tcp 127.0.0.1/32 80"),
+        ] {
+            let spec: ListenSpec = listen.parse().unwrap();
+            assert_eq!(spec.binding().to_string(), binding, "{listen}");
+        }
         for bad in [
             "127.0.0.1:80",
             "http://127.0.0.1:80",
