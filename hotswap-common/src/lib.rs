@@ -139,9 +139,30 @@ pub struct ServiceRecord {
     pub active_udp: u32,
 }
 
+impl ServiceRecord {
+    /// A record named `name` (cut to [`MAX_SERVICE_NAME`] bytes).
+    pub fn new(name: &[u8], next_generation: u32, active_tcp: u32, active_udp: u32) -> Self {
+        let len = name.len().min(MAX_SERVICE_NAME);
+        let mut record = Self {
+            name: [0; MAX_SERVICE_NAME + 1],
+            name_len: len as u32,
+            next_generation,
+            active_tcp,
+            active_udp,
+        };
+        record.name[..len].copy_from_slice(&name[..len]);
+        record
+    }
+
+    /// The used bytes of the name.
+    pub fn name_bytes(&self) -> &[u8] {
+        &self.name[..(self.name_len as usize).min(MAX_SERVICE_NAME)]
+    }
+}
+
 /// Key of the generations map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GenerationKey {
     /// Service id.
     pub service_id: u32,
@@ -174,6 +195,21 @@ pub struct GenerationRecord {
     pub pad: [u8; 3],
     /// Optional human label.
     pub label: [u8; MAX_LABEL],
+}
+
+impl GenerationRecord {
+    /// The used bytes of the label (empty for none).
+    pub fn label_bytes(&self) -> &[u8] {
+        &self.label[..(self.label_len as usize).min(MAX_LABEL)]
+    }
+
+    /// Sets the label (cut to [`MAX_LABEL`] bytes).
+    pub fn set_label(&mut self, label: &[u8]) {
+        let len = label.len().min(MAX_LABEL);
+        self.label = [0; MAX_LABEL];
+        self.label[..len].copy_from_slice(&label[..len]);
+        self.label_len = len as u8;
+    }
 }
 
 #[cfg(feature = "user")]

@@ -82,9 +82,7 @@ fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> 
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
     }
-    let mut lock_path = socket.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
+    let lock_path = crate::with_suffix(socket, ".lock");
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -106,9 +104,7 @@ fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> 
 
 /// Where the uds backend keeps its state: beside the control socket, whose lock guards it.
 pub fn uds_state_path(socket: &Path) -> PathBuf {
-    let mut path = socket.as_os_str().to_owned();
-    path.push(".uds-state.json");
-    PathBuf::from(path)
+    crate::with_suffix(socket, ".uds-state.json")
 }
 
 /// Binds the control socket, readable and writable by its owner (root) only.

@@ -36,6 +36,13 @@ impl PathError {
     }
 }
 
+/// `path` with `suffix` added to its file name: `/run/hotswap/hotswap.sock` + `.lock`.
+pub(crate) fn with_suffix(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
 /// An error and all its causes on one line, `outer: inner: innermost`.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();

@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use hotswap_common::{
     BindingData, BINDING_HEADER_BITS, FAMILY_IPV4, FAMILY_IPV6, MAX_SERVICE_NAME, PROTO_TCP,
-    PROTO_UDP,
+    PROTO_UDP, SLOT_TCP, SLOT_UDP,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,14 @@ impl Protocol {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
+        }
+    }
+
+    /// Its slot in a `GenerationRecord`'s per-protocol arrays.
+    pub const fn slot(self) -> usize {
+        match self {
+            Self::Tcp => SLOT_TCP,
+            Self::Udp => SLOT_UDP,
         }
     }
 

@@ -9,10 +9,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use hotswap_common::{
-    GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, MAX_SERVICES, MAX_SERVICE_NAME,
-    SLOT_TCP, SLOT_UDP,
-};
+use hotswap_common::{GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -170,27 +167,17 @@ impl Generation {
             registered_at: self.registered_at,
             pid: self.pid,
             fds: [-1; 2],
-            label_len: self.label.as_ref().map_or(0, |l| l.len() as u8),
+            label_len: 0,
             pad: [0; 3],
             label: [0; MAX_LABEL],
         };
-        if let Some(label) = &self.label {
-            record.label[..label.len()].copy_from_slice(label.as_bytes());
-        }
+        record.set_label(self.label.as_deref().unwrap_or_default().as_bytes());
         for socket in &self.sockets {
-            let slot = slot(socket.protocol);
+            let slot = socket.protocol.slot();
             record.cookies[slot] = socket.cookie;
             record.fds[slot] = socket.fd_in_process;
         }
         record
-    }
-}
-
-/// A protocol's slot in a [`GenerationRecord`].
-fn slot(protocol: Protocol) -> usize {
-    match protocol {
-        Protocol::Tcp => SLOT_TCP,
-        Protocol::Udp => SLOT_UDP,
     }
 }
 
@@ -371,13 +358,11 @@ fn now() -> u64 {
 }
 
 fn record_name(record: &ServiceRecord) -> Option<ServiceName> {
-    let len = (record.name_len as usize).min(MAX_SERVICE_NAME);
-    std::str::from_utf8(&record.name[..len]).ok()?.parse().ok()
+    std::str::from_utf8(record.name_bytes()).ok()?.parse().ok()
 }
 
 fn record_label(record: &GenerationRecord) -> Option<String> {
-    let len = (record.label_len as usize).min(MAX_LABEL);
-    std::str::from_utf8(&record.label[..len])
+    std::str::from_utf8(record.label_bytes())
         .ok()
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
@@ -450,7 +435,8 @@ impl Registry {
             let sockets: Option<Vec<GenerationSocket>> = Pidfd::open(record.pid)
                 .ok()
                 .and_then(|pidfd| {
-                    let sockets = [(Protocol::Tcp, SLOT_TCP), (Protocol::Udp, SLOT_UDP)]
+                    let sockets = [Protocol::Tcp, Protocol::Udp]
+                        .map(|protocol| (protocol, protocol.slot()))
                         .into_iter()
                         .filter(|&(_, slot)| record.fds[slot] >= 0)
                         .map(|(protocol, slot)| {
@@ -558,14 +544,7 @@ impl Registry {
             Some(id) => id,
             None => {
                 let id = self.free_service_id()?;
-                let mut record = ServiceRecord {
-                    name: [0; MAX_SERVICE_NAME + 1],
-                    name_len: service.as_str().len() as u32,
-                    next_generation: 1,
-                    active_tcp: 0,
-                    active_udp: 0,
-                };
-                record.name[..service.as_str().len()].copy_from_slice(service.as_str().as_bytes());
+                let record = ServiceRecord::new(service.as_str().as_bytes(), 1, 0, 0);
                 self.backend.save_service(id, &record, true)?;
                 self.services.insert(
                     service.clone(),
@@ -911,7 +890,7 @@ mod tests {
     struct FakeKernel {
         services: HashMap<u32, ServiceRecord>,
         bindings: HashMap<Binding, u32>,
-        generations: HashMap<(u32, u32), GenerationRecord>,
+        generations: HashMap<GenerationKey, GenerationRecord>,
         /// (service, protocol) -> socket cookie.
         active: HashMap<(u32, Protocol), u64>,
         /// Make `activate` fail, as a full or broken map would.
@@ -938,19 +917,7 @@ mod tests {
             Ok(PersistedState {
                 services: k.services.iter().map(|(a, b)| (*a, *b)).collect(),
                 bindings: k.bindings.iter().map(|(a, b)| (*a, *b)).collect(),
-                generations: k
-                    .generations
-                    .iter()
-                    .map(|(&(service_id, generation), r)| {
-                        (
-                            GenerationKey {
-                                service_id,
-                                generation,
-                            },
-                            *r,
-                        )
-                    })
-                    .collect(),
+                generations: k.generations.iter().map(|(&k, &r)| (k, r)).collect(),
                 notes: Vec::new(),
             })
         }
@@ -1012,19 +979,11 @@ mod tests {
             key: &GenerationKey,
             record: &GenerationRecord,
         ) -> Result<(), BackendError> {
-            self.0
-                .lock()
-                .unwrap()
-                .generations
-                .insert((key.service_id, key.generation), *record);
+            self.0.lock().unwrap().generations.insert(*key, *record);
             Ok(())
         }
         fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
-            self.0
-                .lock()
-                .unwrap()
-                .generations
-                .remove(&(key.service_id, key.generation));
+            self.0.lock().unwrap().generations.remove(key);
             Ok(())
         }
         fn set_debug_log(&mut self, _: bool) -> Result<(), BackendError> {

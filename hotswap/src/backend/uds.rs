@@ -21,10 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hotswap_common::{
-    GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord, MAX_LABEL, MAX_SERVICE_NAME,
-    SLOT_TCP, SLOT_UDP,
-};
+use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord, MAX_LABEL};
 use serde::{Deserialize, Serialize};
 
 use super::{Backend, BackendError, BackendInfo, PersistedState};
@@ -118,10 +115,9 @@ struct SavedGeneration {
 
 impl SavedService {
     fn new(id: u32, record: &ServiceRecord) -> Self {
-        let len = (record.name_len as usize).min(MAX_SERVICE_NAME);
         Self {
             id,
-            name: String::from_utf8_lossy(&record.name[..len]).into_owned(),
+            name: String::from_utf8_lossy(record.name_bytes()).into_owned(),
             next_generation: record.next_generation,
             active_tcp: record.active_tcp,
             active_udp: record.active_udp,
@@ -129,23 +125,17 @@ impl SavedService {
     }
 
     fn record(&self) -> ServiceRecord {
-        let mut record = ServiceRecord {
-            name: [0; MAX_SERVICE_NAME + 1],
-            name_len: 0,
-            next_generation: self.next_generation,
-            active_tcp: self.active_tcp,
-            active_udp: self.active_udp,
-        };
-        let name = &self.name.as_bytes()[..self.name.len().min(MAX_SERVICE_NAME)];
-        record.name[..name.len()].copy_from_slice(name);
-        record.name_len = name.len() as u32;
-        record
+        ServiceRecord::new(
+            self.name.as_bytes(),
+            self.next_generation,
+            self.active_tcp,
+            self.active_udp,
+        )
     }
 }
 
 impl SavedGeneration {
     fn new(key: &GenerationKey, record: &GenerationRecord) -> Self {
-        let len = (record.label_len as usize).min(MAX_LABEL);
         Self {
             service_id: key.service_id,
             generation: key.generation,
@@ -153,7 +143,14 @@ impl SavedGeneration {
             fds: record.fds,
             cookies: record.cookies,
             registered_at: record.registered_at,
-            label: String::from_utf8_lossy(&record.label[..len]).into_owned(),
+            label: String::from_utf8_lossy(record.label_bytes()).into_owned(),
+        }
+    }
+
+    fn key(&self) -> GenerationKey {
+        GenerationKey {
+            service_id: self.service_id,
+            generation: self.generation,
         }
     }
 
@@ -167,9 +164,7 @@ impl SavedGeneration {
             pad: [0; 3],
             label: [0; MAX_LABEL],
         };
-        let label = &self.label.as_bytes()[..self.label.len().min(MAX_LABEL)];
-        record.label[..label.len()].copy_from_slice(label);
-        record.label_len = label.len() as u8;
+        record.set_label(self.label.as_bytes());
         record
     }
 }
@@ -190,7 +185,7 @@ pub struct UdsBackend {
     state_path: PathBuf,
     sockets: BTreeMap<(u32, Protocol), Shared>,
     services: BTreeMap<u32, ServiceRecord>,
-    generations: BTreeMap<(u32, u32), GenerationRecord>,
+    generations: BTreeMap<GenerationKey, GenerationRecord>,
     /// What loading the state file had to change, for the daemon's log.
     notes: Vec<String>,
 }
@@ -216,7 +211,7 @@ impl UdsBackend {
             generations: saved
                 .generations
                 .iter()
-                .map(|g| ((g.service_id, g.generation), g.record()))
+                .map(|g| (g.key(), g.record()))
                 .collect(),
             notes: Vec::new(),
         };
@@ -229,7 +224,7 @@ impl UdsBackend {
             let held = backend
                 .generations
                 .iter()
-                .filter(|((id, _), _)| *id == service_id)
+                .filter(|(key, _)| key.service_id == service_id)
                 .find_map(|(_, record)| retake(record, binding.protocol, cookie));
             let shared = match held {
                 Some(socket) => Shared {
@@ -286,21 +281,11 @@ impl UdsBackend {
             generations: self
                 .generations
                 .iter()
-                .map(|(&(service_id, generation), record)| {
-                    SavedGeneration::new(
-                        &GenerationKey {
-                            service_id,
-                            generation,
-                        },
-                        record,
-                    )
-                })
+                .map(|(key, record)| SavedGeneration::new(key, record))
                 .collect(),
         };
         let json = serde_json::to_vec_pretty(&state).expect("plain data serialises");
-        let mut temporary = self.state_path.as_os_str().to_owned();
-        temporary.push(".new");
-        let temporary = PathBuf::from(temporary);
+        let temporary = crate::with_suffix(&self.state_path, ".new");
         write_private(&temporary, &json).map_err(PathError::at("writing", &temporary))?;
         std::fs::rename(&temporary, &self.state_path)
             .map_err(PathError::at("replacing", &self.state_path))?;
@@ -337,10 +322,7 @@ fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, before: Option<V>) {
 /// The shared socket with `cookie`, taken back from the process of a generation that still
 /// holds it.
 fn retake(record: &GenerationRecord, protocol: Protocol, cookie: u64) -> Option<OwnedFd> {
-    let slot = match protocol {
-        Protocol::Tcp => SLOT_TCP,
-        Protocol::Udp => SLOT_UDP,
-    };
+    let slot = protocol.slot();
     if record.cookies[slot] != cookie || record.fds[slot] < 0 {
         return None;
     }
@@ -426,19 +408,7 @@ impl Backend for UdsBackend {
                 .iter()
                 .map(|(&(service_id, _), shared)| (shared.binding, service_id))
                 .collect(),
-            generations: self
-                .generations
-                .iter()
-                .map(|(&(service_id, generation), r)| {
-                    (
-                        GenerationKey {
-                            service_id,
-                            generation,
-                        },
-                        *r,
-                    )
-                })
-                .collect(),
+            generations: self.generations.iter().map(|(&k, &r)| (k, r)).collect(),
             notes: self.notes.clone(),
         })
     }
@@ -524,7 +494,7 @@ impl Backend for UdsBackend {
         key: &GenerationKey,
         record: &GenerationRecord,
     ) -> Result<(), BackendError> {
-        let key = (key.service_id, key.generation);
+        let key = *key;
         self.saved(
             |backend| backend.generations.insert(key, *record),
             |backend, before| restore(&mut backend.generations, key, before),
@@ -532,7 +502,7 @@ impl Backend for UdsBackend {
     }
 
     fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError> {
-        let key = (key.service_id, key.generation);
+        let key = *key;
         self.saved(
             |backend| backend.generations.remove(&key),
             |backend, before| restore(&mut backend.generations, key, before),
