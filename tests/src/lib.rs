@@ -28,7 +28,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A binary of the workspace, next to the test binaries: `target/<profile>/<name>`.
-fn workspace_bin(name: &str) -> PathBuf {
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test binary> or target/<profile>/<binary> -> target/<profile>/<name>
     let mut dir = exe.parent().expect("binary in a directory");

@@ -103,12 +103,7 @@ fn the_uds_backend_refuses_what_it_cannot_do() {
 
 #[test]
 fn automatic_fallback_in_a_user_namespace() {
-    let scenario = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("hotswap-userns-scenario");
+    let scenario = integration_tests::workspace_bin("hotswap-userns-scenario");
     let out = Command::new("unshare")
         .args(["--user", "--map-root-user", "--net", "--"])
         .arg(&scenario)

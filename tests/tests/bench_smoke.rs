@@ -7,12 +7,7 @@ use std::process::Command;
 fn the_bench_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let bench = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("hotswap-bench");
+    let bench = integration_tests::workspace_bin("hotswap-bench");
     let out = Command::new(bench)
         .args(["--smoke", "--json"])
         .arg(&json)
@@ -54,12 +49,7 @@ fn the_bench_runs_end_to_end() {
 
 #[test]
 fn the_bench_runs_only_the_sections_asked_for() {
-    let bench = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("hotswap-bench");
+    let bench = integration_tests::workspace_bin("hotswap-bench");
     let out = Command::new(&bench)
         .args(["--smoke", "--only", "switch"])
         .output()
