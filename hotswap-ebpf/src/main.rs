@@ -33,6 +33,13 @@ const ESOCKTNOSUPPORT: i32 = 94;
 /// BPF_SK_LOOKUP_F_NO_REUSEPORT (2): the registered socket itself gets the connection, even if
 /// it is in an SO_REUSEPORT group (as `hotswap run`'s UDP sockets of all generations are).
 const SK_ASSIGN_FLAGS: u64 = 1 | 2;
+/// Service id 0 is never assigned: it stands for "no service".
+const NO_SERVICE: u32 = 0;
+/// What a lookup that found no binding yields.
+const NO_BINDING: BindingValue = BindingValue {
+    service_id: NO_SERVICE,
+    addr_prefix_len: 0,
+};
 
 #[map(name = "HS_BINDINGS")]
 static BINDINGS: LpmTrie<BindingData, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
@@ -100,9 +107,10 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     // local_port is in host byte order.
     let port = port as u16;
 
-    let Some(binding) = find_binding(protocol, family, port, addr) else {
+    let binding = find_binding(protocol, family, port, addr);
+    if binding.service_id == NO_SERVICE {
         return SK_PASS;
-    };
+    }
     let service_id = binding.service_id;
     let debug_log = CONFIG.get(CONFIG_DEBUG_LOG).is_some_and(|on| *on != 0);
     let metrics = METRICS.get_ptr_mut(service_id);
@@ -144,37 +152,32 @@ fn steer(ctx: &SkLookupContext) -> u32 {
 }
 
 /// Two lookups, as tubular does: the exact port, then port 0 (every port). The longer address
-/// prefix wins; on a tie the explicit port does.
+/// prefix wins; on a tie the explicit port does. A missing entry is [`NO_BINDING`], not `None`:
+/// with an `Option` the compiler reads the payload of a `None` from a stack slot it never
+/// wrote, which kernels before 6.3 (Debian 12's 6.1) refuse ("invalid read from stack").
 #[inline(always)]
-fn find_binding(protocol: u8, family: u8, port: u16, addr: [u8; 16]) -> Option<BindingValue> {
-    let exact = BINDINGS
-        .get(Key::new(
-            BINDING_FULL_BITS,
-            BindingData {
-                protocol,
-                family,
-                port: port.to_be_bytes(),
-                addr,
-            },
-        ))
-        .copied();
-    let wildcard = BINDINGS
-        .get(Key::new(
-            BINDING_FULL_BITS,
-            BindingData {
-                protocol,
-                family,
-                port: [0, 0],
-                addr,
-            },
-        ))
-        .copied();
-    match (exact, wildcard) {
-        (Some(exact), Some(wildcard)) if wildcard.addr_prefix_len > exact.addr_prefix_len => {
-            Some(wildcard)
-        }
-        (Some(exact), _) => Some(exact),
-        (None, wildcard) => wildcard,
+fn find_binding(protocol: u8, family: u8, port: u16, addr: [u8; 16]) -> BindingValue {
+    let lookup = |port: [u8; 2]| {
+        BINDINGS
+            .get(Key::new(
+                BINDING_FULL_BITS,
+                BindingData {
+                    protocol,
+                    family,
+                    port,
+                    addr,
+                },
+            ))
+            .copied()
+            .unwrap_or(NO_BINDING)
+    };
+    let exact = lookup(port.to_be_bytes());
+    let wildcard = lookup([0, 0]);
+    // A missing wildcard has prefix length 0, which never beats a present exact match.
+    if exact.service_id == NO_SERVICE || wildcard.addr_prefix_len > exact.addr_prefix_len {
+        wildcard
+    } else {
+        exact
     }
 }
 
