@@ -24,8 +24,25 @@ use std::{
 
 use nix::sched::{setns, unshare, CloneFlags};
 
-/// How long any wait in a test may take before it fails.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+/// How many times slower than a host this machine runs the tests: the kernel matrix sets
+/// `HOTSWAP_TEST_SLOWDOWN` when it boots other kernels under software emulation.
+fn slowdown() -> u32 {
+    std::env::var("HOTSWAP_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|d| d.parse::<u32>().ok())
+        .filter(|d| *d > 0)
+        .unwrap_or(1)
+}
+
+/// How long any wait in a test may take before it fails: 20 s, times the slowdown.
+pub fn patience() -> Duration {
+    Duration::from_secs(20) * slowdown()
+}
+
+/// `n` rounds of a test's loop, divided by the slowdown (at least one).
+pub fn rounds(n: usize) -> usize {
+    (n / slowdown() as usize).max(1)
+}
 
 /// A binary of the workspace, next to the test binaries: `target/<profile>/<name>`.
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -202,7 +219,7 @@ impl TestEnv {
             .spawn()
             .expect("spawn daemon");
         self.daemon = Some(child);
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
                 self.daemon = None;
@@ -496,14 +513,14 @@ impl Running {
 }
 
 /// A client opening one TCP connection after another, each with one request, until stopped
-/// (bounded by `max_requests` and [`PATIENCE`] times 3).
+/// (bounded by `max_requests` and [`patience`] times 3).
 pub struct Load(Running);
 
 impl Load {
     /// Starts the client against `addr`.
     pub fn start(addr: &str, max_requests: u64) -> Self {
         let addr = addr.to_owned();
-        Self(Running::spawn(max_requests, PATIENCE * 3, move || {
+        Self(Running::spawn(max_requests, patience() * 3, move || {
             Ok(tcp_request(&addr)?)
         }))
     }
@@ -562,7 +579,7 @@ impl RunningService {
             service: service.to_owned(),
             log,
         };
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             if let Some(status) = running.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("hotswap run exited with {status}:\n{}", running.log());
@@ -655,7 +672,7 @@ impl HttpLoad {
     pub fn start(addr: &str, keep_alive: bool, max_requests: u64) -> Self {
         let addr = addr.to_owned();
         let mut connection: Option<BufReader<TcpStream>> = None;
-        Self(Running::spawn(max_requests, PATIENCE * 30, move || {
+        Self(Running::spawn(max_requests, patience() * 30, move || {
             if connection.is_none() {
                 let stream = TcpStream::connect(&addr).map_err(|error| Failed {
                     error,

@@ -270,3 +270,31 @@ fn a_restarted_uds_daemon_binds_what_nobody_holds_and_refuses_a_corrupt_state_fi
     env.start_daemon();
     assert_eq!(env.status()["services"], serde_json::json!([]));
 }
+
+/// The daemon left to choose (`--backend auto`, the default) loads, verifies and attaches the
+/// program wherever it can: on every kernel of the matrix, not only the host's.
+#[test]
+fn auto_picks_sk_lookup_where_the_program_loads() {
+    let env = TestEnv::with_daemon("auto");
+    let status = env.status();
+    assert_eq!(status["backend"]["name"], "sk_lookup", "{status}");
+    assert!(
+        status["backend"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("loaded and attached"),
+        "{status}"
+    );
+    assert!(
+        status["backend"]["verified_instructions"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    // And it steers.
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let server = integration_tests::Server::start("tcp", "127.0.0.1:0", "auto");
+    env.register("web", &server, &["--activate"]);
+    assert_eq!(
+        integration_tests::tcp_request("127.0.0.1:8080").unwrap(),
+        "auto"
+    );
+}

@@ -33,13 +33,13 @@ fn ebpf_debug_log_is_off_unless_asked_for() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + integration_tests::PATIENCE;
+    let deadline = std::time::Instant::now() + integration_tests::patience();
     while !env.hotswap(&["status"]).status.success() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
-    let deadline = std::time::Instant::now() + integration_tests::PATIENCE;
+    let deadline = std::time::Instant::now() + integration_tests::patience();
     while !std::fs::read_to_string(&log)
         .unwrap()
         .contains("port 8080: steered")
@@ -121,7 +121,7 @@ fn state_of_a_namespace_that_is_gone_is_discarded() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + integration_tests::PATIENCE;
+        let deadline = Instant::now() + integration_tests::patience();
         while !Command::new(&bin)
             .args(["bind", "old", "tcp", "127.0.0.1/32", "80"])
             .env("HOTSWAP_SOCKET", &socket)
@@ -142,7 +142,7 @@ fn state_of_a_namespace_that_is_gone_is_discarded() {
     .join()
     .unwrap();
     // The kernel tears a namespace down asynchronously; until then its state is foreign.
-    let deadline = Instant::now() + integration_tests::PATIENCE;
+    let deadline = Instant::now() + integration_tests::patience();
     while let Err(log) = env.try_start_daemon() {
         assert!(
             log.contains("holds the state of network namespace"),
@@ -172,7 +172,7 @@ fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
     let notify_path = env.dir.path().join("systemd-notify.sock");
     let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     systemd
-        .set_read_timeout(Some(integration_tests::PATIENCE))
+        .set_read_timeout(Some(integration_tests::patience()))
         .unwrap();
 
     let mut daemon = env

@@ -7,7 +7,7 @@ use std::{
 };
 
 use integration_tests::{
-    activated_fixture, example_server, HttpLoad, RunningService, TestEnv, PATIENCE,
+    activated_fixture, example_server, patience, rounds, HttpLoad, RunningService, TestEnv,
 };
 
 fn path(p: std::path::PathBuf) -> String {
@@ -22,6 +22,7 @@ fn upgrade(env: &TestEnv, args: &[&str]) -> String {
 }
 
 fn upgrades_under_load(backend: &str, name: &str, ready: &str, server: &str, count: usize) {
+    let count = rounds(count);
     let env = TestEnv::with_backend(name, backend);
     let service = RunningService::start(
         &env,
@@ -133,7 +134,7 @@ fn udp_datagrams_during_upgrades_are_answered_exactly_once(backend: &str) {
             .unwrap();
         let (mut sent, mut answered, mut lost, mut duplicated) = (0u64, 0u64, 0u64, 0u64);
         let mut generations = BTreeSet::new();
-        let deadline = Instant::now() + PATIENCE * 3;
+        let deadline = Instant::now() + patience() * 3;
         let mut buf = [0u8; 512];
         while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
             sent += 1;
@@ -309,7 +310,7 @@ fn rollback_and_concurrent_upgrades(backend: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while active(&env, "web") != 2 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
@@ -352,7 +353,7 @@ fn stopping_during_an_upgrade_leaves_nothing_behind(backend: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     let pids: Vec<i32> = loop {
         let status = env.status();
         let supervisor = &status["supervisors"]["web"];
@@ -406,7 +407,7 @@ fn a_generation_that_dies_on_its_own_is_restarted(backend: &str) {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         let status = env.status();
         let g = &status["supervisors"]["web"]["generations"][0];

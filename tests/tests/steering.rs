@@ -182,7 +182,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
 }
 
 fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + integration_tests::PATIENCE;
+    let deadline = std::time::Instant::now() + integration_tests::patience();
     while !done() {
         assert!(std::time::Instant::now() < deadline, "timed out");
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -5,7 +5,7 @@ use std::{
     net::TcpStream,
 };
 
-use integration_tests::{tcp_request, Load, Server, TestEnv};
+use integration_tests::{rounds, tcp_request, Load, Server, TestEnv};
 use nix::sys::signal::Signal;
 
 #[test]
@@ -58,11 +58,12 @@ fn thousand_switches_under_load_lose_nothing() {
     env.register("web", &two, &[]);
 
     let load = Load::start("127.0.0.1:8080", 2_000_000);
-    for i in 0..1000 {
+    let switches = rounds(1000);
+    for i in 0..switches {
         env.ok(&["switch", "web", if i % 2 == 0 { "2" } else { "1" }]);
     }
     let report = load.stop();
-    println!("1000 switches under load: {report:?}");
+    println!("{switches} switches under load: {report:?}");
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.failures);
     assert!(
         report.replies.get("one").copied().unwrap_or(0) > 0,

@@ -3,6 +3,7 @@
 //! Every step is idempotent: a second run checks, finds everything in place and installs
 //! nothing.
 
+mod kernels;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -43,11 +44,21 @@ enum Task {
               value_parser = ["path", "switch", "upgrades", "peers", "scale"])]
         only: Vec<String>,
     },
-    /// Set up, build, and run every test: unit tests and the privileged integration tests.
+    /// Set up, build, and run every test: unit tests and the privileged integration tests on
+    /// this host's kernel, then the kernel matrix (a subset in a VM per kernel of
+    /// xtask/src/kernels.rs). With a test name filter only the host suite runs.
     Test {
+        /// Skip the kernel matrix.
+        #[arg(long)]
+        no_kernels: bool,
         /// Arguments for the test binaries, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Set up, build, and run only the kernel matrix (all kernels, or those named).
+    Kernels {
+        /// Kernel names from xtask/src/kernels.rs.
+        names: Vec<String>,
     },
 }
 
@@ -56,7 +67,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::ensure_all(),
         Task::Run { args } => run(args),
-        Task::Test { args } => test(args),
+        Task::Test { no_kernels, args } => test(no_kernels, args),
+        Task::Kernels { names } => kernel_matrix(names),
         Task::Demo => demo(),
         Task::Bench { quick, json, only } => bench(quick, json, only),
     };
@@ -167,7 +179,7 @@ fn bench(quick: bool, json: Option<std::path::PathBuf>, only: Vec<String>) -> Re
     status(&mut bench)
 }
 
-fn test(args: Vec<String>) -> Result<()> {
+fn test(no_kernels: bool, args: Vec<String>) -> Result<()> {
     setup::ensure_all()?;
     require_root("the integration tests")?;
     // The bench's smoke test drives nginx and HAProxy too.
@@ -176,41 +188,93 @@ fn test(args: Vec<String>) -> Result<()> {
     build()?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "hotswap-ebpf", "--"]);
+    let filtered = !args.is_empty();
     test.args(args);
-    run_tests_with_summary(&mut test)
+    let mut summary = Summary::default();
+    let host = run_tests_with_summary(&mut test, &mut summary);
+    let matrix = if no_kernels || filtered {
+        Ok(())
+    } else {
+        kernels::run(&[], &mut summary)
+    };
+    summary.finish(host.and(matrix))
 }
 
-/// Runs cargo test, echoing its output, and ends with one line that sums every test binary's
-/// result (cargo's own last line is that of whichever binary ran last, often one with none).
-fn run_tests_with_summary(test: &mut Command) -> Result<()> {
+fn kernel_matrix(names: Vec<String>) -> Result<()> {
+    setup::ensure_all()?;
+    require_root("the kernel matrix")?;
+    build()?;
+    let mut summary = Summary::default();
+    let result = kernels::run(&names, &mut summary);
+    summary.finish(result)
+}
+
+/// Test results summed over every test binary (cargo's own last line is that of whichever
+/// binary ran last, often one with none) and every kernel.
+#[derive(Debug, Default)]
+pub(crate) struct Summary {
+    passed: u64,
+    failed: u64,
+    /// Test binaries that ended without a result for every test they were to run.
+    broken: u64,
+}
+
+impl Summary {
+    /// Counts a libtest `test result:` line; other lines are ignored.
+    fn feed(&mut self, line: &str) {
+        let Some(result) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in result.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            match (words.next().map(str::parse::<u64>), words.next()) {
+                (Some(Ok(n)), Some("passed")) => self.passed += n,
+                (Some(Ok(n)), Some("failed")) => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+
+    fn add(&mut self, other: &Summary) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.broken += other.broken;
+    }
+
+    /// Prints the one summary line and decides the outcome.
+    fn finish(self, result: Result<()>) -> Result<()> {
+        println!(
+            "summary: {} passed, {} failed",
+            self.passed,
+            self.failed + self.broken
+        );
+        result?;
+        if self.failed + self.broken > 0 {
+            bail!("{} tests failed", self.failed + self.broken);
+        }
+        if self.passed == 0 {
+            bail!("no test ran");
+        }
+        Ok(())
+    }
+}
+
+/// Runs cargo test, echoing its output and adding its results to `summary`.
+fn run_tests_with_summary(test: &mut Command, summary: &mut Summary) -> Result<()> {
     use std::io::BufRead as _;
     let mut child = test
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {test:?}"))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
     let stdout = child.stdout.take().context("cargo test stdout")?;
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            for part in result.split(['.', ';']) {
-                let mut words = part.split_whitespace();
-                match (words.next().map(str::parse::<u64>), words.next()) {
-                    (Some(Ok(n)), Some("passed")) => passed += n,
-                    (Some(Ok(n)), Some("failed")) => failed += n,
-                    _ => {}
-                }
-            }
-        }
+        summary.feed(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("summary: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("{test:?} failed: {status}");
-    }
-    if passed == 0 {
-        bail!("no test ran");
     }
     Ok(())
 }

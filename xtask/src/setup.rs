@@ -125,7 +125,8 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn cache_dir() -> PathBuf {
+/// Where set-up keeps what it builds or downloads (`~/.cache/hotswap`).
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
