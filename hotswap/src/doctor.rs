@@ -192,7 +192,9 @@ pub fn examine() -> DoctorReport {
     DoctorReport {
         kernel,
         bpffs_mounted,
-        probed_on_scratch_bpffs: !bpffs_mounted,
+        // Not when the scratch mount itself was refused: then nothing was probed.
+        probed_on_scratch_bpffs: !bpffs_mounted
+            && !matches!(probe, Err(SkLookupError::MountBpffs(_))),
         btf,
         user_namespace,
         capabilities,
