@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     backend::{
-        sk_lookup::{default_pin_dir, SkLookupBackend, NETNS_PATH},
+        sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
         uds::UdsBackend,
         Backend, BackendError,
     },
@@ -62,7 +62,7 @@ pub enum DaemonError {
     Io(#[from] crate::PathError),
     /// `--backend sk-lookup` where it cannot work.
     #[error("--backend sk-lookup cannot work here: {0} (`hotswap doctor` says more; --backend auto would use uds)")]
-    SkLookupUnavailable(String),
+    SkLookupUnavailable(Unavailable),
     /// The backend could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -157,6 +157,7 @@ fn choose_backend(
             Ok(backend) => Ok(Box::new(backend)),
             Err(err) => match err.unavailable_reason() {
                 Some(reason) => {
+                    log_details(&err);
                     // Leave no empty state directory behind (fails harmlessly if not empty).
                     let _ = std::fs::remove_dir(pin_dir);
                     Err(DaemonError::SkLookupUnavailable(reason))
@@ -168,7 +169,8 @@ fn choose_backend(
             Ok(backend) => Ok(Box::new(backend)),
             Err(err) => match err.unavailable_reason() {
                 Some(reason) => {
-                    tracing::warn!("sk_lookup unavailable: {}", error_chain(&err));
+                    tracing::warn!("sk_lookup is unavailable, using uds: {reason}");
+                    log_details(&err);
                     // Leave no empty state directory behind (fails harmlessly if not empty).
                     let _ = std::fs::remove_dir(pin_dir);
                     uds(format!(
@@ -178,6 +180,15 @@ fn choose_backend(
                 None => Err(BackendError::from(err).into()),
             },
         },
+    }
+}
+
+/// At debug level, what the one-line reason leaves out: the error's whole cause chain and
+/// the verifier's whole log.
+fn log_details(err: &SkLookupError) {
+    tracing::debug!("sk_lookup failed: {}", error_chain(err));
+    if let Some(log) = err.verifier_log() {
+        tracing::debug!("the verifier's whole log:\n{log}");
     }
 }
 

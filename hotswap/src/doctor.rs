@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::sk_lookup::{SkLookupError, PROGRAM_NAME, PROGRAM_OBJECT};
+use crate::backend::sk_lookup::{self, SkLookupError, Unavailable, CAP_PERFMON, CAP_SYS_ADMIN};
 
 /// A capability and whether this process holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,10 @@ pub struct DoctorReport {
     pub kernel: String,
     /// Whether bpffs is mounted at /sys/fs/bpf.
     pub bpffs_mounted: bool,
+    /// Whether the probe ran on a scratch bpffs in a private mount namespace, because
+    /// /sys/fs/bpf is not one.
+    #[serde(default)]
+    pub probed_on_scratch_bpffs: bool,
     /// Whether the kernel has BTF (`/sys/kernel/btf/vmlinux`).
     pub btf: bool,
     /// Whether this process runs in a user namespace other than the host's (capabilities there
@@ -37,6 +41,9 @@ pub struct DoctorReport {
     pub sk_lookup_supported: bool,
     /// Why not, when it did not.
     pub sk_lookup_error: Option<String>,
+    /// The verifier's whole log, when the verifier refused the program.
+    #[serde(default)]
+    pub verifier_log: Option<String>,
     /// `sk_lookup` or `uds`.
     pub auto_backend: String,
     /// Why.
@@ -45,21 +52,29 @@ pub struct DoctorReport {
     pub advice: Vec<String>,
 }
 
+const CAP_BPF: &str = "CAP_BPF";
+const CAP_NET_ADMIN: &str = "CAP_NET_ADMIN";
+
 const CAPABILITIES: &[(&str, u32, &str)] = &[
     (
-        "CAP_BPF",
+        CAP_BPF,
         39,
         "creating BPF maps and loading the sk_lookup program",
     ),
     (
-        "CAP_NET_ADMIN",
+        CAP_NET_ADMIN,
         12,
-        "attaching sk_lookup to the network namespace",
+        "loading and attaching sk_lookup to the network namespace",
+    ),
+    (
+        "CAP_PERFMON",
+        CAP_PERFMON,
+        "the verifier's privileged rules; without them (and without CAP_SYS_ADMIN) it refuses this program's pointer arithmetic",
     ),
     (
         "CAP_SYS_ADMIN",
-        21,
-        "mounting bpffs, and BPF on kernels before 5.8",
+        CAP_SYS_ADMIN,
+        "mounting bpffs; stands in for CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and BPF needs it on kernels before 5.8",
     ),
     (
         "CAP_SYS_PTRACE",
@@ -68,46 +83,51 @@ const CAPABILITIES: &[(&str, u32, &str)] = &[
     ),
 ];
 
-fn effective_capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Loads the sk_lookup program without attaching it, to see whether this host allows it. Its
 /// maps are declared pinned, so they go to a scratch directory that is removed afterwards.
-fn probe_sk_lookup() -> Result<(), SkLookupError> {
+/// Without bpffs at /sys/fs/bpf the probe mounts a scratch one in a private mount namespace
+/// instead (what the daemon would mount, nobody else sees), so a missing mount does not hide
+/// what the kernel allows.
+fn probe_sk_lookup(bpffs_mounted: bool) -> Result<(), SkLookupError> {
+    if !bpffs_mounted {
+        return std::thread::spawn(probe_on_scratch_bpffs)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    }
     let scratch =
         std::path::PathBuf::from(format!("/sys/fs/bpf/hotswap-doctor-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(crate::PathError::at("creating", &scratch))?;
-    let result = (|| {
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&scratch)
-            .load(PROGRAM_OBJECT)
-            .map_err(|e| SkLookupError::Load(Box::new(e)))?;
-        let program: &mut aya::programs::SkLookup = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(SkLookupError::Program {
-                what: "finding",
-                source: Box::new(aya::programs::ProgramError::NotLoaded),
-            })?
-            .try_into()
-            .map_err(|e| SkLookupError::Program {
-                what: "finding",
-                source: Box::new(e),
-            })?;
-        program.load().map_err(|e| SkLookupError::Program {
-            what: "verifying",
-            source: Box::new(e),
-        })
-    })();
+    let result = sk_lookup::load_program(&scratch).map(drop);
     let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// Runs on a thread of its own, which it moves to a new mount namespace: mount namespaces are
+/// per thread, and the namespace (with the bpffs and the maps pinned in it) goes with the
+/// thread.
+fn probe_on_scratch_bpffs() -> Result<(), SkLookupError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(SkLookupError::MountBpffs)?;
+    // A copy of a shared mount would propagate our mount back to the host's namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(SkLookupError::MountBpffs)?;
+    mount(
+        Some("bpf"),
+        sys_bpf,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(SkLookupError::MountBpffs)?;
+    let result = sk_lookup::load_program(sys_bpf).map(drop);
+    let _ = umount2(sys_bpf, MntFlags::MNT_DETACH);
     result
 }
 
@@ -119,7 +139,7 @@ pub fn examine() -> DoctorReport {
     let bpffs_mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
         .is_ok_and(|fs| fs.filesystem_type().0 == 0xcafe_4a11);
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    let effective = effective_capabilities();
+    let effective = sk_lookup::effective_capabilities();
     // The initial user namespace maps every uid to itself.
     let user_namespace = std::fs::read_to_string("/proc/self/uid_map")
         .map(|map| map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
@@ -132,18 +152,22 @@ pub fn examine() -> DoctorReport {
             needed_for: (*why).to_owned(),
         })
         .collect();
-    // Without bpffs there is nowhere to put the probe's maps; the daemon mounts it at start.
-    let probe = if bpffs_mounted {
-        probe_sk_lookup()
-    } else {
-        Err(SkLookupError::NotBpffs("/sys/fs/bpf".into()))
-    };
+    let probe = probe_sk_lookup(bpffs_mounted);
     let sk_lookup_error = probe.as_ref().err().map(|e| crate::error_chain(e));
+    let verifier_log = probe
+        .as_ref()
+        .err()
+        .and_then(SkLookupError::verifier_log)
+        .map(str::to_owned);
     let unavailable = probe
         .as_ref()
         .err()
         .and_then(SkLookupError::unavailable_reason);
     let (auto_backend, reason) = match (&probe, &unavailable) {
+        (Ok(()), _) if !bpffs_mounted => (
+            "sk_lookup",
+            "the sk_lookup program loads here (probed on a scratch bpffs; the daemon mounts bpffs at /sys/fs/bpf when it starts)".to_owned(),
+        ),
         (Ok(()), _) => ("sk_lookup", "the sk_lookup program loads here".to_owned()),
         (Err(_), Some(reason)) => ("uds", format!("sk_lookup is unavailable: {reason}")),
         (Err(e), None) => (
@@ -154,49 +178,103 @@ pub fn examine() -> DoctorReport {
             ),
         ),
     };
-    let mut advice = Vec::new();
-    if probe.is_err() {
-        if user_namespace {
-            advice.push("run hotswap in the host's user namespace: capabilities held in a user namespace do not allow BPF".to_owned());
-        }
-        for cap in capabilities
-            .iter()
-            .filter(|c| !c.held && c.name != "CAP_SYS_PTRACE")
-        {
-            advice.push(format!("grant {} ({})", cap.name, cap.needed_for));
-        }
-        let major_minor: Vec<u32> = kernel
-            .split(['.', '-'])
-            .take(2)
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if major_minor.len() == 2 && (major_minor[0], major_minor[1]) < (5, 9) {
-            advice.push("upgrade the kernel to 5.9 or later (sk_lookup programs)".to_owned());
-        }
-        if !btf {
-            advice.push("use a kernel built with CONFIG_DEBUG_INFO_BTF".to_owned());
-        }
-        if advice.is_empty() {
-            advice.push("run hotswap as root".to_owned());
-        }
-    }
-    if !bpffs_mounted {
-        advice.push(
-            "mount bpffs: mount -t bpf bpf /sys/fs/bpf (the daemon does it when it can)".to_owned(),
-        );
-    }
+    let advice = advise(
+        &Findings {
+            kernel: &kernel,
+            bpffs_mounted,
+            btf,
+            user_namespace,
+            capabilities: &capabilities,
+        },
+        probe.is_ok(),
+        unavailable.as_ref(),
+    );
     DoctorReport {
         kernel,
         bpffs_mounted,
+        // Not when the scratch mount itself was refused: then nothing was probed.
+        probed_on_scratch_bpffs: !bpffs_mounted
+            && !matches!(probe, Err(SkLookupError::MountBpffs(_))),
         btf,
         user_namespace,
         capabilities,
         sk_lookup_supported: probe.is_ok(),
         sk_lookup_error,
+        verifier_log,
         auto_backend: auto_backend.to_owned(),
         reason,
         advice,
     }
+}
+
+/// What [`advise`] goes by.
+struct Findings<'a> {
+    kernel: &'a str,
+    bpffs_mounted: bool,
+    btf: bool,
+    user_namespace: bool,
+    capabilities: &'a [Capability],
+}
+
+/// What to change, from what was found: only what would help, so never "be root" to root.
+fn advise(found: &Findings<'_>, loaded: bool, unavailable: Option<&Unavailable>) -> Vec<String> {
+    let held = |name: &str| found.capabilities.iter().any(|c| c.name == name && c.held);
+    let grant = |name: &str| {
+        let cap = found.capabilities.iter().find(|c| c.name == name);
+        format!(
+            "grant {name} ({})",
+            cap.map_or("", |c| c.needed_for.as_str())
+        )
+    };
+    let userns = "run hotswap in the host's user namespace: capabilities held in a user namespace do not allow BPF".to_owned();
+    let mut advice = Vec::new();
+    if !found.bpffs_mounted {
+        advice.push(
+            "mount bpffs: mount -t bpf bpf /sys/fs/bpf (the daemon does it when it holds CAP_SYS_ADMIN)"
+                .to_owned(),
+        );
+    }
+    if loaded {
+        return advice;
+    }
+    match unavailable {
+        Some(Unavailable::VerifierRejected(rejection)) if !rejection.perfmon_capable => {
+            advice.push(grant("CAP_PERFMON"));
+        }
+        Some(Unavailable::VerifierRejected(_)) => advice.push("the kernel's verifier rejected the program — report it with the log from `hotswap doctor --verifier-log`".to_owned()),
+        Some(Unavailable::PermissionDenied(_)) if found.user_namespace => advice.push(userns),
+        Some(Unavailable::PermissionDenied(_)) => {
+            let missing: Vec<String> = [CAP_BPF, CAP_NET_ADMIN, "CAP_PERFMON"]
+                .into_iter()
+                .filter(|name| !held(name) && !held("CAP_SYS_ADMIN"))
+                .map(grant)
+                .collect();
+            if missing.is_empty() {
+                advice.push("the kernel refused although this process holds CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON: a security module (SELinux, AppArmor, lockdown) or a seccomp filter may forbid bpf()".to_owned());
+            }
+            advice.extend(missing);
+        }
+        Some(Unavailable::NoBpffs(_)) if found.user_namespace => advice.push(userns),
+        Some(Unavailable::NoBpffs(_)) if !held("CAP_SYS_ADMIN") => {
+            advice.push(grant("CAP_SYS_ADMIN"));
+        }
+        Some(Unavailable::NoBpffs(_)) => {}
+        Some(Unavailable::UnsupportedKernel(_)) | None => {
+            let major_minor: Vec<u32> = found
+                .kernel
+                .split(['.', '-'])
+                .take(2)
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if major_minor.len() == 2 && (major_minor[0], major_minor[1]) < (5, 9) {
+                advice.push("upgrade the kernel to 5.9 or later (sk_lookup programs)".to_owned());
+            }
+            if !found.btf {
+                advice.push("use a kernel built with CONFIG_DEBUG_INFO_BTF".to_owned());
+            }
+        }
+    }
+    advice
 }
 
 /// The human-readable report.
@@ -205,7 +283,16 @@ pub fn render(report: &DoctorReport) -> String {
     let mut out = String::new();
     let yes = |b: bool| if b { "yes" } else { "no" };
     let _ = writeln!(out, "kernel:             {}", report.kernel);
-    let _ = writeln!(out, "bpffs at /sys/fs/bpf: {}", yes(report.bpffs_mounted));
+    let _ = writeln!(
+        out,
+        "bpffs at /sys/fs/bpf: {}{}",
+        yes(report.bpffs_mounted),
+        if report.probed_on_scratch_bpffs {
+            " (probed on a scratch bpffs in a private mount namespace)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(out, "BTF:                {}", yes(report.btf));
     let _ = writeln!(out, "user namespace:     {}", yes(report.user_namespace));
     for cap in &report.capabilities {
@@ -229,6 +316,12 @@ pub fn render(report: &DoctorReport) -> String {
     if let Some(error) = &report.sk_lookup_error {
         let _ = writeln!(out, "  probe error:      {error}");
     }
+    if report.verifier_log.is_some() {
+        let _ = writeln!(
+            out,
+            "  verifier log:     `hotswap doctor --verifier-log` prints it whole"
+        );
+    }
     let _ = writeln!(
         out,
         "backend (auto):     {} — {}",
@@ -238,4 +331,102 @@ pub fn render(report: &DoctorReport) -> String {
         let _ = writeln!(out, "to do:              {advice}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sk_lookup::VerifierRejection;
+    use nix::errno::Errno;
+
+    fn capabilities(missing: &[&str]) -> Vec<Capability> {
+        CAPABILITIES
+            .iter()
+            .map(|(name, _, why)| Capability {
+                name: (*name).to_owned(),
+                held: !missing.contains(name),
+                needed_for: (*why).to_owned(),
+            })
+            .collect()
+    }
+
+    fn advice_for(
+        bpffs_mounted: bool,
+        missing: &[&str],
+        loaded: bool,
+        unavailable: Option<Unavailable>,
+    ) -> Vec<String> {
+        let capabilities = capabilities(missing);
+        advise(
+            &Findings {
+                kernel: "6.1.0-37-amd64",
+                bpffs_mounted,
+                btf: true,
+                user_namespace: false,
+                capabilities: &capabilities,
+            },
+            loaded,
+            unavailable.as_ref(),
+        )
+    }
+
+    fn rejection(perfmon_capable: bool) -> Unavailable {
+        Unavailable::VerifierRejected(VerifierRejection {
+            errno: Errno::EACCES,
+            log: "0: (b7) r0 = 0\ninvalid read from stack R10 off=-80 size=8\n".to_owned(),
+            perfmon_capable,
+        })
+    }
+
+    #[test]
+    fn root_without_bpffs_is_only_told_to_mount_it() {
+        let advice = advice_for(false, &[], true, None);
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].starts_with("mount bpffs"), "{advice:?}");
+    }
+
+    #[test]
+    fn a_verifier_refusal_with_every_capability_is_reported_as_one() {
+        let advice = advice_for(true, &[], false, Some(rejection(true)));
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(
+            advice[0].contains("verifier rejected")
+                && advice[0].contains("hotswap doctor --verifier-log"),
+            "{advice:?}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_under_the_unprivileged_rules_asks_for_cap_perfmon_only() {
+        let advice = advice_for(
+            true,
+            &["CAP_PERFMON", "CAP_SYS_ADMIN"],
+            false,
+            Some(rejection(false)),
+        );
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].starts_with("grant CAP_PERFMON"), "{advice:?}");
+    }
+
+    #[test]
+    fn permission_denied_names_the_missing_capabilities_and_never_says_root() {
+        let advice = advice_for(
+            true,
+            &["CAP_BPF", "CAP_SYS_ADMIN"],
+            false,
+            Some(Unavailable::PermissionDenied(Errno::EPERM)),
+        );
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].starts_with("grant CAP_BPF"), "{advice:?}");
+        // With every capability the kernel still refused: something else forbids it.
+        let advice = advice_for(
+            true,
+            &[],
+            false,
+            Some(Unavailable::PermissionDenied(Errno::EPERM)),
+        );
+        assert_eq!(advice.len(), 1, "{advice:?}");
+        assert!(advice[0].contains("security module"), "{advice:?}");
+        assert!(!advice.iter().any(|a| a.contains("root")), "{advice:?}");
+    }
 }

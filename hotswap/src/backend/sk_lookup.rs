@@ -21,7 +21,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         ProgramError, ProgramInfo, SkLookup,
     },
-    EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use hotswap_common::{
     map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics,
@@ -69,8 +69,11 @@ pub enum SkLookupError {
         ours: u64,
     },
     /// Creating maps or loading programs is not allowed.
-    #[error("the kernel refused to create BPF maps or load the program (EPERM): hotswap needs root, or CAP_BPF and CAP_NET_ADMIN")]
+    #[error("the kernel refused to create BPF maps or load the program (EPERM): hotswap needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")]
     PermissionDenied(#[source] Box<aya::EbpfError>),
+    /// The kernel's verifier refused the program (`BPF_PROG_LOAD` failed with a log).
+    #[error("{0}")]
+    VerifierRejected(VerifierRejection),
     /// Another daemon holds the state directory.
     #[error("another hotswap daemon is already running on pin dir {0}")]
     Locked(PathBuf),
@@ -175,7 +178,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), SkLookupError> {
 /// Refuses pinned maps whose type, key size, value size or capacity differ from what this
 /// build's program declares, before anything is loaded or changed. (A change that keeps all
 /// four, e.g. reordered fields of one size, cannot be seen here: bump the state directory.)
-fn check_pinned_maps(pin_dir: &Path) -> Result<(), SkLookupError> {
+/// Returns the pin paths of the declared maps that are not pinned yet.
+fn check_pinned_maps(pin_dir: &Path) -> Result<Vec<PathBuf>, SkLookupError> {
+    let mut unpinned = Vec::new();
     let object = aya_obj::Object::parse(PROGRAM_OBJECT).map_err(SkLookupError::Parse)?;
     let describe = |(kind, key, value, entries): (u32, u32, u32, u32)| {
         format!("type {kind}, {key}-byte keys, {value}-byte values, {entries} entries")
@@ -183,6 +188,7 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), SkLookupError> {
     for (name, declared) in &object.maps {
         let path = pin_dir.join(name);
         if !path.exists() {
+            unpinned.push(path);
             continue;
         }
         let pinned = aya::maps::MapInfo::from_pin(&path)
@@ -208,7 +214,7 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), SkLookupError> {
             });
         }
     }
-    Ok(())
+    Ok(unpinned)
 }
 
 /// The kernel state of one network namespace, owned by the daemon while it runs.
@@ -266,24 +272,15 @@ impl SkLookupBackend {
             }
         }
 
-        check_pinned_maps(pin_dir)?;
-        // Maps are pinned by name: the loader reuses pinned ones, so their contents survive.
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(PROGRAM_OBJECT)
-            .map_err(|e| {
-                if has_errno(&e, libc::EPERM) {
-                    SkLookupError::PermissionDenied(Box::new(e))
-                } else {
-                    SkLookupError::Load(Box::new(e))
-                }
-            })?;
-        let program: &mut SkLookup = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| program_error("finding")(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error("finding"))?;
-        program.load().map_err(program_error("verifying"))?;
+        let unpinned = check_pinned_maps(pin_dir)?;
+        let mut ebpf = load_program(pin_dir).inspect_err(|_| {
+            // The loader pins maps before the verifier sees the program: a refused program
+            // must not leave fresh, empty maps in the state directory.
+            for path in &unpinned {
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
+        let program = sk_lookup_program(&mut ebpf)?;
         let new_info = program.info().map_err(program_error("inspecting"))?;
 
         let pinned = if link_path.exists() {
@@ -405,12 +402,235 @@ impl SkLookupBackend {
     }
 }
 
+/// Creates the object's maps (pinned by name in `pin_dir`: the loader reuses pinned ones, so
+/// their contents survive) and loads the program into the kernel, unattached. The daemon and
+/// `hotswap doctor` both load through here, so they see and report the same errors.
+pub fn load_program(pin_dir: &Path) -> Result<Ebpf, SkLookupError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(PROGRAM_OBJECT)
+        .map_err(|e| {
+            if has_errno(&e, libc::EPERM) {
+                SkLookupError::PermissionDenied(Box::new(e))
+            } else {
+                SkLookupError::Load(Box::new(e))
+            }
+        })?;
+    sk_lookup_program(&mut ebpf)?
+        .load()
+        .map_err(|e| load_error(e, perfmon_capable()))?;
+    Ok(ebpf)
+}
+
+fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, SkLookupError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or_else(|| program_error("finding")(ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(program_error("finding"))
+}
+
+/// Classifies a failed `BPF_PROG_LOAD`. aya retries a failed load with the verifier's log on,
+/// so a log means the verifier ran and refused; a refusal before it (missing capability,
+/// unknown program type) leaves the log empty.
+fn load_error(err: ProgramError, perfmon_capable: bool) -> SkLookupError {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            if log.trim().is_empty() {
+                program_error("loading")(ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                })
+            } else {
+                SkLookupError::VerifierRejected(VerifierRejection {
+                    errno: nix::errno::Errno::from_raw(io_error.raw_os_error().unwrap_or(0)),
+                    log,
+                    perfmon_capable,
+                })
+            }
+        }
+        other => program_error("loading")(other),
+    }
+}
+
+/// This thread's effective capability set (`CapEff`), 0 when it cannot be read.
+pub(crate) fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `CAP_PERFMON`'s bit.
+pub(crate) const CAP_PERFMON: u32 = 38;
+/// `CAP_SYS_ADMIN`'s bit.
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
+
+/// The kernel's `perfmon_capable()`: without it the verifier applies its unprivileged rules
+/// (no pointer leaks, Spectre v1/v4 sanitation, pointer arithmetic only on known paths), and
+/// this program does not pass them.
+fn perfmon_capable() -> bool {
+    let effective = effective_capabilities();
+    effective & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN) != 0
+}
+
+/// The kernel's verifier refused the program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifierRejection {
+    /// `BPF_PROG_LOAD`'s errno (EACCES for most refusals).
+    pub errno: nix::errno::Errno,
+    /// The verifier's whole log.
+    pub log: String,
+    /// Whether the loading thread held CAP_PERFMON or CAP_SYS_ADMIN (the verifier's
+    /// privileged rules).
+    pub perfmon_capable: bool,
+}
+
+impl std::fmt::Display for VerifierRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // One line: errors are printed on one line, the whole log goes elsewhere.
+        write!(
+            f,
+            "the kernel's verifier rejected the sk_lookup program ({:?}): {}",
+            self.errno,
+            verifier_log_excerpt(&self.log).join(" | ")
+        )?;
+        if self.perfmon_capable {
+            write!(
+                f,
+                "; report it with the log from `hotswap doctor --verifier-log`"
+            )
+        } else {
+            write!(f, "; this process holds neither CAP_PERFMON nor CAP_SYS_ADMIN, so the verifier applied its unprivileged rules, which this program does not pass: grant CAP_PERFMON")
+        }
+    }
+}
+
+/// The lines of a verifier log that say why it refused: the last few instructions (without
+/// their register states) and source lines before the error, the error line(s), and the
+/// `processed N insns` summary.
+pub fn verifier_log_excerpt(log: &str) -> Vec<String> {
+    /// Instructions shown before the error, the failing one included.
+    const CONTEXT: usize = 3;
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let is_insn = |l: &str| {
+        l.split_once(": (")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let is_summary = |l: &str| {
+        l.starts_with("processed ")
+            || l.starts_with("verification time ")
+            || l.starts_with("stack depth ")
+    };
+    let body: Vec<&str> = lines.iter().copied().filter(|l| !is_summary(l)).collect();
+    let mut excerpt: Vec<String> = match body.iter().rposition(|l| is_insn(l)) {
+        Some(last) => {
+            let first = body[..=last]
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| is_insn(l))
+                .map(|(i, _)| i)
+                .rev()
+                .nth(CONTEXT - 1)
+                .unwrap_or(0);
+            body[first..=last]
+                .iter()
+                .filter(|l| is_insn(l) || l.starts_with(';'))
+                .map(|l| without_state(l).to_owned())
+                .chain(body[last + 1..].iter().map(|l| (*l).to_owned()))
+                .collect()
+        }
+        // No instruction listing (a refusal before the walk): the last lines are the error.
+        None => body[body.len().saturating_sub(CONTEXT)..]
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect(),
+    };
+    excerpt.extend(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("processed "))
+            .map(|l| (*l).to_owned()),
+    );
+    excerpt
+}
+
+/// An instruction line without the register states the verifier appends: after ` ; `, or
+/// after a branch the target's state (`goto pc+1 143: R0=…`).
+fn without_state(line: &str) -> &str {
+    let mut end = line.find(" ; ").unwrap_or(line.len());
+    if let Some(pos) = line[..end].match_indices(": R").map(|(i, _)| i).find(|&i| {
+        let head = &line[..i];
+        let digits = head.len() - head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        digits > 0 && head[..head.len() - digits].ends_with(' ')
+    }) {
+        let head = &line[..pos];
+        end = head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    }
+    line[..end].trim_end()
+}
+
+/// Why sk_lookup cannot work on this host at all (as opposed to a problem with a daemon's
+/// own state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The kernel refused before the verifier ran (EPERM/EACCES, no log): capabilities are
+    /// missing, or held only in a user namespace.
+    PermissionDenied(nix::errno::Errno),
+    /// bpffs is not mounted at /sys/fs/bpf and mounting it was refused.
+    NoBpffs(nix::errno::Errno),
+    /// The kernel does not know sk_lookup programs or something they need.
+    UnsupportedKernel(nix::errno::Errno),
+    /// The verifier refused the program.
+    VerifierRejected(VerifierRejection),
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PermissionDenied(errno) => write!(
+                f,
+                "permission denied ({errno:?}): loading the sk_lookup program needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON in the host's user namespace (root has them; without CAP_PERFMON the kernel's verifier rejects this program)"
+            ),
+            Self::NoBpffs(errno) => write!(
+                f,
+                "bpffs is not mounted at /sys/fs/bpf and mounting it was refused ({errno:?}): that needs CAP_SYS_ADMIN in the host's user namespace"
+            ),
+            Self::UnsupportedKernel(errno) => write!(
+                f,
+                "the kernel does not support sk_lookup programs ({errno:?}): they need Linux 5.9 or later"
+            ),
+            Self::VerifierRejected(rejection) => rejection.fmt(f),
+        }
+    }
+}
+
 impl SkLookupError {
+    /// The verifier's whole log, when the verifier refused the program.
+    pub fn verifier_log(&self) -> Option<&str> {
+        match self {
+            Self::VerifierRejected(rejection) => Some(&rejection.log),
+            _ => None,
+        }
+    }
+
     /// Why sk_lookup cannot work on this host at all, if that is what this error means — as
-    /// opposed to a problem with this daemon's state. Decided from the errno, never from
-    /// message text or map names (aya reports EPERM as the create error of whichever map came
-    /// first).
-    pub fn unavailable_reason(&self) -> Option<String> {
+    /// opposed to a problem with this daemon's state. Decided from the errno and whether the
+    /// verifier ran, never from message text or map names (aya reports EPERM as the create
+    /// error of whichever map came first).
+    pub fn unavailable_reason(&self) -> Option<Unavailable> {
         let errno = |e: &(dyn std::error::Error + 'static)| {
             let mut current = Some(e);
             while let Some(e) = current {
@@ -428,7 +648,13 @@ impl SkLookupError {
             None
         };
         let code = match self {
+            Self::VerifierRejected(rejection) => {
+                return Some(Unavailable::VerifierRejected(rejection.clone()))
+            }
             Self::PermissionDenied(_) => libc::EPERM,
+            Self::MountBpffs(e @ (nix::errno::Errno::EPERM | nix::errno::Errno::EACCES)) => {
+                return Some(Unavailable::NoBpffs(*e))
+            }
             Self::MountBpffs(e) => *e as i32,
             Self::Load(e) => errno(e.as_ref())?,
             Self::Program { source, .. } => errno(source.as_ref())?,
@@ -441,16 +667,13 @@ impl SkLookupError {
             Self::Io(e) => e.source.raw_os_error()?,
             _ => return None,
         };
+        let errno = nix::errno::Errno::from_raw(code);
         match code {
-            libc::EPERM | libc::EACCES => Some(format!(
-                "permission denied ({}): loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (root, not a user namespace)",
-                nix::errno::Errno::from_raw(code)
-            )),
-            // 524 is the kernel-internal ENOTSUPP some BPF paths leak.
-            libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::E2BIG | 524 => Some(format!(
-                "the kernel does not support sk_lookup programs ({}): they need Linux 5.9 or later",
-                nix::errno::Errno::from_raw(code)
-            )),
+            libc::EPERM | libc::EACCES => Some(Unavailable::PermissionDenied(errno)),
+            // 524 is the kernel-internal ENOTSUPP some BPF paths leak; ENODEV: no bpffs.
+            libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::E2BIG | libc::ENODEV | 524 => {
+                Some(Unavailable::UnsupportedKernel(errno))
+            }
             _ => None,
         }
     }
@@ -724,5 +947,157 @@ impl Backend for SkLookupBackend {
             .set(CONFIG_DEBUG_LOG, u32::from(on), 0)
             .map_err(map_error(map_names::CONFIG))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    /// The tail of Debian 12's 6.1 verifier log for an earlier build of the program.
+    const LOG_6_1: &str = r"65: (61) r1 = *(u32 *)(r0 +0)         ; R0_w=map_value(off=0,ks=24,vs=8,imm=0) R1_w=scalar(umax=4294967295,var_off=(0x0; 0xffffffff))
+; match (exact, wildcard) {
+66: (7b) *(u64 *)(r10 -48) = r1       ; R1_w=scalar(umax=4294967295,var_off=(0x0; 0xffffffff)) R10=fp0 fp-48_w=
+67: (79) r2 = *(u64 *)(r10 -80)
+invalid read from stack R10 off=-80 size=8
+verification time 81860 usec
+stack depth 88
+processed 6407 insns (limit 1000000) max_states_per_insn 4 total_states 409 peak_states 307 mark_read 35
+";
+
+    /// The tail of 6.18's log for this program without CAP_PERFMON and CAP_SYS_ADMIN; 141's
+    /// line carries the branch target's state after the instruction.
+    const LOG_6_18: &str = r"137: (1d) if r2 == r4 goto pc+1       ; R2=scalar(smin=0,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) R4=0xfffffffe
+138: (b7) r3 = 24                     ; R3=24
+139: (18) r4 = 0xffffffa2             ; R4=0xffffffa2
+141: (1d) if r2 == r4 goto pc+1 143: R0=scalar() R1=16 R2=0xffffffa2 R3=24 R4=0xffffffa2 R5=scalar(id=12,umin=1) R6=0 R7=scalar(id=5,smin=umin=umin32=1,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) R8=scalar(id=12) R9=map_value(map=HS_METRICS,ks=4,vs=32) R10=fp0 fp-16=mmmm0xffff0000 fp-24=00000 fp-32=scalar(id=9,smin=umin=umin32=1,smax=umax=0xffffffffff,var_off=(0x0; 0xffffffffff)) fp-40=scalar(id=1,smin=0,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) fp-48=scalar(id=5,smin=umin=umin32=1,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) fp-56=scalar(id=2,smin=0,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) fp-64=scalar(id=3,smin=0,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff)) fp-72=4 fp-80=scalar(id=6,smin=0,smax=umax=0xffffffff,var_off=(0x0; 0xffffffff))
+; if err == -ENOENT || err == -ESOCKTNOSUPPORT { @ main.rs:134
+143: (0f) r9 += r1
+R9 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root
+verification time 348 usec
+stack depth 80
+processed 143 insns (limit 1000000) max_states_per_insn 0 total_states 10 peak_states 10 mark_read 0
+";
+
+    #[test]
+    fn the_excerpt_is_the_last_instructions_the_error_and_the_summary() {
+        assert_eq!(
+            verifier_log_excerpt(LOG_6_1),
+            [
+                "65: (61) r1 = *(u32 *)(r0 +0)",
+                "; match (exact, wildcard) {",
+                "66: (7b) *(u64 *)(r10 -48) = r1",
+                "67: (79) r2 = *(u64 *)(r10 -80)",
+                "invalid read from stack R10 off=-80 size=8",
+                "processed 6407 insns (limit 1000000) max_states_per_insn 4 total_states 409 peak_states 307 mark_read 35",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_excerpt_drops_register_states_also_after_a_branch() {
+        assert_eq!(
+            verifier_log_excerpt(LOG_6_18),
+            [
+                "139: (18) r4 = 0xffffffa2",
+                "141: (1d) if r2 == r4 goto pc+1",
+                "; if err == -ENOENT || err == -ESOCKTNOSUPPORT { @ main.rs:134",
+                "143: (0f) r9 += r1",
+                "R9 tried to add from different maps, paths or scalars, pointer arithmetic with it prohibited for !root",
+                "processed 143 insns (limit 1000000) max_states_per_insn 0 total_states 10 peak_states 10 mark_read 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_excerpt_of_a_log_without_instructions_keeps_its_last_lines() {
+        let log = "func#0 @0\nunknown opcode 8d\nprocessed 0 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
+        assert_eq!(
+            verifier_log_excerpt(log),
+            [
+                "func#0 @0",
+                "unknown opcode 8d",
+                "processed 0 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0",
+            ]
+        );
+    }
+
+    fn refused(errno: i32, log: &str, perfmon_capable: bool) -> SkLookupError {
+        load_error(
+            ProgramError::LoadError {
+                io_error: io::Error::from_raw_os_error(errno),
+                verifier_log: aya_obj::VerifierLog::new(log.to_owned()),
+            },
+            perfmon_capable,
+        )
+    }
+
+    #[test]
+    fn a_load_error_with_a_log_is_a_verifier_refusal_and_says_so() {
+        let err = refused(libc::EACCES, LOG_6_1, true);
+        assert_eq!(err.verifier_log(), Some(LOG_6_1));
+        let message = crate::error_chain(&err);
+        assert!(
+            message.starts_with(
+                "the kernel's verifier rejected the sk_lookup program (EACCES): 65: (61)"
+            ),
+            "{message}"
+        );
+        assert!(message.contains("invalid read from stack R10 off=-80 size=8"));
+        assert!(message.contains("processed 6407 insns"));
+        assert!(message.contains("hotswap doctor --verifier-log"));
+        assert!(!message.contains('\n'), "{message}");
+        // Not the capability story: this process had every capability.
+        assert!(!message.contains("permission denied"), "{message}");
+        match err.unavailable_reason() {
+            Some(Unavailable::VerifierRejected(rejection)) => {
+                assert_eq!(rejection.errno, Errno::EACCES);
+                assert_eq!(rejection.log, LOG_6_1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_under_the_unprivileged_rules_names_cap_perfmon() {
+        let reason = refused(libc::EACCES, LOG_6_18, false)
+            .unavailable_reason()
+            .unwrap()
+            .to_string();
+        assert!(reason.contains("verifier rejected"), "{reason}");
+        assert!(reason.contains("prohibited for !root"), "{reason}");
+        assert!(reason.contains("grant CAP_PERFMON"), "{reason}");
+    }
+
+    #[test]
+    fn a_load_error_without_a_log_is_classified_by_its_errno() {
+        for (errno, expected) in [
+            (libc::EPERM, Unavailable::PermissionDenied(Errno::EPERM)),
+            (libc::EACCES, Unavailable::PermissionDenied(Errno::EACCES)),
+            (libc::EINVAL, Unavailable::UnsupportedKernel(Errno::EINVAL)),
+        ] {
+            let err = refused(errno, "", true);
+            assert!(err.verifier_log().is_none());
+            assert_eq!(err.unavailable_reason(), Some(expected));
+        }
+        let reason = refused(libc::EPERM, "", true)
+            .unavailable_reason()
+            .unwrap()
+            .to_string();
+        assert!(
+            reason.starts_with("permission denied (EPERM)")
+                && reason.contains("CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"),
+            "{reason}"
+        );
+        // A problem of the daemon's own, not of the host: no fallback.
+        assert_eq!(refused(libc::EBADF, "", true).unavailable_reason(), None);
+    }
+
+    #[test]
+    fn a_refused_bpffs_mount_is_its_own_reason() {
+        let reason = SkLookupError::MountBpffs(Errno::EPERM).unavailable_reason();
+        assert_eq!(reason, Some(Unavailable::NoBpffs(Errno::EPERM)));
+        assert!(reason.unwrap().to_string().contains("CAP_SYS_ADMIN"));
     }
 }

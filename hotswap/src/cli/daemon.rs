@@ -17,7 +17,7 @@ pub struct Args {
     /// Turn on the eBPF program's per-connection debug log lines (costly: for debugging only).
     #[arg(long)]
     debug_ebpf: bool,
-    /// sk-lookup: the eBPF program steers (needs CAP_BPF and CAP_NET_ADMIN, Linux >= 5.9);
+    /// sk-lookup: the eBPF program steers (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, Linux >= 5.9);
     /// uds: one shared socket per service address handed to every generation; auto: sk-lookup
     /// where it works, else uds.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]

@@ -2,20 +2,32 @@
 
 use crate::doctor;
 
-/// [--json].
+/// [--json | --verifier-log].
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print JSON instead of text.
-    #[arg(long)]
+    /// Print JSON instead of text (it carries the verifier's whole log, if any).
+    #[arg(long, conflicts_with = "verifier_log")]
     json: bool,
+    /// After the report, print the verifier's whole log when it refused the program.
+    #[arg(long)]
+    verifier_log: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let report = doctor::examine();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", doctor::render(&report));
+        return Ok(());
+    }
+    print!("{}", doctor::render(&report));
+    if args.verifier_log {
+        match &report.verifier_log {
+            Some(log) => print!("\nverifier log:\n{log}"),
+            None if report.sk_lookup_supported => {
+                println!("\nverifier log: none, the verifier accepted the program")
+            }
+            None => println!("\nverifier log: none, the program did not reach the verifier"),
+        }
     }
     Ok(())
 }
