@@ -1,5 +1,5 @@
 //! Fresh-machine set-up: the nightly's rust-src, bpf-linker built against the nightly's own
-//! libLLVM, and a mounted bpffs. See DESIGN.md §6 for why each step is needed.
+//! libLLVM, and a mounted bpffs. See docs/design.md §6 for why each step is needed.
 
 use std::{
     path::{Path, PathBuf},
@@ -118,7 +118,7 @@ fn ensure_bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )
-    .context("installing bpf-linker; see DESIGN.md §6 for the manual recipe")?;
+    .context("installing bpf-linker; see docs/design.md §6 for the manual recipe")?;
     if !bpf_linker_ok() {
         bail!("bpf-linker was installed but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?");
     }

@@ -4,7 +4,7 @@
 //! accepted for it. `hotswap upgrade`, `rollback` and `status` talk to it over its own control
 //! socket, next to the daemon's.
 //!
-//! The accept-queue problem (DESIGN.md §4): the supervisor holds every socket it created and
+//! The accept-queue problem (docs/design.md §4.5): the supervisor holds every socket it created and
 //! registers *its own* fds with the daemon. After a switch no new connection reaches the old
 //! socket, but connections already queued there belong to it. The supervisor waits until the
 //! old socket's queue (`TCP_INFO.tcpi_unacked` on a listener; `SIOCINQ` for UDP) is empty, and
