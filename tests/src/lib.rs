@@ -311,6 +311,26 @@ impl TestEnv {
         ["lookups", "steered", "no_socket", "errors"].map(|k| m[k].as_u64().unwrap())
     }
 
+    /// Checks a service's kernel counters: `steered` connections handed to its socket, `refused`
+    /// refused for want of one, no errors, and every lookup one or the other. A client
+    /// retransmits a SYN left unanswered for a second (a stalled VM under emulation) and the
+    /// kernel looks the copy up again, so each SYN retransmitted in this test's network
+    /// namespace may add one lookup — and only those.
+    pub fn assert_counted(&self, service: &str, steered: u64, refused: u64) {
+        let metrics @ [lookups, got_steered, no_socket, errors] = self.metrics(service);
+        let retransmitted = syn_retransmits();
+        let extra = got_steered.saturating_sub(steered) + no_socket.saturating_sub(refused);
+        assert!(
+            errors == 0
+                && lookups == got_steered + no_socket
+                && got_steered >= steered
+                && no_socket >= refused
+                && extra <= retransmitted,
+            "{service}: [lookups, steered, no_socket, errors] = {metrics:?}, expected \
+             steered {steered}, refused {refused}, with {retransmitted} SYNs retransmitted"
+        );
+    }
+
     /// Registers a server's socket; returns the generation id.
     pub fn register(&self, service: &str, server: &Server, extra: &[&str]) -> u32 {
         let (pid, fd) = (server.pid.to_string(), server.fd.to_string());
@@ -414,6 +434,23 @@ pub fn tcp_request(addr: &str) -> std::io::Result<String> {
         ));
     }
     Ok(line.trim_end().to_owned())
+}
+
+/// SYNs (and SYN-ACKs) retransmitted in the calling thread's network namespace
+/// (`TcpExt: TCPSynRetrans`).
+pub fn syn_retransmits() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("netstat");
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (
+        lines.next().expect("TcpExt names"),
+        lines.next().expect("values"),
+    );
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPSynRetrans")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("TCPSynRetrans in /proc/net/netstat")
 }
 
 /// Sends one datagram and waits for the answer (from any source address: the answer comes from

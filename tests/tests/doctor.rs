@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{hotswap_bin, TestEnv, PATIENCE};
+use integration_tests::{hotswap_bin, TestEnv};
 
 const CAP_SYS_ADMIN: libc::c_ulong = 21;
 const CAP_PERFMON: libc::c_ulong = 38;
@@ -159,7 +159,7 @@ fn a_verifier_refusal_without_cap_perfmon_is_reported_as_one() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + integration_tests::patience();
     while !env.hotswap(&["status", "--json"]).status.success() {
         assert!(
             Instant::now() < deadline,

@@ -26,12 +26,7 @@ fn steers(
     // The server listens on another port than the one asked for: only steering can explain
     // the answer.
     assert_ne!(server.addr.port().to_string(), port);
-    let [lookups, steered, no_socket, errors] = env.metrics(service);
-    assert_eq!(
-        (lookups, steered, no_socket, errors),
-        (1, 1, 0, 0),
-        "{service}"
-    );
+    env.assert_counted(service, 1, 0);
 }
 
 #[test]
@@ -147,7 +142,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     let _plain = TcpListener::bind("127.0.0.1:8080").unwrap();
     let err = tcp_request("127.0.0.1:8080").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert_eq!(env.metrics("web"), [1, 0, 1, 0]);
+    env.assert_counted("web", 0, 1);
 
     // Closing the active socket (the process lives on) leaves the service without a socket.
     let mut server = Server::start("tcp", "127.0.0.1:0", "web");
@@ -156,7 +151,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     server.close_listener();
     let err = tcp_request("127.0.0.1:8080").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert_eq!(env.metrics("web"), [3, 1, 2, 0]);
+    env.assert_counted("web", 1, 2);
     // The daemon notices the generation is gone.
     wait_until(|| {
         env.status()["services"][0]["generations"]
@@ -178,7 +173,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     });
     let err = tcp_request("127.0.0.1:8080").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert_eq!(env.metrics("web"), [5, 2, 3, 0]);
+    env.assert_counted("web", 2, 3);
 }
 
 fn wait_until(mut done: impl FnMut() -> bool) {

@@ -79,6 +79,10 @@ const SUBSET: &[(&str, &[&str])] = &[
             "doctor_says_which_backend_auto_picks_and_why",
         ],
     ),
+    (
+        "doctor",
+        &["doctor_without_bpffs_probes_on_a_scratch_one_and_changes_nothing"],
+    ),
 ];
 
 /// How many times slower the tests run under TCG than on the host (measured: the subset's
