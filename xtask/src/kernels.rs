@@ -339,7 +339,7 @@ fn run_subset(
             .with_context(|| format!("no integration test target {target:?}"))?;
         let names: Vec<String> = tests.iter().map(|t| shell_quote(t)).collect();
         script += &format!(
-            "{} --exact --test-threads=1 {} > \"$RESULTS/{target}.log\" 2>&1\necho $? > \"$RESULTS/{target}.rc\"\n",
+            "{} --exact --test-threads=1 --nocapture {} > \"$RESULTS/{target}.log\" 2>&1\necho $? > \"$RESULTS/{target}.rc\"\n",
             shell_quote(&exe.to_string_lossy()),
             names.join(" ")
         );
