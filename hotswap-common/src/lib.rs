@@ -16,6 +16,8 @@ pub const MAX_BINDINGS: u32 = 65_536;
 pub const MAX_SERVICES: u32 = 4_096;
 /// Most generations remembered at once across all services.
 pub const MAX_GENERATIONS: u32 = 65_536;
+/// Most readiness probes in flight at once (one per generation being started).
+pub const MAX_PROBES: u32 = 1_024;
 /// Longest service name in bytes.
 pub const MAX_SERVICE_NAME: usize = 63;
 /// Longest generation label in bytes.
@@ -34,12 +36,17 @@ pub mod map_names {
     pub const CONFIG: &str = "HS_CONFIG";
     /// `HashMap<u32, ServiceRecord>`: service id → name. Only user space reads it.
     pub const SERVICES: &str = "HS_SERVICES";
+    /// `SockHash<ProbeKey>`: where a readiness probe's connection goes, by its source.
+    pub const PROBES: &str = "HS_PROBES";
     /// `HashMap<GenerationKey, GenerationRecord>`. Only user space reads it.
     pub const GENERATIONS: &str = "HS_GENERATIONS";
 }
 
 /// Index in the config map: non-zero turns on the program's aya-log debug lines.
 pub const CONFIG_DEBUG_LOG: u32 = 0;
+/// Index in the config map: the number of readiness probes in [`map_names::PROBES`]; while it
+/// is zero the program does not look there.
+pub const CONFIG_PROBES: u32 = 1;
 /// Entries in the config map.
 pub const CONFIG_ENTRIES: u32 = 4;
 
@@ -82,6 +89,23 @@ pub struct BindingValue {
     /// compare an exact-port match with a port-0 match: the longer prefix wins, a tie goes to
     /// the explicit port.
     pub addr_prefix_len: u32,
+}
+
+/// Key of the probes map: the source of a readiness probe's connection. A connection from
+/// exactly this protocol, address and port is handed to the socket stored under it (the
+/// generation being probed), ahead of every binding and uncounted, so that the supervisor
+/// reaches a generation that is not active yet on the service's own address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeKey {
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub protocol: u8,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    /// Source port in network byte order.
+    pub port: [u8; 2],
+    /// Source address: IPv6, or IPv4 as v4-mapped IPv6; network byte order.
+    pub addr: [u8; 16],
 }
 
 /// Key of the sockets map.
@@ -220,6 +244,7 @@ mod pod {
     unsafe impl aya::Pod for BindingData {}
     unsafe impl aya::Pod for BindingValue {}
     unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for ProbeKey {}
     unsafe impl aya::Pod for ServiceMetrics {}
     unsafe impl aya::Pod for ServiceRecord {}
     unsafe impl aya::Pod for GenerationKey {}

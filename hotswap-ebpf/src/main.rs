@@ -18,9 +18,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use hotswap_common::{
-    BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord,
-    SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, FAMILY_IPV4, FAMILY_IPV6,
-    MAX_BINDINGS, MAX_GENERATIONS, MAX_SERVICES,
+    BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey, ServiceMetrics,
+    ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, CONFIG_PROBES,
+    FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS, MAX_PROBES, MAX_SERVICES,
 };
 
 const AF_INET: u32 = 2;
@@ -49,6 +49,9 @@ static SOCKETS: SockHash<SocketKey> = SockHash::pinned(MAX_SERVICES * 2, 0);
 
 #[map(name = "HS_METRICS")]
 static METRICS: PerCpuArray<ServiceMetrics> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "HS_PROBES")]
+static PROBES: SockHash<ProbeKey> = SockHash::pinned(MAX_PROBES, 0);
 
 #[map(name = "HS_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(CONFIG_ENTRIES, 0);
@@ -87,25 +90,46 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             ],
         )
     };
-    let mut addr = [0u8; 16];
     let family = match family {
-        AF_INET => {
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            addr[12..16].copy_from_slice(&ip4.to_ne_bytes());
-            FAMILY_IPV4
-        }
-        AF_INET6 => {
-            for (i, word) in ip6.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            FAMILY_IPV6
-        }
+        AF_INET => FAMILY_IPV4,
+        AF_INET6 => FAMILY_IPV6,
         _ => return SK_PASS,
     };
+    let addr = mapped(family, ip4, ip6);
     let protocol = protocol as u8;
     // local_port is in host byte order.
     let port = port as u16;
+
+    // A readiness probe goes to the generation it probes, whatever the bindings say, and is
+    // not counted. Only looked for while probes are in flight: the common path stays as it was.
+    if CONFIG.get(CONFIG_PROBES).is_some_and(|n| *n != 0) {
+        // SAFETY: as above.
+        let (remote_port, remote_ip4, remote_ip6) = unsafe {
+            (
+                read_volatile(&raw const (*lookup).remote_port),
+                read_volatile(&raw const (*lookup).remote_ip4),
+                [
+                    read_volatile(&raw const (*lookup).remote_ip6[0]),
+                    read_volatile(&raw const (*lookup).remote_ip6[1]),
+                    read_volatile(&raw const (*lookup).remote_ip6[2]),
+                    read_volatile(&raw const (*lookup).remote_ip6[3]),
+                ],
+            )
+        };
+        let source = ProbeKey {
+            protocol,
+            family,
+            // remote_port is in network byte order.
+            port: remote_port.to_ne_bytes(),
+            addr: mapped(family, remote_ip4, remote_ip6),
+        };
+        if PROBES
+            .redirect_sk_lookup(ctx, source, SK_ASSIGN_FLAGS)
+            .is_ok()
+        {
+            return SK_PASS;
+        }
+    }
 
     let binding = find_binding(protocol, family, port, addr);
     if binding.service_id == NO_SERVICE {
@@ -149,6 +173,22 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             SK_DROP
         }
     }
+}
+
+/// An address as the maps store it: IPv6, or IPv4 as v4-mapped IPv6, in network byte order.
+#[inline(always)]
+fn mapped(family: u8, ip4: u32, ip6: [u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    if family == FAMILY_IPV4 {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..16].copy_from_slice(&ip4.to_ne_bytes());
+    } else {
+        for (i, word) in ip6.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    addr
 }
 
 /// Two lookups, as tubular does: the exact port, then port 0 (every port). The longer address

@@ -69,6 +69,39 @@ pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ClientEr
     response.map_err(ClientError::Refused)
 }
 
+/// A readiness probe's route, held open: while it lives, new TCP connections from its source go
+/// to the probed generation's own socket; dropping it (or this process dying) ends the route.
+pub struct ProbeRoute {
+    _connection: Connection<UnixStream>,
+}
+
+/// Asks the daemon to route TCP connections from `source` to `generation` of `service`.
+pub async fn probe_route(
+    socket: &Path,
+    service: &crate::model::ServiceName,
+    generation: u32,
+    source: std::net::SocketAddr,
+) -> Result<ProbeRoute, ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| connect_error(socket, source))?;
+    let mut connection = Connection::new(stream);
+    connection
+        .send(&Request::Probe {
+            service: service.clone(),
+            generation,
+            source,
+        })
+        .await?;
+    let response: Response = connection.receive().await?;
+    match response.map_err(ClientError::Refused)? {
+        Reply::Done => Ok(ProbeRoute {
+            _connection: connection,
+        }),
+        other => Err(ClientError::Refused(format!("unexpected reply {other:?}"))),
+    }
+}
+
 /// Asks the daemon for a service's shared listening socket for `protocol`: `Some` in the uds
 /// backend (the socket arrives with SCM_RIGHTS), `None` in sk_lookup (make your own).
 pub fn shared_listener(

@@ -301,6 +301,11 @@ async fn serve(
 ) -> Result<(), crate::protocol::FrameError> {
     let uid = stream.peer_cred()?.uid();
     let mut connection = Connection::new(stream);
+    // Probes routed for this connection end with it, however it ends.
+    let mut probes = ProbesOf {
+        registry: &registry,
+        sources: Vec::new(),
+    };
     while let Some(bytes) = connection.receive_bytes().await? {
         let mut attached = None;
         let response: Response = if uid != 0 {
@@ -312,7 +317,15 @@ async fn serve(
                 Err(err) => Err(format!("malformed request: {err}")),
                 Ok(request) => {
                     tracing::debug!(?request, "request");
-                    match handle(&mut lock(&registry), request) {
+                    let probe = match &request {
+                        Request::Probe { source, .. } => Some(*source),
+                        _ => None,
+                    };
+                    let result = handle(&mut lock(&registry), request);
+                    if let (Some(source), Ok(_)) = (probe, &result) {
+                        probes.sources.push(source);
+                    }
+                    match result {
                         Ok((reply, fd)) => {
                             attached = fd;
                             Ok(reply)
@@ -331,6 +344,23 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The probe sources one control connection routed; dropping it stops routing them.
+struct ProbesOf<'a> {
+    registry: &'a Mutex<Registry>,
+    sources: Vec<std::net::SocketAddr>,
+}
+
+impl Drop for ProbesOf<'_> {
+    fn drop(&mut self) {
+        let mut registry = lock(self.registry);
+        for source in self.sources.drain(..) {
+            if let Err(err) = registry.unprobe(source) {
+                tracing::warn!("ending the probe from {source}: {}", error_chain(&err));
+            }
+        }
+    }
 }
 
 /// Sends one frame with `fd` attached (SCM_RIGHTS); the descriptor travels with the frame's
@@ -416,6 +446,15 @@ fn handle(
         } => {
             registry.forget(&service, generation)?;
             tracing::info!("forgot generation {generation} of service {service}");
+            Ok(Reply::Done)
+        }
+        Request::Probe {
+            service,
+            generation,
+            source,
+        } => {
+            registry.probe(&service, generation, source)?;
+            tracing::debug!("probing generation {generation} of service {service} from {source}");
             Ok(Reply::Done)
         }
         Request::Status => Ok(Reply::Status(registry.status())),

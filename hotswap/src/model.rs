@@ -1,6 +1,10 @@
 //! The words of the domain: service names, protocols and bindings, with their parsing rules.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
 
 use hotswap_common::{
     BindingData, BINDING_HEADER_BITS, FAMILY_IPV4, FAMILY_IPV6, MAX_SERVICE_NAME, PROTO_TCP,
@@ -255,6 +259,18 @@ impl Binding {
 impl fmt::Display for Binding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} {}", self.protocol, self.prefix, self.port)
+    }
+}
+
+/// An address as the kernel reports the other end of a connection: an IPv4-mapped IPv6
+/// address (`::ffff:a.b.c.d`, from a dual-stack socket) is the IPv4 address it maps.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     }
 }
 

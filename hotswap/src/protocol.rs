@@ -66,6 +66,17 @@ pub enum Request {
         /// Protocol.
         protocol: Protocol,
     },
+    /// Route new TCP connections from `source` to the generation's own socket, ahead of every
+    /// binding and uncounted, for as long as this control connection stays open: the
+    /// supervisor's readiness probe of a generation that is not active yet.
+    Probe {
+        /// Service.
+        service: ServiceName,
+        /// Generation to reach.
+        generation: u32,
+        /// Where the probe connects from (address and port).
+        source: std::net::SocketAddr,
+    },
     /// Report services, bindings and generations.
     Status,
     /// Report counters.

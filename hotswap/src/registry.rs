@@ -52,6 +52,16 @@ pub enum RegistryError {
         /// Service.
         service: ServiceName,
     },
+    /// A probe asked for a socket the generation does not have.
+    #[error("generation {generation} of service {service} has no {protocol} socket to probe")]
+    NothingToProbe {
+        /// Service.
+        service: ServiceName,
+        /// Generation.
+        generation: u32,
+        /// Protocol.
+        protocol: Protocol,
+    },
     /// The socket's protocol matches none of the service's bindings.
     #[error("service {service} has no {protocol} binding, so a {protocol} socket cannot serve it")]
     WrongProtocol {
@@ -748,6 +758,49 @@ impl Registry {
         Ok(previous)
     }
 
+    /// Routes new TCP connections from `source` to `generation`'s own socket (see
+    /// [`Backend::add_probe`]) until [`Registry::unprobe`].
+    pub fn probe(
+        &mut self,
+        service_name: &ServiceName,
+        generation: u32,
+        source: std::net::SocketAddr,
+    ) -> Result<(), RegistryError> {
+        let service = self
+            .services
+            .get(service_name)
+            .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
+        let target = service.generations.get(&generation).ok_or_else(|| {
+            RegistryError::UnknownGeneration {
+                service: service_name.clone(),
+                generation,
+            }
+        })?;
+        let sockets = target
+            .retake()
+            .ok_or_else(|| RegistryError::GenerationGone {
+                service: service_name.clone(),
+                generation,
+            })?;
+        let (_, socket) = sockets
+            .iter()
+            .find(|(p, _)| *p == Protocol::Tcp)
+            .ok_or_else(|| RegistryError::NothingToProbe {
+                service: service_name.clone(),
+                generation,
+                protocol: Protocol::Tcp,
+            })?;
+        self.backend
+            .add_probe(source, Protocol::Tcp, socket.as_fd())?;
+        Ok(())
+    }
+
+    /// Stops routing a probe's `source`.
+    pub fn unprobe(&mut self, source: std::net::SocketAddr) -> Result<(), RegistryError> {
+        self.backend.remove_probe(source, Protocol::Tcp)?;
+        Ok(())
+    }
+
     /// Forgets a generation at its owner's word; an active one leaves its service without a
     /// socket.
     pub fn forget(
@@ -987,6 +1040,21 @@ mod tests {
             Ok(())
         }
         fn set_debug_log(&mut self, _: bool) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn add_probe(
+            &mut self,
+            _: std::net::SocketAddr,
+            _: Protocol,
+            _: BorrowedFd<'_>,
+        ) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn remove_probe(
+            &mut self,
+            _: std::net::SocketAddr,
+            _: Protocol,
+        ) -> Result<(), BackendError> {
             Ok(())
         }
         fn shared_listener(

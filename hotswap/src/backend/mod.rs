@@ -8,7 +8,10 @@
 pub mod sk_lookup;
 pub mod uds;
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::{
+    net::SocketAddr,
+    os::fd::{BorrowedFd, OwnedFd},
+};
 
 use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
 use serde::{Deserialize, Serialize};
@@ -108,6 +111,18 @@ pub trait Backend: Send {
         service_id: u32,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, BackendError>;
+    /// Routes new `protocol` connections from exactly `source` to `socket`, ahead of every
+    /// binding and uncounted: the supervisor's readiness probe reaches a generation that is
+    /// not active yet, on the service's own address. Backends that cannot tell generations
+    /// apart refuse.
+    fn add_probe(
+        &mut self,
+        source: SocketAddr,
+        protocol: Protocol,
+        socket: BorrowedFd<'_>,
+    ) -> Result<(), BackendError>;
+    /// Stops routing `source` (nothing to do when it is not routed).
+    fn remove_probe(&mut self, source: SocketAddr, protocol: Protocol) -> Result<(), BackendError>;
     /// Whether `switch` can move new connections from one generation to another here.
     fn check_switch(&self) -> Result<(), BackendError> {
         Ok(())

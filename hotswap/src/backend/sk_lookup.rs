@@ -8,6 +8,7 @@
 use std::{
     fs::File,
     io,
+    net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -24,8 +25,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use hotswap_common::{
-    map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ServiceMetrics,
-    ServiceRecord, SocketKey, CONFIG_DEBUG_LOG,
+    map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey,
+    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES, FAMILY_IPV4,
+    FAMILY_IPV6,
 };
 use nix::fcntl::{Flock, FlockArg};
 
@@ -222,6 +224,9 @@ pub struct SkLookupBackend {
     pin_dir: PathBuf,
     bindings: LpmTrie<MapData, BindingData, BindingValue>,
     sockets: SockHash<MapData, SocketKey>,
+    probes: SockHash<MapData, ProbeKey>,
+    /// Probe sources routed now; the program looks into `probes` only while there are any.
+    probe_sources: std::collections::BTreeSet<(Protocol, SocketAddr)>,
     metrics: PerCpuArray<MapData, ServiceMetrics>,
     config: Array<MapData, u32>,
     services: HashMap<MapData, u32, ServiceRecord>,
@@ -380,10 +385,25 @@ impl SkLookupBackend {
         let generations = take(map_names::GENERATIONS)?
             .try_into()
             .map_err(map_error(map_names::GENERATIONS))?;
+        let mut probes: SockHash<MapData, ProbeKey> = take(map_names::PROBES)?
+            .try_into()
+            .map_err(map_error(map_names::PROBES))?;
+        let mut config: Array<MapData, u32> = config;
+        // Probes belong to the control connections of the daemon that made them, and those are
+        // gone: route nothing any more.
+        let stale: Vec<ProbeKey> = probes.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = probes.remove(&key);
+        }
+        config
+            .set(CONFIG_PROBES, 0, 0)
+            .map_err(map_error(map_names::CONFIG))?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             bindings,
             sockets,
+            probes,
+            probe_sources: std::collections::BTreeSet::new(),
             metrics,
             config,
             services,
@@ -947,6 +967,59 @@ impl Backend for SkLookupBackend {
             .set(CONFIG_DEBUG_LOG, u32::from(on), 0)
             .map_err(map_error(map_names::CONFIG))?;
         Ok(())
+    }
+
+    fn add_probe(
+        &mut self,
+        source: SocketAddr,
+        protocol: Protocol,
+        socket: BorrowedFd<'_>,
+    ) -> Result<(), BackendError> {
+        let source = crate::model::canonical(source);
+        // The count first: the program must look before the first probe connection comes.
+        self.set_probe_count(self.probe_sources.len() + 1)?;
+        if let Err(err) = self.probes.insert(probe_key(source, protocol), socket, 0) {
+            self.set_probe_count(self.probe_sources.len())?;
+            return Err(map_error(map_names::PROBES)(err).into());
+        }
+        self.probe_sources.insert((protocol, source));
+        Ok(())
+    }
+
+    fn remove_probe(&mut self, source: SocketAddr, protocol: Protocol) -> Result<(), BackendError> {
+        let source = crate::model::canonical(source);
+        match self.probes.remove(&probe_key(source, protocol)) {
+            // Gone already when the probed socket closed.
+            Err(err) if !not_found(&err) => return Err(map_error(map_names::PROBES)(err).into()),
+            _ => {}
+        }
+        if self.probe_sources.remove(&(protocol, source)) {
+            self.set_probe_count(self.probe_sources.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl SkLookupBackend {
+    fn set_probe_count(&mut self, count: usize) -> Result<(), BackendError> {
+        self.config
+            .set(CONFIG_PROBES, count as u32, 0)
+            .map_err(map_error(map_names::CONFIG))?;
+        Ok(())
+    }
+}
+
+/// The probes map's key for connections from `source`.
+fn probe_key(source: SocketAddr, protocol: Protocol) -> ProbeKey {
+    let (family, addr) = match source.ip() {
+        std::net::IpAddr::V4(v4) => (FAMILY_IPV4, v4.to_ipv6_mapped().octets()),
+        std::net::IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
+    };
+    ProbeKey {
+        protocol: protocol.number(),
+        family,
+        port: source.port().to_be_bytes(),
+        addr,
     }
 }
 

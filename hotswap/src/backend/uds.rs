@@ -552,6 +552,24 @@ impl Backend for UdsBackend {
         Err(UdsError::CannotSwitch.into())
     }
 
+    fn add_probe(
+        &mut self,
+        _source: std::net::SocketAddr,
+        _protocol: Protocol,
+        _socket: BorrowedFd<'_>,
+    ) -> Result<(), BackendError> {
+        // Every generation serves the one shared socket: a probe cannot pick one.
+        Err(UdsError::Unsupported("a readiness probe of one generation (--ready tcp)").into())
+    }
+
+    fn remove_probe(
+        &mut self,
+        _source: std::net::SocketAddr,
+        _protocol: Protocol,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     fn check_socket(
         &self,
         service_id: u32,
