@@ -80,6 +80,13 @@ const SUBSET: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "addresses",
+        &[
+            "every_generation_listens_on_the_service_address_and_nothing_else_does",
+            "the_tcp_probe_reaches_the_new_generation_under_a_wildcard_binding_and_is_not_counted",
+        ],
+    ),
+    (
         "doctor",
         &["doctor_without_bpffs_probes_on_a_scratch_one_and_changes_nothing"],
     ),

@@ -10,7 +10,7 @@ use crate::{
     model::ServiceName,
     supervisor::{
         self,
-        spec::{parse_duration, parse_signal, ListenSpec, ReadyMode},
+        spec::{parse_duration, parse_signal, FdPassing, ListenSpec, ReadyMode},
         RunConfig,
     },
 };
@@ -45,6 +45,12 @@ pub struct Args {
     /// If a new generation dies within this time after the switch, switch back.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
+    /// How the server is told which fds (3, 4, …; TCP first) are its sockets: systemd
+    /// (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) or nginx (NGINX="3;"). Either way
+    /// HOTSWAP_FD_TCP/HOTSWAP_FD_UDP hold the numbers, and {fd:tcp}/{fd:udp} in COMMAND's
+    /// arguments become them (haproxy `bind fd@{fd:tcp}`, uvicorn `--fd {fd:tcp}`).
+    #[arg(long, value_enum, default_value_t = FdPassing::Systemd)]
+    pass_fds: FdPassing,
     /// The server to run, with its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -70,6 +76,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         drain_settle: args.drain_settle,
         grace: args.grace,
         command: args.command,
+        fd_passing: args.pass_fds,
         daemon_socket: socket,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

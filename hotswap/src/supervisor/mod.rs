@@ -62,6 +62,9 @@ const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durat
 /// A generation that ran this long before it died restarts without waiting.
 const RESTART_RESET: Duration = Duration::from_secs(10);
 
+/// How often the supervisor collects the exits of orphaned workers it inherited as subreaper.
+const ORPHAN_REAP_INTERVAL: Duration = Duration::from_millis(200);
+
 /// How `hotswap run` runs a service.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -84,6 +87,8 @@ pub struct RunConfig {
     pub grace: Duration,
     /// The command.
     pub command: Vec<String>,
+    /// How a generation is told which descriptors are its sockets.
+    pub fd_passing: spec::FdPassing,
     /// The daemon's control socket.
     pub daemon_socket: PathBuf,
 }
@@ -470,9 +475,14 @@ impl Supervisor {
         Ok(())
     }
 
-    /// One socket per protocol: IPv4-only services get an IPv4 socket on their (first) address,
-    /// others a dual-stack IPv6 one. For TCP the port is the kernel's choice: steering ignores
-    /// it, and it lets the supervisor reach this very socket for the tcp readiness probe.
+    /// One socket per protocol, bound to the service's own address and port (what `--listen`
+    /// says, so that servers which match inherited sockets against their configured address
+    /// accept it), all generations of a service in one `SO_REUSEPORT` group: the program
+    /// assigns with `BPF_SK_LOOKUP_F_NO_REUSEPORT`, so the group never spreads traffic. Where
+    /// the `--listen` addresses are not one bindable address (several IPs or ports), the socket
+    /// gets the kernel's choice of port on their common address; where a listener outside
+    /// hotswap holds the address without `SO_REUSEPORT`, too — steering serves it all the same,
+    /// and the operator is told.
     ///
     /// In the uds backend the daemon's shared socket is used instead (`true` is returned with
     /// the sockets then).
@@ -499,11 +509,13 @@ impl Supervisor {
             }
             let all_v4 = listens.iter().all(|l| l.addr.is_ipv4());
             let same_ip = listens.iter().all(|l| l.addr.ip() == first.addr.ip());
-            let addr = match (all_v4, same_ip) {
+            let fallback = match (all_v4, same_ip) {
                 (_, true) => SocketAddr::new(first.addr.ip(), 0),
                 (true, false) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
                 (false, false) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
             };
+            let exact = exact_address(&listens);
+            let addr = exact.unwrap_or(fallback);
             let fail = |source| SupervisorError::Socket {
                 protocol,
                 addr,
@@ -517,16 +529,31 @@ impl Supervisor {
             if addr.is_ipv6() {
                 socket.set_only_v6(all_v4).map_err(fail)?;
             }
-            // A UDP service with one address gets sockets on that very address and port, in
-            // one SO_REUSEPORT group across generations (the program assigns with
-            // BPF_SK_LOOKUP_F_NO_REUSEPORT, so the group never spreads traffic): answers then
-            // leave from the address clients sent to, which connected UDP clients require.
-            let exact = (protocol == Protocol::Udp && listens.len() == 1).then_some(first.addr);
-            let bound_exactly = exact.is_some_and(|exact| {
-                socket.set_reuse_port(true).is_ok() && socket.bind(&exact.into()).is_ok()
-            });
-            if !bound_exactly {
-                socket.bind(&addr.into()).map_err(fail)?;
+            let bound = match exact {
+                Some(exact) => {
+                    socket.set_reuse_port(true).map_err(fail)?;
+                    match socket.bind(&exact.into()) {
+                        Ok(()) => true,
+                        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+                            tracing::warn!(
+                                "{protocol} {exact} is held by a listener outside hotswap (without SO_REUSEPORT; `ss -lnp` shows it): this generation listens on another port of {} and gets the service's connections all the same, but a server that compares its inherited socket with its configured address (nginx, lighttpd) binds its own and fails; stop that listener, then upgrade",
+                                fallback.ip()
+                            );
+                            false
+                        }
+                        Err(err) => return Err(fail(err)),
+                    }
+                }
+                None => false,
+            };
+            if !bound {
+                socket
+                    .bind(&fallback.into())
+                    .map_err(|source| SupervisorError::Socket {
+                        protocol,
+                        addr: fallback,
+                        source,
+                    })?;
             }
             if protocol == Protocol::Tcp {
                 socket.listen(1024).map_err(fail)?;
@@ -636,7 +663,8 @@ impl Supervisor {
         if generation.notify.is_some() {
             env.push(("NOTIFY_SOCKET", notify_path.as_os_str()));
         }
-        let mut child = process::spawn_activated(&generation.command, &sockets, &env)?;
+        let mut child =
+            process::spawn_activated(&generation.command, &sockets, self.config.fd_passing, &env)?;
         let pid = child.id();
         generation.pid = pid;
         generation.serial += 1;
@@ -646,6 +674,11 @@ impl Supervisor {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
             let status = child.wait().await;
+            // Whatever the main process left behind in its group (workers that outlived it) is
+            // part of a generation that has ended.
+            if let Some(pid) = pid {
+                end_tree(pid);
+            }
             let exit = match status {
                 Ok(status) => ExitInfo {
                     code: status.code(),
@@ -736,15 +769,17 @@ impl Supervisor {
         }
     }
 
-    /// Connects to the generation's own socket until a connection is accepted by the process
-    /// (the socket's accept queue is empty again).
+    /// Connects to the generation's socket until the process accepts a connection (its accept
+    /// queue is empty again). The socket is on the service's own address, where steering hands
+    /// connections to the active generation, so each probe connection first gets a route of its
+    /// own from the daemon: connections from its source port go to this generation, uncounted.
     async fn tcp_probe(&self, id: u32, target: Option<SocketAddr>) {
         let Some(target) = target else {
             // No TCP socket: nothing to probe; wait for the timeout.
             return std::future::pending().await;
         };
         loop {
-            if let Ok(stream) = tokio::net::TcpStream::connect(target).await {
+            if let Some((stream, _route)) = self.probe_connection(id, target).await {
                 for _ in 0..20 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     if self.queue_len(id, Protocol::Tcp) == Some(0) {
@@ -755,6 +790,34 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// One probe connection to `target` with its route to generation `id`.
+    async fn probe_connection(
+        &self,
+        id: u32,
+        target: SocketAddr,
+    ) -> Option<(tokio::net::TcpStream, client::ProbeRoute)> {
+        let socket = match target {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .ok()?;
+        // From the target's own address: it is local (the generation listens on it).
+        socket.bind(SocketAddr::new(target.ip(), 0)).ok()?;
+        let source = socket.local_addr().ok()?;
+        let route =
+            match client::probe_route(&self.config.daemon_socket, &self.config.service, id, source)
+                .await
+            {
+                Ok(route) => route,
+                Err(err) => {
+                    tracing::debug!("probe route for generation {id}: {}", error_chain(&err));
+                    return None;
+                }
+            };
+        let stream = socket.connect(target).await.ok()?;
+        Some((stream, route))
     }
 
     /// What waits in the generation's socket for `protocol`: accepted-but-not-taken
@@ -931,13 +994,49 @@ impl Supervisor {
         };
         if exit.borrow().is_none() {
             if let Some(pid) = pid {
-                let _ = kill(Pid::from_raw(pid as i32), signal);
+                if signal == Signal::SIGKILL {
+                    // Killing a generation ends its whole tree, not only its main process.
+                    end_tree(pid);
+                } else {
+                    // The drain signal goes to the main process, which tells its workers.
+                    let _ = kill(Pid::from_raw(pid as i32), signal);
+                }
             }
         }
         tokio::time::timeout(timeout, exit.wait_for(Option::is_some))
             .await
             .ok()
             .and_then(|r| r.ok().and_then(|e| *e))
+    }
+
+    /// Collects the exit of every child that is not a generation's main process (whose exit
+    /// tokio collects): orphans reparented to the supervisor as subreaper. Under the state lock,
+    /// so a generation being spawned is recorded before its exit can be looked at.
+    fn reap_orphans(&self) {
+        use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+        let state = self.lock();
+        loop {
+            // Look without reaping: the first exited child might be a generation's.
+            let peek = waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            );
+            let pid = match peek {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => match status.pid() {
+                    Some(pid) => pid,
+                    None => return,
+                },
+            };
+            let ours = state
+                .generations
+                .values()
+                .any(|g| g.pid == Some(pid.as_raw() as u32));
+            if ours {
+                return;
+            }
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
     }
 
     /// Tells the daemon to forget the generation, then retires it. Telling first matters in the
@@ -1319,6 +1418,36 @@ pub fn default_ready(listens: &[ListenSpec], shared: bool) -> ReadyMode {
     }
 }
 
+/// Kills every process in the process group `pid` leads (a generation's tree; see
+/// `process::spawn_activated`). Nothing to do when the group is gone.
+fn end_tree(pid: u32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// Makes this process the reaper of its descendants' orphans (`PR_SET_CHILD_SUBREAPER`): a
+/// worker whose parent exits comes back to the supervisor instead of init, so it is still in
+/// reach, and [`Supervisor::reap_orphans`] collects its exit.
+fn become_subreaper() -> io::Result<()> {
+    // SAFETY: a prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The one address a generation's socket can be bound to for these `--listen`s of one
+/// protocol: the address itself when there is one, `[::]` (dual-stack) for `0.0.0.0` and `[::]`
+/// on one port; `None` when they are several addresses or ports.
+fn exact_address(listens: &[&ListenSpec]) -> Option<SocketAddr> {
+    let first = listens.first()?.addr;
+    if listens.iter().all(|l| l.addr == first) {
+        return Some(first);
+    }
+    let same_port = listens.iter().all(|l| l.addr.port() == first.port());
+    let unspecified = listens.iter().all(|l| l.addr.ip().is_unspecified());
+    (same_port && unspecified).then(|| SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), first.port()))
+}
+
 /// A loopback address of the socket's family when it is bound to the unspecified address.
 fn loopback_for(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
@@ -1397,6 +1526,10 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&notify_dir);
     std::fs::create_dir_all(&notify_dir).map_err(PathError::at("creating", &notify_dir))?;
 
+    if let Err(err) = become_subreaper() {
+        tracing::warn!("cannot become the reaper of orphaned workers: {err}");
+    }
+    let mut orphans = tokio::time::interval(ORPHAN_REAP_INTERVAL);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let supervisor = Arc::new(Supervisor {
         state: Mutex::new(State {
@@ -1436,6 +1569,7 @@ pub async fn run(
         tokio::select! {
             result = &mut first => break result,
             Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
+            _ = orphans.tick() => supervisor.reap_orphans(),
             () = &mut shutdown => {
                 supervisor.lock().stopping = true;
                 break Err(SupervisorError::Stopping);
@@ -1466,6 +1600,7 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
+            _ = orphans.tick() => supervisor.reap_orphans(),
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let supervisor = Arc::clone(&supervisor);
@@ -1502,6 +1637,7 @@ pub async fn run(
     for id in live {
         supervisor.drain(id, &log).await;
     }
+    supervisor.reap_orphans();
     let _ = std::fs::remove_file(&control_path);
     let _ = std::fs::remove_dir_all(&notify_dir);
     Ok(())
@@ -1534,5 +1670,35 @@ pub async fn request(
             }
             done => return Ok(done),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exact(listens: &[&str]) -> Option<SocketAddr> {
+        let specs: Vec<ListenSpec> = listens.iter().map(|l| l.parse().unwrap()).collect();
+        exact_address(&specs.iter().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_generation_binds_the_listen_address_when_there_is_one() {
+        assert_eq!(
+            exact(&["tcp://127.0.0.1:8080"]),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            exact(&["tcp://[::1]:53"]),
+            Some("[::1]:53".parse().unwrap())
+        );
+        // 0.0.0.0 and [::] on one port: one dual-stack socket on [::].
+        assert_eq!(
+            exact(&["tcp://0.0.0.0:80", "tcp://[::]:80"]),
+            Some("[::]:80".parse().unwrap())
+        );
+        // Several addresses or ports cannot be one socket's.
+        assert_eq!(exact(&["tcp://127.0.0.1:80", "tcp://127.0.0.2:80"]), None);
+        assert_eq!(exact(&["tcp://0.0.0.0:80", "tcp://[::]:81"]), None);
     }
 }

@@ -16,6 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::spec::FdPassing;
 use crate::model::Protocol;
 
 /// Starting a process failed.
@@ -116,6 +117,9 @@ impl ExecPlan {
                 }
                 libc::close(fd);
             }
+            // A process group of its own: the generation is its whole process tree, and the
+            // supervisor ends all of it at once (killpg) when it retires the generation.
+            libc::setpgid(0, 0);
             // Kill the child if the supervisor dies: `hotswap run` *is* the service. If it died
             // before the prctl, the parent is someone else already: give up.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
@@ -148,33 +152,57 @@ impl ExecPlan {
     }
 }
 
-/// Starts `command` with `sockets` passed by socket activation, each named after its protocol,
-/// and `extra_env` added to this process's environment (minus any inherited activation or
-/// notify variables).
+/// Variables a generation's process gets from hotswap, never from the supervisor's own
+/// environment.
+const HANDED_OVER: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "NGINX",
+    "HOTSWAP_FD_TCP",
+    "HOTSWAP_FD_UDP",
+];
+
+/// The fd number each protocol's socket gets in the child: 3, 4, … in the order given.
+fn fd_numbers(sockets: &[(Protocol, BorrowedFd<'_>)]) -> Vec<(Protocol, RawFd)> {
+    sockets
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (*p, LISTEN_FDS_START + i as RawFd))
+        .collect()
+}
+
+/// `{fd:tcp}` and `{fd:udp}` in an argument become the socket's fd number in the child.
+fn expand_fds(arg: &str, numbers: &[(Protocol, RawFd)]) -> String {
+    numbers.iter().fold(arg.to_owned(), |arg, (protocol, fd)| {
+        arg.replace(&format!("{{fd:{protocol}}}"), &fd.to_string())
+    })
+}
+
+/// Starts `command` with `sockets` at fds 3, 4, …, told to it as `passing` says (systemd's
+/// socket activation names each after its protocol), and `extra_env` added to this process's
+/// environment (minus any inherited variables of the hand-over or notify protocols).
 pub fn spawn_activated(
     command: &[String],
     sockets: &[(Protocol, BorrowedFd<'_>)],
+    passing: FdPassing,
     extra_env: &[(&str, &OsStr)],
 ) -> Result<tokio::process::Child, SpawnError> {
     let program_name = command.first().ok_or(SpawnError::NoCommand)?;
     let program_path = resolve_program(program_name)?;
     let program = cstring(program_path.as_os_str().as_bytes())?;
-    let argv = command
+    let numbers = fd_numbers(sockets);
+    let expanded: Vec<String> = command.iter().map(|a| expand_fds(a, &numbers)).collect();
+    let argv = expanded
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
     let names: Vec<String> = sockets.iter().map(|(p, _)| p.to_string()).collect();
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        let skip = [
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "NOTIFY_SOCKET",
-        ]
-        .iter()
-        .any(|k| key == *k)
-            || extra_env.iter().any(|(k, _)| key == *k);
+        let skip =
+            HANDED_OVER.iter().any(|k| key == *k) || extra_env.iter().any(|(k, _)| key == *k);
         if !skip {
             let mut entry = key.as_bytes().to_vec();
             entry.push(b'=');
@@ -189,8 +217,23 @@ pub fn spawn_activated(
         env.push(cstring(&entry)?);
         Ok(())
     };
-    add("LISTEN_FDS", sockets.len().to_string().as_bytes())?;
-    add("LISTEN_FDNAMES", names.join(":").as_bytes())?;
+    for (protocol, fd) in &numbers {
+        let key = match protocol {
+            Protocol::Tcp => "HOTSWAP_FD_TCP",
+            Protocol::Udp => "HOTSWAP_FD_UDP",
+        };
+        add(key, fd.to_string().as_bytes())?;
+    }
+    match passing {
+        FdPassing::Systemd => {
+            add("LISTEN_FDS", sockets.len().to_string().as_bytes())?;
+            add("LISTEN_FDNAMES", names.join(":").as_bytes())?;
+        }
+        FdPassing::Nginx => {
+            let list: String = numbers.iter().map(|(_, fd)| format!("{fd};")).collect();
+            add("NGINX", list.as_bytes())?;
+        }
+    }
     for (key, value) in extra_env {
         add(key, value.as_bytes())?;
     }
@@ -199,7 +242,10 @@ pub fn spawn_activated(
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    env_ptrs.push(listen_pid.as_ptr().cast());
+    // The child fills in its pid; only systemd's protocol has the variable.
+    if passing == FdPassing::Systemd {
+        env_ptrs.push(listen_pid.as_ptr().cast());
+    }
     env_ptrs.push(std::ptr::null());
     let mut plan = ExecPlan {
         program,
@@ -213,7 +259,7 @@ pub fn spawn_activated(
         parent: unsafe { libc::getpid() },
     };
     let mut cmd = tokio::process::Command::new(&program_path);
-    cmd.args(&command[1..]).kill_on_drop(false);
+    cmd.args(&expanded[1..]).kill_on_drop(false);
     // SAFETY: ExecPlan::exec only makes async-signal-safe calls.
     unsafe {
         cmd.pre_exec(move || Err(plan.exec()));
@@ -252,8 +298,32 @@ mod tests {
             (Protocol::Tcp, listener.as_fd()),
             (Protocol::Udp, udp.as_fd()),
         ];
-        let mut child =
-            spawn_activated(&command, &sockets, &[("EXTRA", OsStr::new("yes"))]).unwrap();
+        let mut child = spawn_activated(
+            &command,
+            &sockets,
+            FdPassing::Systemd,
+            &[("EXTRA", OsStr::new("yes"))],
+        )
+        .unwrap();
+        assert!(child.wait().await.unwrap().success());
+    }
+
+    #[tokio::test]
+    async fn nginx_gets_its_variable_and_fd_numbers_reach_the_arguments() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // $1 is "{fd:tcp}" expanded, $2 "fd@{fd:udp}" expanded.
+        let script = r#"test "$NGINX" = "3;4;" && test -z "$LISTEN_FDS" && test -z "$LISTEN_PID" && test "$HOTSWAP_FD_TCP" = 3 && test "$HOTSWAP_FD_UDP" = 4 && test "$1" = 3 && test "$2" = fd@4 && test -S /proc/self/fd/3"#;
+        let command: Vec<String> = ["sh", "-c", script, "sh", "{fd:tcp}", "fd@{fd:udp}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        use std::os::fd::AsFd as _;
+        let sockets = [
+            (Protocol::Tcp, listener.as_fd()),
+            (Protocol::Udp, udp.as_fd()),
+        ];
+        let mut child = spawn_activated(&command, &sockets, FdPassing::Nginx, &[]).unwrap();
         assert!(child.wait().await.unwrap().success());
     }
 }

@@ -31,6 +31,20 @@ pub enum SpecError {
     Signal(String),
 }
 
+/// How a generation's process is told which descriptors are its sockets. In every mode they
+/// are at fds 3, 4, … (TCP first), `HOTSWAP_FD_TCP`/`HOTSWAP_FD_UDP` name their numbers, and
+/// `{fd:tcp}`/`{fd:udp}` in the command's arguments become those numbers (for servers that take
+/// a flag: `haproxy` `bind fd@{fd:tcp}`, `uvicorn --fd {fd:tcp}`, `kresd -S {fd:udp}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FdPassing {
+    /// systemd socket activation: `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`.
+    #[default]
+    Systemd,
+    /// nginx's own upgrade protocol: `NGINX="3;4;"`.
+    Nginx,
+}
+
 /// One `--listen` address of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenSpec {

@@ -1,5 +1,6 @@
 //! A socket-activated HTTP server with no hotswap code at all, as many servers are: it takes
-//! fd 3 from `LISTEN_FDS`, answers every request with `fixture pid <PID>`, and on SIGTERM closes
+//! fd 3 from `LISTEN_FDS`, answers every request with `fixture pid <PID> on <ADDR>` (ADDR: what
+//! getsockname() says of fd 3, as a server that checks its inherited socket sees it), and on SIGTERM closes
 //! its listener at once, answers what is in flight (`Connection: close`), and exits when no
 //! connection is left.
 //!
@@ -93,8 +94,11 @@ fn main() {
     // SAFETY: socket activation hands fd 3 to this process.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
     listener.set_nonblocking(true).expect("nonblocking");
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| format!("<{e}>"), |a| a.to_string());
     let body: &'static str =
-        Box::leak(format!("fixture pid {}\n", std::process::id()).into_boxed_str());
+        Box::leak(format!("fixture pid {} on {local}\n", std::process::id()).into_boxed_str());
     let live = Arc::new(AtomicUsize::new(0));
     let mut listener = Some(listener);
     loop {
