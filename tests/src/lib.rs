@@ -602,8 +602,21 @@ pub struct RunningService {
 impl RunningService {
     /// Starts `hotswap run SERVICE ARGS…` and waits until a generation is active.
     pub fn start(env: &TestEnv, service: &str, args: &[&str]) -> Self {
+        Self::start_with(env, service, args, |_| {})
+    }
+
+    /// As [`RunningService::start`], with the `hotswap run` command adjusted first (e.g. a
+    /// `pre_exec` that gives it a private mount namespace).
+    pub fn start_with(
+        env: &TestEnv,
+        service: &str,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = env.dir.path().join(format!("run-{service}.log"));
-        let child = hotswap_command(env)
+        let mut command = hotswap_command(env);
+        adjust(&mut command);
+        let child = command
             .arg("run")
             .arg(service)
             .args(args)

@@ -194,3 +194,71 @@ fn an_address_held_outside_hotswap_is_reported_and_still_served() {
     let body = get("127.0.0.1:8080");
     assert!(body.trim_end().ends_with(" on 127.0.0.1:8080"), "{body}");
 }
+
+/// A server that drops the socket it was given and binds the address itself (with
+/// SO_REUSEPORT it would silently join the service's group) is refused before the switch, and
+/// so is one that holds no socket at all; the old generation keeps serving.
+#[test]
+fn a_generation_that_does_not_use_its_socket_is_never_switched_to() {
+    let env = TestEnv::with_daemon("own-socket");
+    let fixture = activated_fixture();
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--grace",
+            "50ms",
+            "--",
+            fixture.to_str().unwrap(),
+        ],
+    );
+    let before = get("127.0.0.1:8080");
+    let own_socket = "import os, socket\n\
+        os.close(3)\n\
+        s = socket.socket()\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+        s.bind(('127.0.0.1', 8080))\n\
+        s.listen()\n\
+        while True:\n    s.accept()[0].close()\n";
+    let out = env.hotswap(&[
+        "upgrade",
+        "web",
+        "--ready",
+        "delay:300ms",
+        "--",
+        "python3",
+        "-c",
+        own_socket,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listens on tcp 127.0.0.1:8080 with a socket of its own"),
+        "{stderr}"
+    );
+    let out = env.hotswap(&[
+        "upgrade",
+        "web",
+        "--ready",
+        "delay:300ms",
+        "--",
+        "sh",
+        "-c",
+        "exec 3>&-; exec sleep 60",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not use the tcp socket it was given"),
+        "{stderr}"
+    );
+    assert_eq!(
+        get("127.0.0.1:8080"),
+        before,
+        "the old generation still serves"
+    );
+    let status = env.status();
+    assert_eq!(status["supervisors"]["web"]["active"], 1, "{status}");
+}

@@ -144,3 +144,155 @@ fn haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing() {
     );
     five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8081", "haproxy");
 }
+
+#[test]
+fn uwsgi_takes_its_socket_from_listen_fds_and_upgrades_lose_nothing() {
+    let env = TestEnv::with_daemon("uwsgi");
+    let uwsgi = installed("/usr/bin/uwsgi");
+    let app = example("wsgi_app.py");
+    let service = RunningService::start(
+        &env,
+        "app",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8082",
+            "--grace",
+            "50ms",
+            "--drain-timeout",
+            "10s",
+            "--",
+            &uwsgi,
+            "--plugin",
+            "python3",
+            "--protocol",
+            "http",
+            "--master",
+            "--processes",
+            "2",
+            "--wsgi-file",
+            app.to_str().unwrap(),
+            // SIGTERM (the drain signal) as a graceful stop: workers finish, then exit.
+            "--hook-master-start",
+            "unix_signal:15 gracefully_kill_them_all",
+        ],
+    );
+    five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8082", "uwsgi");
+}
+
+/// One DNS query for `hello.test. A`; whether the answer (192.0.2.1) came.
+fn dns_query(socket: &std::net::UdpSocket, id: u16) -> bool {
+    let mut query = Vec::new();
+    query.extend_from_slice(&id.to_be_bytes());
+    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    query.extend_from_slice(b"\x05hello\x04test\x00\x00\x01\x00\x01");
+    if socket.send(&query).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    // Answers to earlier, timed-out queries may still come: skip them.
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n) if n >= 4 && buf[..2] == id.to_be_bytes() => {
+                return buf[..n].ends_with(&[192, 0, 2, 1]);
+            }
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Unbound honours LISTEN_FDS only where /run/systemd/system exists (sd_booted()); the test's
+/// `hotswap run` gets a private mount namespace with a tmpfs on /run that has it, so the host's
+/// /run is untouched.
+fn with_systemd_run_dir(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only unshare, mount and mkdir between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::mount::{mount, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                Some("tmpfs"),
+                "/run",
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )?;
+            for dir in [c"/run/systemd", c"/run/systemd/system"] {
+                if libc::mkdir(dir.as_ptr(), 0o755) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query() {
+    let env = TestEnv::with_daemon("unbound");
+    let unbound = installed("/usr/sbin/unbound");
+    let conf = example("unbound.conf");
+    let service = RunningService::start_with(
+        &env,
+        "dns",
+        &[
+            "--listen",
+            "udp://127.0.0.1:5353",
+            "--ready",
+            "delay:500ms",
+            "--grace",
+            "50ms",
+            "--",
+            &unbound,
+            "-d",
+            "-p",
+            "-c",
+            conf.to_str().unwrap(),
+        ],
+        with_systemd_run_dir,
+    );
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect("127.0.0.1:5353").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert!(dns_query(&socket, 1), "{}", service.log());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = std::sync::Arc::clone(&stop);
+        let socket = socket.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let (mut sent, mut lost) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 1_000_000 {
+                sent += 1;
+                if !dns_query(&socket, sent as u16) {
+                    lost += 1;
+                }
+            }
+            (sent, lost)
+        })
+    };
+    for round in 0..5 {
+        let out = env.ok(&["upgrade", "dns"]);
+        assert!(
+            out.contains("is active"),
+            "round {round}: {out}\n{}",
+            service.log()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, lost) = client.join().unwrap();
+    println!("dns: 5 upgrades, {sent} queries, {lost} unanswered");
+    assert!(sent > 5);
+    assert_eq!(lost, 0, "{}", service.log());
+    let status = env.status();
+    assert_eq!(status["supervisors"]["dns"]["active"], 6, "{status}");
+}

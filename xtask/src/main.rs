@@ -182,8 +182,9 @@ fn bench(quick: bool, json: Option<std::path::PathBuf>, only: Vec<String>) -> Re
 fn test(no_kernels: bool, args: Vec<String>) -> Result<()> {
     setup::ensure_all()?;
     require_root("the integration tests")?;
-    // The bench's smoke test drives nginx and HAProxy too.
+    // The bench's smoke test drives nginx and HAProxy too; the server tests run them and more.
     setup::ensure_debian_packages(setup::BENCH_PEERS)?;
+    setup::ensure_debian_packages(setup::TESTED_SERVERS)?;
     // The integration tests run the hotswap binary; build it first.
     build()?;
     let mut test = cargo();

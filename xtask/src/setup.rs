@@ -192,3 +192,11 @@ pub const BENCH_PEERS: &[(&str, &str)] = &[
     ("nginx", "/usr/sbin/nginx"),
     ("haproxy", "/usr/sbin/haproxy"),
 ];
+
+/// The real servers `tests/tests/servers.rs` runs under hotswap (nginx and HAProxy come with
+/// the bench's peers).
+pub const TESTED_SERVERS: &[(&str, &str)] = &[
+    ("uwsgi-core", "/usr/bin/uwsgi"),
+    ("uwsgi-plugin-python3", "/usr/lib/uwsgi/plugins/python3_plugin.so"),
+    ("unbound", "/usr/sbin/unbound"),
+];

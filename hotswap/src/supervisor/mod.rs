@@ -13,6 +13,7 @@
 //! closes its listener at once loses nothing: the queue is empty and the supervisor's copy keeps
 //! the socket open until the process has exited.
 
+mod inspect;
 mod process;
 pub mod spec;
 
@@ -144,6 +145,34 @@ pub enum SupervisorError {
         timeout: Duration,
         /// What it was waited for with.
         mode: ReadyMode,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// No process of the new generation holds the socket it was given: the server did not
+    /// take it.
+    #[error("generation {generation} does not use the {protocol} socket it was given (no process of it holds the socket any more): the server closed it, probably because its config does not listen on exactly {addr} — make the config's address the --listen address, and check --pass-fds (nginx) or `bind fd@${{HOTSWAP_FD_TCP}}` (HAProxy); it was stopped and nothing was switched{}", keep_note(.kept))]
+    NotUsingSocket {
+        /// The generation.
+        generation: u32,
+        /// The socket's protocol.
+        protocol: Protocol,
+        /// The service address it was bound to.
+        addr: String,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// A process of the new generation listens on a service address with a socket of its
+    /// own: steering would never reach it.
+    #[error("generation {generation} listens on {protocol} {addr} with a socket of its own (pid {pid}) instead of the one it was given: steering never reaches that socket. The server binds the address itself — remove `reuseport`/SO_REUSEPORT from its listen config and let it take fd 3 (see --pass-fds); it was stopped and nothing was switched{}", keep_note(.kept))]
+    OwnSocket {
+        /// The generation.
+        generation: u32,
+        /// The process holding the socket.
+        pid: u32,
+        /// Protocol.
+        protocol: Protocol,
+        /// Where it listens.
+        addr: SocketAddr,
         /// The generation that stays active.
         kept: Option<u32>,
     },
@@ -1009,6 +1038,69 @@ impl Supervisor {
             .and_then(|r| r.ok().and_then(|e| *e))
     }
 
+    /// Refuses a generation whose processes do not serve from the sockets they were given:
+    /// none of them holds a socket any more, or one listens on a service address with a socket
+    /// of its own (see `inspect`). Shared sockets (uds) are everyone's: nothing to check.
+    fn check_uses_its_sockets(&self, id: u32, kept: Option<u32>) -> Result<(), SupervisorError> {
+        let (pid, own) = {
+            let state = self.lock();
+            let Some(g) = state.generations.get(&id) else {
+                return Ok(());
+            };
+            if g.shared {
+                return Ok(());
+            }
+            let own: Vec<(Protocol, u64, Option<SocketAddr>)> = g
+                .sockets
+                .iter()
+                .filter_map(|(p, fd)| {
+                    let inode = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?.st_ino;
+                    Some((*p, inode, crate::socket::local_addr(fd.as_fd())))
+                })
+                .collect();
+            (g.pid, own)
+        };
+        let Some(pid) = pid else {
+            return Ok(());
+        };
+        let tree = match inspect::tree_sockets(pid) {
+            Ok(tree) => tree,
+            Err(err) => {
+                tracing::warn!("cannot look at generation {id}'s sockets: {err}");
+                return Ok(());
+            }
+        };
+        // The more telling finding first: a socket of its own explains why it dropped ours.
+        for (inode, (holder, protocol, addr)) in &tree.bound {
+            let ours = own.iter().any(|(_, own, _)| own == inode);
+            let on_service_address = self
+                .config
+                .listens
+                .iter()
+                .any(|l| l.protocol == *protocol && inspect::covers(*addr, l.addr));
+            if !ours && on_service_address {
+                return Err(SupervisorError::OwnSocket {
+                    generation: id,
+                    pid: *holder,
+                    protocol: *protocol,
+                    addr: *addr,
+                    kept,
+                });
+            }
+        }
+        for (protocol, inode, addr) in &own {
+            if !tree.held.contains(inode) {
+                return Err(SupervisorError::NotUsingSocket {
+                    generation: id,
+                    protocol: *protocol,
+                    addr: addr.map_or_else(|| "its address".to_owned(), |a| a.to_string()),
+                    kept,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Collects the exit of every child that is not a generation's main process (whose exit
     /// tokio collects): orphans reparented to the supervisor as subreaper. Under the state lock,
     /// so a generation being spawned is recorded before its exit can be looked at.
@@ -1155,6 +1247,18 @@ impl Supervisor {
             "generation {new} ready after {} ms",
             after.as_millis()
         ));
+        if let Err(err) = self.check_uses_its_sockets(new, old) {
+            self.kill_and_wait(new, Signal::SIGKILL, Duration::from_secs(5))
+                .await;
+            self.retire_async(
+                new,
+                GenerationState::Failed {
+                    reason: err.to_string(),
+                },
+            )
+            .await;
+            return Err(err);
+        }
         self.switch_to(new).await?;
         match old {
             Some(old) => progress(format!("switched {old} -> {new}")),
