@@ -272,7 +272,8 @@ impl TestEnv {
         let out = self.hotswap(args);
         assert!(
             out.status.success(),
-            "hotswap {args:?} failed: {}\ndaemon log:\n{}",
+            "hotswap {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
             String::from_utf8_lossy(&out.stderr),
             self.daemon_log()
         );
@@ -481,6 +482,10 @@ pub struct LoadReport {
     pub failed: u64,
     /// Of those, how many failed to connect at all.
     pub failed_connections: u64,
+    /// Of those, how many were sent on a kept-alive connection that had answered before and
+    /// got not one byte of answer: the server closed (or stopped reading) a connection it held
+    /// idle while the request was on its way — the keep-alive race of every reload.
+    pub failed_on_idle_connections: u64,
 }
 
 impl LoadReport {
@@ -490,10 +495,12 @@ impl LoadReport {
     }
 }
 
-/// A failed request, and whether it failed already at connecting.
+/// A failed request, and whether it failed already at connecting, or on an idle kept-alive
+/// connection before any byte of the answer.
 struct Failed {
     error: std::io::Error,
     at_connect: bool,
+    on_idle_connection: bool,
 }
 
 impl From<std::io::Error> for Failed {
@@ -501,6 +508,7 @@ impl From<std::io::Error> for Failed {
         Self {
             error,
             at_connect: false,
+            on_idle_connection: false,
         }
     }
 }
@@ -532,6 +540,7 @@ impl Running {
                     Err(failed) => {
                         report.failed += 1;
                         report.failed_connections += u64::from(failed.at_connect);
+                        report.failed_on_idle_connections += u64::from(failed.on_idle_connection);
                         if report.failures.len() < 20 {
                             report.failures.push(failed.error.to_string());
                         }
@@ -675,24 +684,43 @@ impl Drop for RunningService {
 /// Sends one HTTP/1.1 request on `stream` and reads the response; returns the body and whether
 /// the server closes the connection after it.
 pub fn http_exchange(stream: &mut BufReader<TcpStream>) -> std::io::Result<(String, bool)> {
+    http_exchange_telling(stream).map_err(|(error, _)| error)
+}
+
+/// As [`http_exchange`]; a failure also says whether any byte of the response had come.
+fn http_exchange_telling(
+    stream: &mut BufReader<TcpStream>,
+) -> Result<(String, bool), (std::io::Error, bool)> {
     stream
         .get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")?;
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .map_err(|e| (e, false))?;
     let mut line = String::new();
     let mut length = None;
     let mut close = false;
     let mut first = true;
     loop {
         line.clear();
-        if stream.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before the response",
-            ));
+        let answered = !first;
+        match stream.read_line(&mut line) {
+            Ok(0) => {
+                return Err((
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed before the response",
+                    ),
+                    answered,
+                ))
+            }
+            Ok(_) => {}
+            Err(error) => return Err((error, answered || !line.is_empty())),
         }
         if first {
             if !line.starts_with("HTTP/1.1 200") {
-                return Err(std::io::Error::other(format!("bad status line {line:?}")));
+                return Err((
+                    std::io::Error::other(format!("bad status line {line:?}")),
+                    true,
+                ));
             }
             first = false;
             continue;
@@ -708,8 +736,9 @@ pub fn http_exchange(stream: &mut BufReader<TcpStream>) -> std::io::Result<(Stri
             close = true;
         }
     }
-    let mut body = vec![0u8; length.ok_or_else(|| std::io::Error::other("no content-length"))?];
-    std::io::Read::read_exact(stream, &mut body)?;
+    let length = length.ok_or_else(|| (std::io::Error::other("no content-length"), true))?;
+    let mut body = vec![0u8; length];
+    std::io::Read::read_exact(stream, &mut body).map_err(|e| (e, true))?;
     Ok((String::from_utf8_lossy(&body).trim_end().to_owned(), close))
 }
 
@@ -722,25 +751,34 @@ impl HttpLoad {
     pub fn start(addr: &str, keep_alive: bool, max_requests: u64) -> Self {
         let addr = addr.to_owned();
         let mut connection: Option<BufReader<TcpStream>> = None;
+        // Requests the current connection has answered.
+        let mut answered = 0u64;
         Self(Running::spawn(max_requests, patience() * 30, move || {
             if connection.is_none() {
                 let stream = TcpStream::connect(&addr).map_err(|error| Failed {
                     error,
                     at_connect: true,
+                    on_idle_connection: false,
                 })?;
                 stream.set_read_timeout(Some(Duration::from_secs(10)))?;
                 connection = Some(BufReader::new(stream));
+                answered = 0;
             }
-            match http_exchange(connection.as_mut().expect("connected above")) {
+            match http_exchange_telling(connection.as_mut().expect("connected above")) {
                 Ok((body, close)) => {
+                    answered += 1;
                     if close || !keep_alive {
                         connection = None;
                     }
                     Ok(body)
                 }
-                Err(error) => {
+                Err((error, any_answer)) => {
                     connection = None;
-                    Err(error.into())
+                    Err(Failed {
+                        error,
+                        at_connect: false,
+                        on_idle_connection: answered > 0 && !any_answer,
+                    })
                 }
             }
         }))

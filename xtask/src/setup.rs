@@ -197,6 +197,9 @@ pub const BENCH_PEERS: &[(&str, &str)] = &[
 /// the bench's peers).
 pub const TESTED_SERVERS: &[(&str, &str)] = &[
     ("uwsgi-core", "/usr/bin/uwsgi"),
-    ("uwsgi-plugin-python3", "/usr/lib/uwsgi/plugins/python3_plugin.so"),
+    (
+        "uwsgi-plugin-python3",
+        "/usr/lib/uwsgi/plugins/python3_plugin.so",
+    ),
     ("unbound", "/usr/sbin/unbound"),
 ];

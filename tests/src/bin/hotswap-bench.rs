@@ -572,7 +572,7 @@ fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str) -> Value {
         "failed_upgrades": failed_upgrades,
         "seconds_per_upgrade": took.as_secs_f64() / plan.upgrades as f64,
         "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
-        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections},
+        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections, "failed_on_idle_connections": kept.failed_on_idle_connections},
     })
 }
 
@@ -642,7 +642,7 @@ fn peer_upgrades(name: &str, count: usize, mut upgrade: impl FnMut() -> bool) ->
         "failed_upgrades": failed_upgrades,
         "seconds_per_upgrade": took.as_secs_f64() / count as f64,
         "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
-        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections},
+        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections, "failed_on_idle_connections": kept.failed_on_idle_connections},
     })
 }
 
@@ -698,6 +698,60 @@ fn nginx(plan: Plan) -> Value {
         signal(pid, nix::sys::signal::Signal::SIGQUIT);
         wait_for(|| !alive(pid));
     }
+    result
+}
+
+/// The same nginx (same http block, one worker) upgraded by hotswap instead: `hotswap run`
+/// hands it the socket as nginx's own `NGINX` variable, and `hotswap upgrade` starts a new
+/// nginx, switches, and drains the old one with SIGQUIT.
+fn nginx_under_hotswap(plan: Plan) -> Value {
+    let env = TestEnv::with_daemon("bench-nginx-hotswap");
+    let dir = env.dir.path();
+    let conf = dir.join("nginx.conf");
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    // The workers drop to nobody; they must reach the prefix.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process on; worker_processes 1; pid nginx.pid;\n\
+             error_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+               client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
+               uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+               server {{ listen 127.0.0.1:8080 backlog=4096; location / {{ return 200 \"nginx\\n\"; }} }} }}\n"
+        ),
+    )
+    .unwrap();
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--pass-fds",
+            "nginx",
+            "--drain-signal",
+            "SIGQUIT",
+            "--grace",
+            "20ms",
+            "--",
+            "/usr/sbin/nginx",
+            "-p",
+            dir.to_str().unwrap(),
+            "-c",
+            conf.to_str().unwrap(),
+        ],
+    );
+    let result = peer_upgrades("nginx (hotswap upgrade)", plan.upgrades, || {
+        env.hotswap(&["upgrade", "web"]).status.success()
+    });
+    drop(service);
     result
 }
 
@@ -954,8 +1008,10 @@ fn main() {
     }
     let mut peers = vec![];
     if wanted("peers") {
-        eprintln!("bench: peers, the same upgrades and load: nginx, haproxy");
-        peers = vec![nginx(plan), haproxy(plan)];
+        eprintln!(
+            "bench: peers, the same upgrades and load: nginx (its own and under hotswap), haproxy"
+        );
+        peers = vec![nginx(plan), nginx_under_hotswap(plan), haproxy(plan)];
     }
     let mut scale = Value::Null;
     if wanted("scale") {
