@@ -35,7 +35,18 @@ fn the_bench_runs_end_to_end() {
     );
     assert!(report["switch"]["map_update_us"]["p50"].as_f64().is_some());
     assert_eq!(report["upgrades"].as_array().unwrap().len(), 4);
-    assert_eq!(report["peers"].as_array().unwrap().len(), 2);
+    let peers = report["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 3);
+    // nginx under hotswap loses no new connection in its upgrades.
+    let under_hotswap = peers
+        .iter()
+        .find(|p| p["server"] == "nginx (hotswap upgrade)")
+        .expect("nginx under hotswap is measured");
+    assert_eq!(under_hotswap["failed_upgrades"], 0, "{under_hotswap}");
+    assert_eq!(
+        under_hotswap["new_connection_per_request"]["failed"], 0,
+        "{under_hotswap}"
+    );
     assert!(report["scale"]["verified_instructions"].as_u64().unwrap() > 0);
     for operation in ["bind", "bind_new_service", "register", "switch"] {
         assert!(
