@@ -1,0 +1,114 @@
+//! The supervisor's control socket: serving `upgrade`, `rollback` and `status`, and asking.
+
+use super::*;
+
+impl Supervisor {
+    pub(super) async fn serve_control(
+        self: Arc<Self>,
+        stream: UnixStream,
+    ) -> Result<(), FrameError> {
+        let uid = stream.peer_cred()?.uid();
+        let connection = Arc::new(tokio::sync::Mutex::new(Connection::new(stream)));
+        let request: SupervisorRequest = match connection.lock().await.receive().await {
+            Ok(r) => r,
+            Err(err) => {
+                let done = SupervisorMessage::Done {
+                    ok: false,
+                    message: format!("malformed request: {err}"),
+                };
+                return connection.lock().await.send(&done).await;
+            }
+        };
+        if uid != 0 {
+            let done = SupervisorMessage::Done {
+                ok: false,
+                message: format!(
+                    "permission denied: uid {uid} may not control hotswap (only root may)"
+                ),
+            };
+            return connection.lock().await.send(&done).await;
+        }
+        let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
+        let progress = move |line: String| {
+            tracing::info!("{line}");
+            let _ = lines_tx.send(line);
+        };
+        let forward = {
+            let connection = Arc::clone(&connection);
+            async move {
+                while let Some(line) = lines_rx.recv().await {
+                    let _ = connection
+                        .lock()
+                        .await
+                        .send(&SupervisorMessage::Progress { line })
+                        .await;
+                }
+            }
+        };
+        let work = async {
+            let result = match request {
+                SupervisorRequest::Status => return Some(SupervisorMessage::Status(self.report())),
+                SupervisorRequest::Upgrade {
+                    command,
+                    ready,
+                    ready_timeout_ms,
+                } => {
+                    self.upgrade(
+                        command,
+                        ready,
+                        ready_timeout_ms.map(Duration::from_millis),
+                        &progress,
+                    )
+                    .await
+                }
+                SupervisorRequest::Rollback => self.rollback(&progress).await,
+            };
+            drop(progress);
+            Some(match result {
+                Ok(message) => SupervisorMessage::Done { ok: true, message },
+                Err(err) => {
+                    tracing::warn!("{}", error_chain(&err));
+                    SupervisorMessage::Done {
+                        ok: false,
+                        message: error_chain(&err),
+                    }
+                }
+            })
+        };
+        let (done, ()) = tokio::join!(work, forward);
+        if let Some(done) = done {
+            connection.lock().await.send(&done).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends one request to a service's supervisor; progress lines go to `on_progress`. Returns the
+/// final message, or the status report.
+pub async fn request(
+    daemon_socket: &Path,
+    service: &ServiceName,
+    request: &SupervisorRequest,
+    on_progress: &mut dyn FnMut(&str),
+) -> Result<SupervisorMessage, SupervisorError> {
+    let path = supervisor_socket(daemon_socket, service);
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                SupervisorError::NotRunning(service.clone())
+            }
+            _ => PathError::at("connecting to", &path)(e).into(),
+        })?;
+    let mut connection = Connection::new(stream);
+    connection.send(request).await?;
+    loop {
+        match connection.receive::<SupervisorMessage>().await? {
+            SupervisorMessage::Progress { line } => on_progress(&line),
+            SupervisorMessage::Done { ok: false, message } => {
+                return Err(SupervisorError::Refused(message))
+            }
+            done => return Ok(done),
+        }
+    }
+}

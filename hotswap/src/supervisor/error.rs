@@ -1,0 +1,162 @@
+//! What can go wrong supervising, as the operator reads it.
+
+use super::*;
+
+/// What can go wrong supervising.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The daemon refused or could not be reached.
+    #[error(transparent)]
+    Daemon(#[from] ClientError),
+    /// The daemon answered something unexpected.
+    #[error("unexpected reply from the daemon: {0}")]
+    UnexpectedReply(String),
+    /// A listen address is bound to another service.
+    #[error("{listen} is bound to service {owner}, not {service}")]
+    BoundElsewhere {
+        /// The address.
+        listen: ListenSpec,
+        /// Its owner.
+        owner: String,
+        /// This service.
+        service: ServiceName,
+    },
+    /// Starting the process failed.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// Creating a socket failed.
+    #[error("creating the {protocol} socket for {addr} failed")]
+    Socket {
+        /// Protocol.
+        protocol: Protocol,
+        /// Address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file-system or socket operation failed.
+    #[error(transparent)]
+    Io(#[from] crate::PathError),
+    /// Another supervisor runs the service.
+    #[error("service {0} is already run by another `hotswap run`")]
+    AlreadyRunning(ServiceName),
+    /// No supervisor runs the service.
+    #[error("service {0} is not run by `hotswap run` (start it with `hotswap run {0} --listen … -- COMMAND`)")]
+    NotRunning(ServiceName),
+    /// The new generation did not get ready in time.
+    #[error("generation {generation} was not ready after {timeout:?} ({}); it was stopped{}", ready_hint(.mode), keep_note(.kept))]
+    NotReady {
+        /// The generation.
+        generation: u32,
+        /// The timeout.
+        timeout: Duration,
+        /// What it was waited for with.
+        mode: ReadyMode,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// No process of the new generation holds the socket it was given: the server did not
+    /// take it.
+    #[error("generation {generation} does not use the {protocol} socket it was given (no process of it holds the socket any more): the server closed it, probably because its config does not listen on exactly {addr} — make the config's address the --listen address, and check --pass-fds (nginx) or `bind fd@${{HOTSWAP_FD_TCP}}` (HAProxy); it was stopped and nothing was switched{}", keep_note(.kept))]
+    NotUsingSocket {
+        /// The generation.
+        generation: u32,
+        /// The socket's protocol.
+        protocol: Protocol,
+        /// The service address it was bound to.
+        addr: String,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// A process of the new generation listens on a service address with a socket of its
+    /// own: steering would never reach it.
+    #[error("generation {generation} listens on {protocol} {addr} with a socket of its own (pid {pid}) instead of the one it was given: steering never reaches that socket. The server binds the address itself — remove `reuseport`/SO_REUSEPORT from its listen config and let it take fd 3 (see --pass-fds); it was stopped and nothing was switched{}", keep_note(.kept))]
+    OwnSocket {
+        /// The generation.
+        generation: u32,
+        /// The process holding the socket.
+        pid: u32,
+        /// Protocol.
+        protocol: Protocol,
+        /// Where it listens.
+        addr: SocketAddr,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// The new generation exited before it was ready.
+    #[error("generation {generation} exited ({exit}) before it was ready{}", keep_note(.kept))]
+    ExitedBeforeReady {
+        /// The generation.
+        generation: u32,
+        /// How it exited.
+        exit: ExitInfo,
+        /// The generation that stays active.
+        kept: Option<u32>,
+    },
+    /// The new generation died in its grace period; the old one is active again.
+    #[error("generation {generation} exited ({exit}) {after:?} after the switch; rolled back to generation {back}")]
+    RolledBack {
+        /// The generation that died.
+        generation: u32,
+        /// How.
+        exit: ExitInfo,
+        /// When.
+        after: Duration,
+        /// The generation active again.
+        back: u32,
+    },
+    /// The operator rolled back during the upgrade.
+    #[error("rolled back to generation {0} during the upgrade")]
+    RolledBackByOperator(u32),
+    /// Another upgrade is running.
+    #[error("an upgrade of {service} is already in progress (generation {generation})")]
+    UpgradeInProgress {
+        /// Service.
+        service: ServiceName,
+        /// The generation it is bringing up.
+        generation: u32,
+    },
+    /// `--drain-settle` would leave the old generation no time to finish.
+    #[error("--drain-settle ({}) must be under half of --drain-timeout ({}): the queue is watched for at most the first half, the second is for the old generation to finish", humantime::format_duration(*settle), humantime::format_duration(*timeout))]
+    SettleNotBelowTimeout {
+        /// The settle time.
+        settle: Duration,
+        /// The drain timeout.
+        timeout: Duration,
+    },
+    /// The tcp probe cannot reach one generation through a shared socket.
+    #[error("--ready tcp cannot tell generations apart on the uds backend's shared socket; use --ready notify or --ready delay:<DURATION>")]
+    TcpProbeOnSharedSocket,
+    /// Nothing to roll back to.
+    #[error("cannot roll back {service}: {why}")]
+    CannotRollBack {
+        /// Service.
+        service: ServiceName,
+        /// Why.
+        why: String,
+    },
+    /// The supervisor is stopping.
+    #[error("the supervisor is stopping")]
+    Stopping,
+    /// Talking to the supervisor failed.
+    #[error("talking to the supervisor failed")]
+    Frame(#[from] FrameError),
+    /// The supervisor refused; its words.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a generation that never got ready did not do.
+pub(super) fn ready_hint(mode: &ReadyMode) -> &'static str {
+    match mode {
+        ReadyMode::Tcp => "--ready tcp: it accepted no connection on the socket it was given; a server must take its listener from LISTEN_FDS, not bind its own",
+        ReadyMode::Notify => "--ready notify: it sent no READY=1 to NOTIFY_SOCKET",
+        ReadyMode::Delay(_) => "--ready delay is longer than --ready-timeout",
+    }
+}
+
+pub(super) fn keep_note(kept: &Option<u32>) -> String {
+    kept.map(|k| format!("; generation {k} stays active"))
+        .unwrap_or_default()
+}

@@ -1,0 +1,129 @@
+//! What the supervisor's control socket carries: requests, progress, reports.
+
+use super::*;
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if one killed it.
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "code {code}"),
+            (None, Some(signal)) => match Signal::try_from(signal) {
+                Ok(s) => write!(f, "signal {}", s.as_str()),
+                Err(_) => write!(f, "signal {signal}"),
+            },
+            (None, None) => f.write_str("unknown status"),
+        }
+    }
+}
+
+/// Where a generation is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum GenerationState {
+    /// Started, not ready yet.
+    Starting,
+    /// Ready, not active (a new one before the switch, or an old one after it).
+    Ready,
+    /// New connections go to it.
+    Active,
+    /// Told to drain.
+    Draining,
+    /// Its process is gone and so are its sockets.
+    Exited {
+        /// How it ended.
+        exit: ExitInfo,
+    },
+    /// It never became ready.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A generation as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationReport {
+    /// Daemon generation id.
+    pub id: u32,
+    /// The current process.
+    pub pid: Option<u32>,
+    /// Its command.
+    pub command: Vec<String>,
+    /// Where it is.
+    #[serde(flatten)]
+    pub state: GenerationState,
+    /// Start time, ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// How long it took to get ready.
+    pub ready_after_ms: Option<u64>,
+    /// When it became active, ms since the Unix epoch.
+    pub switched_at_ms: Option<u64>,
+    /// How long draining took, from the switch away to the exit.
+    pub drained_after_ms: Option<u64>,
+    /// Restarts after it died on its own.
+    pub restarts: u32,
+}
+
+/// What a supervisor reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorReport {
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// Listen addresses.
+    pub listens: Vec<ListenSpec>,
+    /// The active generation.
+    pub active: Option<u32>,
+    /// The generation an upgrade is bringing up.
+    pub upgrading: Option<u32>,
+    /// Generations restarted after dying on their own, in total.
+    pub restarts: u32,
+    /// Live generations and the last few that exited, oldest first.
+    pub generations: Vec<GenerationReport>,
+}
+
+/// A request to a supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case")]
+pub enum SupervisorRequest {
+    /// Start a new generation, switch to it, drain the old one.
+    Upgrade {
+        /// A new command, or `None` for the current one.
+        command: Option<Vec<String>>,
+        /// Readiness for this upgrade.
+        ready: Option<ReadyMode>,
+        /// Readiness timeout for this upgrade, in ms.
+        ready_timeout_ms: Option<u64>,
+    },
+    /// Switch back to the previous generation.
+    Rollback,
+    /// Report.
+    Status,
+}
+
+/// A message from a supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SupervisorMessage {
+    /// A step of a long operation.
+    Progress {
+        /// What happened.
+        line: String,
+    },
+    /// The end of an operation.
+    Done {
+        /// Whether it succeeded.
+        ok: bool,
+        /// The summary or the reason.
+        message: String,
+    },
+    /// A report.
+    Status(SupervisorReport),
+}
