@@ -378,6 +378,9 @@ fn record_label(record: &GenerationRecord) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A generation's sockets as taken again from its process, by protocol.
+type TakenSockets = Vec<(Protocol, OwnedFd)>;
+
 /// Services, their bindings and generations, over a backend.
 pub struct Registry {
     backend: Box<dyn Backend>,
@@ -726,25 +729,12 @@ impl Registry {
         generation: u32,
     ) -> Result<Option<u32>, RegistryError> {
         self.backend.check_switch()?;
+        let (first_protocol, sockets) = self.live_sockets(service_name, generation)?;
         let service = self
             .services
             .get_mut(service_name)
-            .ok_or_else(|| RegistryError::UnknownService(service_name.to_string()))?;
-        let target = service.generations.get(&generation).ok_or_else(|| {
-            RegistryError::UnknownGeneration {
-                service: service_name.clone(),
-                generation,
-            }
-        })?;
-        let sockets = target
-            .retake()
-            .ok_or_else(|| RegistryError::GenerationGone {
-                service: service_name.clone(),
-                generation,
-            })?;
-        let previous = target
-            .protocols()
-            .next()
+            .expect("live_sockets found it");
+        let previous = first_protocol
             .map(|p| service.active(p))
             .filter(|&g| g != 0);
         activate_all(self.backend.as_mut(), service, generation, &sockets)?;
@@ -758,14 +748,13 @@ impl Registry {
         Ok(previous)
     }
 
-    /// Routes new TCP connections from `source` to `generation`'s own socket (see
-    /// [`Backend::add_probe`]) until [`Registry::unprobe`].
-    pub fn probe(
-        &mut self,
+    /// A live generation's sockets, taken again from its process (with the protocol of its
+    /// first), or why not.
+    fn live_sockets(
+        &self,
         service_name: &ServiceName,
         generation: u32,
-        source: std::net::SocketAddr,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(Option<Protocol>, TakenSockets), RegistryError> {
         let service = self
             .services
             .get(service_name)
@@ -782,6 +771,18 @@ impl Registry {
                 service: service_name.clone(),
                 generation,
             })?;
+        Ok((target.protocols().next(), sockets))
+    }
+
+    /// Routes new TCP connections from `source` to `generation`'s own socket (see
+    /// [`Backend::add_probe`]) until [`Registry::unprobe`].
+    pub fn probe(
+        &mut self,
+        service_name: &ServiceName,
+        generation: u32,
+        source: std::net::SocketAddr,
+    ) -> Result<(), RegistryError> {
+        let (_, sockets) = self.live_sockets(service_name, generation)?;
         let (_, socket) = sockets
             .iter()
             .find(|(p, _)| *p == Protocol::Tcp)

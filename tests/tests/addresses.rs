@@ -7,23 +7,11 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{activated_fixture, http_exchange, RunningService, TestEnv};
+use integration_tests::{http_exchange, tcp_listeners, RunningService, TestEnv};
 
 fn get(addr: &str) -> String {
     let mut stream = BufReader::new(TcpStream::connect(addr).unwrap());
     http_exchange(&mut stream).unwrap().0
-}
-
-/// Every TCP listener in the test's network namespace, as `ss` shows them.
-fn tcp_listeners() -> Vec<String> {
-    let out = std::process::Command::new("ss")
-        .args(["-Htln"])
-        .output()
-        .expect("ss (iproute2) runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        .collect()
 }
 
 fn upgrade(env: &TestEnv, service: &str) -> String {
@@ -33,19 +21,7 @@ fn upgrade(env: &TestEnv, service: &str) -> String {
 #[test]
 fn every_generation_listens_on_the_service_address_and_nothing_else_does() {
     let env = TestEnv::with_daemon("exact");
-    let fixture = activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = RunningService::fixture(&env, &[]);
     for round in 0..3 {
         // What the server itself sees of its inherited socket.
         let body = get("127.0.0.1:8080");
@@ -77,21 +53,7 @@ fn every_generation_listens_on_the_service_address_and_nothing_else_does() {
 fn the_tcp_probe_reaches_the_new_generation_under_a_wildcard_binding_and_is_not_counted() {
     let env = TestEnv::with_daemon("probe-wildcard");
     env.ok(&["bind", "web", "tcp", "127.0.0.0/8", "0"]);
-    let fixture = activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--ready",
-            "tcp",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = RunningService::fixture(&env, &["--ready", "tcp"]);
     for _ in 0..3 {
         let out = upgrade(&env, "web");
         assert!(out.contains("is active"), "{out}");
@@ -112,21 +74,7 @@ fn the_tcp_probe_reaches_the_new_generation_under_a_wildcard_binding_and_is_not_
 #[test]
 fn a_generation_that_accepts_nothing_is_not_ready_and_nothing_switches() {
     let env = TestEnv::with_daemon("probe-silent");
-    let fixture = activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--ready",
-            "tcp",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = RunningService::fixture(&env, &["--ready", "tcp"]);
     let before = get("127.0.0.1:8080");
     // `sleep` holds fd 3 and never accepts.
     let out = env.hotswap(&[
@@ -162,19 +110,7 @@ fn a_generation_that_accepts_nothing_is_not_ready_and_nothing_switches() {
 fn an_address_held_outside_hotswap_is_reported_and_still_served() {
     let env = TestEnv::with_daemon("held");
     let outsider = TcpListener::bind("127.0.0.1:8080").unwrap();
-    let fixture = activated_fixture();
-    let service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let service = RunningService::fixture(&env, &[]);
     let log = service.log();
     assert!(
         log.contains("127.0.0.1:8080 is held by a listener outside hotswap"),
@@ -201,19 +137,7 @@ fn an_address_held_outside_hotswap_is_reported_and_still_served() {
 #[test]
 fn a_generation_that_does_not_use_its_socket_is_never_switched_to() {
     let env = TestEnv::with_daemon("own-socket");
-    let fixture = activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = RunningService::fixture(&env, &[]);
     let before = get("127.0.0.1:8080");
     let own_socket = "import os, socket\n\
         os.close(3)\n\

@@ -115,19 +115,7 @@ fn a_generation_killed_past_its_drain_timeout_takes_its_workers_with_it() {
 #[test]
 fn a_generation_that_never_gets_ready_is_ended_whole() {
     let env = TestEnv::with_daemon("tree-notready");
-    let fixture = activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = RunningService::fixture(&env, &[]);
     // Holds the socket, never accepts, and has a worker.
     let out = env.hotswap(&[
         "upgrade",

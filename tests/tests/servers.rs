@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use integration_tests::{tcp_http_body, HttpLoad, RunningService, TestEnv};
+use integration_tests::{tcp_http_body, tcp_listeners, HttpLoad, RunningService, TestEnv};
 
 /// A config from `examples/servers/`, the same file README shows.
 fn example(name: &str) -> PathBuf {
@@ -21,18 +21,6 @@ fn installed(binary: &str) -> String {
         "{binary} is missing: `cargo xtask test` installs it from Debian's packages"
     );
     binary.to_owned()
-}
-
-/// Every TCP listener in the test's network namespace.
-fn tcp_listeners() -> Vec<String> {
-    let out = std::process::Command::new("ss")
-        .args(["-Htln"])
-        .output()
-        .expect("ss (iproute2) runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        .collect()
 }
 
 /// 5 upgrades under a new-connection-per-request load: 0 failed; and the server never bound
@@ -306,4 +294,49 @@ fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query(
     assert_eq!(lost, 0, "{}", service.log());
     let status = env.status();
     assert_eq!(status["supervisors"]["dns"]["active"], 6, "{status}");
+}
+
+/// `upgrade --pass-fds` changes how the new generation, and the ones after it, get their
+/// sockets: here a socket-activated server is replaced by nginx, then nginx by nginx.
+#[test]
+fn an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over() {
+    let env = TestEnv::with_daemon("to-nginx");
+    let nginx = installed("/usr/sbin/nginx");
+    let prefix = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(prefix.path().join("tmp")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = example("nginx.conf");
+    let fixture = integration_tests::activated_fixture();
+    let _service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--grace",
+            "50ms",
+            "--drain-timeout",
+            "10s",
+            "--",
+            fixture.to_str().unwrap(),
+        ],
+    );
+    assert!(tcp_http_body("127.0.0.1:8080").starts_with("fixture pid"));
+    let nginx_command = [
+        nginx.as_str(),
+        "-p",
+        prefix.path().to_str().unwrap(),
+        "-c",
+        conf.to_str().unwrap(),
+    ];
+    let mut args = vec!["upgrade", "web", "--pass-fds", "nginx", "--"];
+    args.extend_from_slice(&nginx_command);
+    let out = env.ok(&args);
+    assert!(out.contains("is active"), "{out}");
+    assert_eq!(tcp_http_body("127.0.0.1:8080"), "nginx");
+    // The next upgrade runs nginx the same way without being told.
+    let out = env.ok(&["upgrade", "web"]);
+    assert!(out.contains("is active"), "{out}");
+    assert_eq!(tcp_http_body("127.0.0.1:8080"), "nginx");
 }

@@ -6,12 +6,12 @@ use crate::{
     model::ServiceName,
     supervisor::{
         self,
-        spec::{parse_duration, ReadyMode},
+        spec::{parse_duration, FdPassing, ReadyMode},
         SupervisorMessage, SupervisorRequest,
     },
 };
 
-/// SERVICE [--ready …] [--ready-timeout …] [-- COMMAND [ARGS…]]
+/// SERVICE [--ready …] [--ready-timeout …] [--pass-fds …] [-- COMMAND [ARGS…]]
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Service name.
@@ -22,6 +22,10 @@ pub struct Args {
     /// Readiness timeout for this upgrade (default: the one `run` was given).
     #[arg(long, value_parser = parse_duration)]
     ready_timeout: Option<Duration>,
+    /// How this generation and the ones after it are handed their sockets: systemd or nginx
+    /// (default: as before; see `hotswap run --pass-fds`).
+    #[arg(long, value_enum)]
+    pass_fds: Option<FdPassing>,
     /// A new command (default: the current one again).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -69,6 +73,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         command: (!command.is_empty()).then_some(command),
         ready: args.ready,
         ready_timeout_ms: args.ready_timeout.map(|d| d.as_millis() as u64),
+        pass_fds: args.pass_fds,
     };
     talk(socket, &args.service, request)
 }

@@ -52,9 +52,11 @@ impl Supervisor {
                     command,
                     ready,
                     ready_timeout_ms,
+                    pass_fds,
                 } => {
                     self.upgrade(
                         command,
+                        pass_fds,
                         ready,
                         ready_timeout_ms.map(Duration::from_millis),
                         &progress,

@@ -124,6 +124,7 @@ fn ms_since_epoch(t: SystemTime) -> u64 {
 struct Generation {
     id: u32,
     command: Vec<String>,
+    fd_passing: spec::FdPassing,
     /// The supervisor's own copies: registered with the daemon, and what keeps a draining
     /// generation's queue alive after its process closed its listener.
     sockets: Vec<(Protocol, OwnedFd)>,
@@ -176,7 +177,10 @@ struct State {
     protected: Option<u32>,
     /// The last previous generation retired, and when: for a helpful `rollback` refusal.
     last_retired_previous: Option<(u32, Instant)>,
+    /// What the next upgrade runs, unless it says otherwise: the command, and how it is handed
+    /// its sockets.
     command: Vec<String>,
+    fd_passing: spec::FdPassing,
     restarts: u32,
     stopping: bool,
 }
@@ -236,7 +240,7 @@ impl Supervisor {
     /// Creates a generation: sockets, registration, process. Returns its id.
     async fn start_generation(
         self: &Arc<Self>,
-        command: Vec<String>,
+        (command, fd_passing): (Vec<String>, spec::FdPassing),
         ready: Option<ReadyMode>,
     ) -> Result<u32, SupervisorError> {
         if self.lock().stopping {
@@ -275,6 +279,7 @@ impl Supervisor {
         let generation = Generation {
             id,
             command,
+            fd_passing,
             sockets,
             pid: None,
             serial: 0,
@@ -334,7 +339,7 @@ impl Supervisor {
             env.push(("NOTIFY_SOCKET", notify_path.as_os_str()));
         }
         let mut child =
-            process::spawn_activated(&generation.command, &sockets, self.config.fd_passing, &env)?;
+            process::spawn_activated(&generation.command, &sockets, generation.fd_passing, &env)?;
         let pid = child.id();
         generation.pid = pid;
         generation.serial += 1;
@@ -570,11 +575,12 @@ impl Supervisor {
     async fn upgrade(
         self: &Arc<Self>,
         command: Option<Vec<String>>,
+        pass_fds: Option<spec::FdPassing>,
         ready: Option<ReadyMode>,
         ready_timeout: Option<Duration>,
         progress: Progress<'_>,
     ) -> Result<String, SupervisorError> {
-        let command = {
+        let launch = {
             let mut state = self.lock();
             if state.stopping {
                 return Err(SupervisorError::Stopping);
@@ -587,11 +593,14 @@ impl Supervisor {
             }
             // Reserve the slot before any await, so two upgrades cannot both pass the check.
             state.upgrading = Some(0);
-            command.unwrap_or_else(|| state.command.clone())
+            (
+                command.unwrap_or_else(|| state.command.clone()),
+                pass_fds.unwrap_or(state.fd_passing),
+            )
         };
         let result = self
             .upgrade_steps(
-                command,
+                launch,
                 ready.or(self.config.ready),
                 ready_timeout.unwrap_or(self.config.ready_timeout),
                 progress,
@@ -603,13 +612,13 @@ impl Supervisor {
 
     async fn upgrade_steps(
         self: &Arc<Self>,
-        command: Vec<String>,
+        launch: (Vec<String>, spec::FdPassing),
         ready: Option<ReadyMode>,
         ready_timeout: Duration,
         progress: Progress<'_>,
     ) -> Result<String, SupervisorError> {
         let old = self.lock().active;
-        let new = self.start_generation(command.clone(), ready).await?;
+        let new = self.start_generation(launch.clone(), ready).await?;
         {
             let mut state = self.lock();
             state.upgrading = Some(new);
@@ -655,7 +664,11 @@ impl Supervisor {
             Some(old) => progress(format!("switched {old} -> {new}")),
             None => progress(format!("switched to {new}")),
         }
-        self.lock().command = command;
+        {
+            let mut state = self.lock();
+            state.command = launch.0;
+            state.fd_passing = launch.1;
+        }
         let Some(old) = old else {
             self.lock().protected = None;
             return Ok(format!("generation {new} is active"));
@@ -871,6 +884,7 @@ pub async fn run(
             protected: None,
             last_retired_previous: None,
             command: config.command.clone(),
+            fd_passing: config.fd_passing,
             restarts: 0,
             stopping: false,
         }),
@@ -884,10 +898,13 @@ pub async fn run(
     // Generation 1, with exits watched while it starts.
     supervisor.ensure_bindings().await?;
     let first = async {
-        let command = supervisor.config.command.clone();
+        let launch = (
+            supervisor.config.command.clone(),
+            supervisor.config.fd_passing,
+        );
         supervisor
             .upgrade_steps(
-                command,
+                launch,
                 supervisor.config.ready,
                 supervisor.config.ready_timeout,
                 &log,

@@ -101,6 +101,10 @@ pub enum SupervisorRequest {
         ready: Option<ReadyMode>,
         /// Readiness timeout for this upgrade, in ms.
         ready_timeout_ms: Option<u64>,
+        /// How the new generation (and the ones after) are handed their sockets, or `None`
+        /// for the current way.
+        #[serde(default)]
+        pass_fds: Option<super::spec::FdPassing>,
     },
     /// Switch back to the previous generation.
     Rollback,
