@@ -123,11 +123,13 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             port: remote_port.to_ne_bytes(),
             addr: mapped(family, remote_ip4, remote_ip6),
         };
-        if PROBES
-            .redirect_sk_lookup(ctx, source, SK_ASSIGN_FLAGS)
-            .is_ok()
-        {
-            return SK_PASS;
+        match PROBES.redirect_sk_lookup(ctx, source, SK_ASSIGN_FLAGS) {
+            Ok(()) => return SK_PASS,
+            // No route from this source: an ordinary connection.
+            Err(err) if err == -ENOENT => {}
+            // A route whose socket cannot take it (shut down, wrong family): the probe must
+            // fail, never reach the active generation and pass for the new one's readiness.
+            Err(_) => return SK_DROP,
         }
     }
 

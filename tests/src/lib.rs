@@ -318,7 +318,10 @@ impl TestEnv {
     /// emulated CPU (the kernel matrix) there are some: a SYN the client retransmitted, or a
     /// late segment of a connection whose socket is already gone, which the kernel then answers
     /// with a reset. So each SYN retransmitted, and each reset beyond the `refused` ones, in this
-    /// test's network namespace may add one lookup — and nothing else may.
+    /// test's network namespace may add one lookup — and nothing else may. (A refusal the test
+    /// did not expect also sends a reset and would be excused here; the tests catch those at
+    /// the client, which checks every connection's outcome. What this catches is a program
+    /// that counts wrongly: a lookup counted twice, or as the wrong kind, sends no reset.)
     pub fn assert_counted(&self, service: &str, steered: u64, refused: u64) {
         let metrics @ [lookups, got_steered, no_socket, errors] = self.metrics(service);
         let retransmitted = syn_retransmits();

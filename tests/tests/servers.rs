@@ -58,6 +58,13 @@ fn five_upgrades_lose_nothing(env: &TestEnv, service: &RunningService, addr: &st
         kept.failed_on_idle_connections,
         kept.failures
     );
+    assert!(kept.served() > 0);
+    // One keep-alive client: at most one connection of it is idle at each of the 5 drains.
+    assert!(
+        kept.failed_on_idle_connections <= 5,
+        "more idle-connection failures than drains: {:?}",
+        kept.failures
+    );
     assert_eq!(
         kept.failed, kept.failed_on_idle_connections,
         "keep-alive requests failed otherwise than on an idle connection the server closed: {:?}\n{}",

@@ -144,7 +144,7 @@ pub fn run(only: &[String], summary: &mut Summary) -> Result<()> {
         let elapsed = started.elapsed();
         match outcome {
             Ok(outputs) => {
-                for (target, expected, output) in outputs {
+                for (target, expected, exited_cleanly, output) in outputs {
                     println!("---- kernel {}: {target} ----", kernel.name);
                     let mut target_summary = Summary::default();
                     for line in output.lines() {
@@ -159,6 +159,9 @@ pub fn run(only: &[String], summary: &mut Summary) -> Result<()> {
                             "xtask: kernel {}: {target} ran {ran} of its {expected} tests",
                             kernel.name
                         );
+                        target_summary.broken += 1;
+                    } else if !exited_cleanly && target_summary.failed == 0 {
+                        // All its tests passed, and then it crashed or was killed.
                         target_summary.broken += 1;
                     }
                     kernel_summary.add(&target_summary);
@@ -330,7 +333,7 @@ fn run_subset(
     results: &Path,
     binaries: &BTreeMap<String, PathBuf>,
     workspace: &Path,
-) -> Result<Vec<(String, usize, String)>> {
+) -> Result<Vec<(String, usize, bool, String)>> {
     let _ = fs::remove_dir_all(results);
     fs::create_dir_all(results).with_context(|| format!("creating {}", results.display()))?;
     let rc_path = |target: &str| results.join(format!("{target}.rc"));
@@ -362,7 +365,7 @@ fn run_subset(
             "" => output += &format!("\nxtask: {target} did not finish in the VM\n"),
             code => output += &format!("\nxtask: {target} exited with {code} in the VM\n"),
         }
-        outputs.push((target.to_string(), tests.len(), output));
+        outputs.push((target.to_string(), tests.len(), rc.trim() == "0", output));
     }
     Ok(outputs)
 }

@@ -976,10 +976,15 @@ impl Backend for SkLookupBackend {
         socket: BorrowedFd<'_>,
     ) -> Result<(), BackendError> {
         let source = crate::model::canonical(source);
+        let new = !self.probe_sources.contains(&(protocol, source));
         // The count first: the program must look before the first probe connection comes.
-        self.set_probe_count(self.probe_sources.len() + 1)?;
+        if new {
+            self.set_probe_count(self.probe_sources.len() + 1)?;
+        }
         if let Err(err) = self.probes.insert(probe_key(source, protocol), socket, 0) {
-            self.set_probe_count(self.probe_sources.len())?;
+            if new {
+                self.set_probe_count(self.probe_sources.len())?;
+            }
             return Err(map_error(map_names::PROBES)(err).into());
         }
         self.probe_sources.insert((protocol, source));

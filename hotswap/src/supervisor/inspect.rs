@@ -72,8 +72,9 @@ fn parse_address(hex: &str) -> Option<SocketAddr> {
     let (addr, port) = hex.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match addr.len() {
+        // The kernel prints the address's bytes as one host-order word.
         8 => IpAddr::V4(Ipv4Addr::from(
-            u32::from_str_radix(addr, 16).ok()?.swap_bytes(),
+            u32::from_str_radix(addr, 16).ok()?.to_ne_bytes(),
         )),
         32 => {
             let mut octets = [0u8; 16];
