@@ -457,37 +457,45 @@ pub fn tcp_listeners() -> Vec<String> {
         .collect()
 }
 
-/// TCP resets sent in the calling thread's network namespace (`Tcp: OutRsts`).
-pub fn tcp_resets_sent() -> u64 {
-    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+/// One of the kernel's TCP counters for the calling thread's network namespace: `file` is
+/// `snmp` or `netstat` under /proc/thread-self/net, where a line of names (`Tcp:`, `TcpExt:`)
+/// is followed by a line of values.
+fn tcp_counter(file: &str, group: &str, name: &str) -> u64 {
+    let path = format!("/proc/thread-self/net/{file}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut lines = text
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(group));
     let (names, values) = (
-        lines.next().expect("Tcp names"),
-        lines.next().expect("values"),
+        lines.next().expect("a line of names"),
+        lines.next().expect("a line of values"),
     );
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "OutRsts")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, value)| value.parse().ok())
-        .expect("OutRsts in /proc/net/snmp")
+        .unwrap_or_else(|| panic!("no {group} {name} in {path}"))
+}
+
+/// TCP resets sent in the calling thread's network namespace (`Tcp: OutRsts`).
+pub fn tcp_resets_sent() -> u64 {
+    tcp_counter("snmp", "Tcp:", "OutRsts")
 }
 
 /// SYNs (and SYN-ACKs) retransmitted in the calling thread's network namespace
 /// (`TcpExt: TCPSynRetrans`).
 pub fn syn_retransmits() -> u64 {
-    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("netstat");
-    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (
-        lines.next().expect("TcpExt names"),
-        lines.next().expect("values"),
-    );
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "TCPSynRetrans")
-        .and_then(|(_, value)| value.parse().ok())
-        .expect("TCPSynRetrans in /proc/net/netstat")
+    tcp_counter("netstat", "TcpExt:", "TCPSynRetrans")
+}
+
+/// Waits until `done` holds, at most [`patience`]; panics saying what it waited for.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience();
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Sends one datagram and waits for the answer (from any source address: the answer comes from

@@ -1,9 +1,7 @@
 //! A generation is its whole process tree: killing or retiring it ends every process it
 //! started, and the supervisor collects the orphans it inherits.
 
-use std::time::{Duration, Instant};
-
-use integration_tests::{activated_fixture, patience, RunningService, TestEnv};
+use integration_tests::{activated_fixture, wait_until, RunningService, TestEnv};
 
 /// Pids of live (not zombie) processes whose command line is exactly `words`.
 fn processes(words: &[&str]) -> Vec<u32> {
@@ -31,49 +29,36 @@ fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + patience();
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A server whose main process starts a worker that outlives it: `sh` starts `sleep` in the
-/// background and becomes the fixture. The worker's command line is unique to the test.
-fn forking_server(worker_seconds: &str, extra: &str) -> String {
-    format!(
-        "sleep {worker_seconds} & exec {} {extra}",
+/// `hotswap run web` of a server whose main process starts a worker that outlives it: `sh`
+/// starts `sleep SECONDS` in the background and becomes the fixture (with `fixture_flags`).
+/// The worker's command line is unique to the test; returns the service and the worker's pid.
+fn forking_service(
+    env: &TestEnv,
+    worker_seconds: &str,
+    fixture_flags: &str,
+    run_options: &[&str],
+) -> (RunningService, u32) {
+    let script = format!(
+        "sleep {worker_seconds} & exec {} {fixture_flags}",
         activated_fixture().display()
-    )
+    );
+    let mut args = vec!["--listen", "tcp://127.0.0.1:8080", "--grace", "50ms"];
+    args.extend_from_slice(run_options);
+    args.extend_from_slice(&["--", "sh", "-c", &script]);
+    let service = RunningService::start(env, "web", &args);
+    let worker = ["sleep", worker_seconds];
+    wait_until("the worker", || processes(&worker).len() == 1);
+    (service, processes(&worker)[0])
 }
 
 #[test]
 fn a_drained_generation_leaves_no_process_behind() {
     let env = TestEnv::with_daemon("tree-drain");
-    let script = forking_server("1001", "");
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    wait_for("the first worker", || {
-        processes(&["sleep", "1001"]).len() == 1
-    });
-    let first_worker = processes(&["sleep", "1001"])[0];
+    let (_service, first_worker) = forking_service(&env, "1001", "", &[]);
     let out = env.ok(&["upgrade", "web"]);
     assert!(out.contains("is active"), "{out}");
     // The old main process exited at its drain signal; its worker is gone too, and collected.
-    wait_for("the old worker to be gone", || !exists(first_worker));
+    wait_until("the old worker to be gone", || !exists(first_worker));
     assert_eq!(
         processes(&["sleep", "1001"]).len(),
         1,
@@ -84,32 +69,15 @@ fn a_drained_generation_leaves_no_process_behind() {
 #[test]
 fn a_generation_killed_past_its_drain_timeout_takes_its_workers_with_it() {
     let env = TestEnv::with_daemon("tree-kill");
-    let script = forking_server("1002", "--ignore-term");
-    let _service = RunningService::start(
+    let (_service, first_worker) = forking_service(
         &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "1s",
-            "--drain-settle",
-            "100ms",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
+        "1002",
+        "--ignore-term",
+        &["--drain-timeout", "1s", "--drain-settle", "100ms"],
     );
-    wait_for("the first worker", || {
-        processes(&["sleep", "1002"]).len() == 1
-    });
-    let first_worker = processes(&["sleep", "1002"])[0];
     let out = env.ok(&["upgrade", "web"]);
     assert!(out.contains("is active"), "{out}");
-    wait_for("the old worker to be gone", || !exists(first_worker));
+    wait_until("the old worker to be gone", || !exists(first_worker));
 }
 
 #[test]
@@ -128,7 +96,7 @@ fn a_generation_that_never_gets_ready_is_ended_whole() {
         "sleep 1003 & exec sleep 1004",
     ]);
     assert!(!out.status.success(), "{out:?}");
-    wait_for("the never-ready generation's processes to be gone", || {
+    wait_until("the never-ready generation's processes to be gone", || {
         processes(&["sleep", "1003"]).is_empty() && processes(&["sleep", "1004"]).is_empty()
     });
 }
@@ -136,24 +104,8 @@ fn a_generation_that_never_gets_ready_is_ended_whole() {
 #[test]
 fn stopping_hotswap_run_ends_every_generation_tree() {
     let env = TestEnv::with_daemon("tree-stop");
-    let script = forking_server("1005", "");
-    let mut service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--grace",
-            "50ms",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    wait_for("the worker", || processes(&["sleep", "1005"]).len() == 1);
-    let worker = processes(&["sleep", "1005"])[0];
+    let (mut service, worker) = forking_service(&env, "1005", "", &[]);
     let status = service.stop();
     assert!(status.success(), "{status}\n{}", service.log());
-    wait_for("the worker to be gone", || !exists(worker));
+    wait_until("the worker to be gone", || !exists(worker));
 }

@@ -15,6 +15,16 @@ fn example(name: &str) -> PathBuf {
     path
 }
 
+/// A prefix directory (`nginx -p`) for one nginx instance, with the `tmp/` its config names;
+/// open to the workers, which drop to nobody.
+fn nginx_prefix() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let prefix = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(prefix.path().join("tmp")).unwrap();
+    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    prefix
+}
+
 fn installed(binary: &str) -> String {
     assert!(
         std::path::Path::new(binary).exists(),
@@ -90,11 +100,7 @@ fn five_upgrades_lose_nothing(env: &TestEnv, service: &RunningService, addr: &st
 fn nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing() {
     let env = TestEnv::with_daemon("nginx");
     let nginx = installed("/usr/sbin/nginx");
-    let prefix = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(prefix.path().join("tmp")).unwrap();
-    // The workers drop to nobody; they must reach the temp dirs.
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prefix = nginx_prefix();
     let conf = example("nginx.conf");
     let service = RunningService::start(
         &env,
@@ -309,10 +315,7 @@ fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query(
 fn an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over() {
     let env = TestEnv::with_daemon("to-nginx");
     let nginx = installed("/usr/sbin/nginx");
-    let prefix = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(prefix.path().join("tmp")).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prefix = nginx_prefix();
     let conf = example("nginx.conf");
     let fixture = integration_tests::activated_fixture();
     let _service = RunningService::start(

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 
-use integration_tests::{tcp_request, udp_request, Server, TestEnv};
+use integration_tests::{tcp_request, udp_request, wait_until, Server, TestEnv};
 
 fn steers(
     env: &TestEnv,
@@ -153,7 +153,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     env.assert_counted("web", 1, 2);
     // The daemon notices the generation is gone.
-    wait_until(|| {
+    wait_until("the daemon to forget the generation", || {
         env.status()["services"][0]["generations"]
             .as_array()
             .unwrap()
@@ -165,7 +165,7 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     env.register("web", &server, &["--activate"]);
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
     server.kill();
-    wait_until(|| {
+    wait_until("the daemon to forget the generation", || {
         env.status()["services"][0]["generations"]
             .as_array()
             .unwrap()
@@ -174,14 +174,6 @@ fn bound_without_a_live_socket_is_refused_and_counted() {
     let err = tcp_request("127.0.0.1:8080").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     env.assert_counted("web", 2, 3);
-}
-
-fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + integration_tests::patience();
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -646,18 +646,20 @@ fn peer_upgrades(name: &str, count: usize, mut upgrade: impl FnMut() -> bool) ->
     })
 }
 
-/// nginx's on-the-fly binary upgrade: USR2 (new master with the inherited listeners), WINCH
-/// (old workers finish gracefully), QUIT (old master leaves).
-fn nginx(plan: Plan) -> Value {
-    let env = TestEnv::new("bench-nginx");
-    let dir = env.dir.path();
+/// Writes the one nginx config both nginx peers run (one worker, the same http block), in the
+/// foreground for hotswap or as a daemon for nginx's own upgrade; returns its path.
+fn nginx_conf(dir: &std::path::Path, daemon: bool) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
     let conf = dir.join("nginx.conf");
     let d = dir.display();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    // The workers drop to nobody; they must reach the prefix.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = if daemon { "on" } else { "off" };
     std::fs::write(
         &conf,
         format!(
-            "daemon on; master_process on; worker_processes 1; pid {d}/nginx.pid;\n\
+            "daemon {daemon}; master_process on; worker_processes 1; pid {d}/nginx.pid;\n\
              error_log {d}/nginx-error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{ access_log off; keepalive_requests 1000000;\n\
@@ -667,6 +669,15 @@ fn nginx(plan: Plan) -> Value {
         ),
     )
     .unwrap();
+    conf
+}
+
+/// nginx's on-the-fly binary upgrade: USR2 (new master with the inherited listeners), WINCH
+/// (old workers finish gracefully), QUIT (old master leaves).
+fn nginx(plan: Plan) -> Value {
+    let env = TestEnv::new("bench-nginx");
+    let dir = env.dir.path();
+    let conf = nginx_conf(dir, true);
     let started = Command::new("/usr/sbin/nginx")
         .arg("-c")
         .arg(&conf)
@@ -707,27 +718,7 @@ fn nginx(plan: Plan) -> Value {
 fn nginx_under_hotswap(plan: Plan) -> Value {
     let env = TestEnv::with_daemon("bench-nginx-hotswap");
     let dir = env.dir.path();
-    let conf = dir.join("nginx.conf");
-    let d = dir.display();
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    // The workers drop to nobody; they must reach the prefix.
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; master_process on; worker_processes 1; pid nginx.pid;\n\
-             error_log {d}/nginx-error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{ access_log off; keepalive_requests 1000000;\n\
-               client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
-               uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
-               server {{ listen 127.0.0.1:8080 backlog=4096; location / {{ return 200 \"nginx\\n\"; }} }} }}\n"
-        ),
-    )
-    .unwrap();
+    let conf = nginx_conf(dir, false);
     let service = RunningService::start(
         &env,
         "web",
