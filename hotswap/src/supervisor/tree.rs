@@ -53,7 +53,7 @@ impl Supervisor {
                 .sockets
                 .iter()
                 .filter_map(|(p, fd)| {
-                    let inode = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?.st_ino;
+                    let inode = crate::socket::inode(fd.as_fd()).ok()?;
                     Some((*p, inode, crate::socket::local_addr(fd.as_fd())))
                 })
                 .collect();
