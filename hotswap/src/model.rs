@@ -219,10 +219,7 @@ impl Binding {
 
     /// The LPM-trie key: prefix length in bits and data.
     pub fn trie_key(&self) -> (u32, BindingData) {
-        let (family, addr) = match self.prefix.network() {
-            IpAddr::V4(v4) => (FAMILY_IPV4, v4.to_ipv6_mapped().octets()),
-            IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
-        };
+        let (family, addr) = map_address(self.prefix.network());
         (
             BINDING_HEADER_BITS + self.addr_prefix_len(),
             BindingData {
@@ -259,6 +256,15 @@ impl Binding {
 impl fmt::Display for Binding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} {}", self.protocol, self.prefix, self.port)
+    }
+}
+
+/// An address as the maps store it: its family byte (`FAMILY_IPV4`/`FAMILY_IPV6`) and 16
+/// bytes, IPv4 as v4-mapped IPv6, in network byte order.
+pub fn map_address(ip: IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        IpAddr::V4(v4) => (FAMILY_IPV4, v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
     }
 }
 

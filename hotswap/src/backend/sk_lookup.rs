@@ -26,8 +26,7 @@ use aya::{
 };
 use hotswap_common::{
     map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey,
-    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES, FAMILY_IPV4,
-    FAMILY_IPV6,
+    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
 };
 use nix::fcntl::{Flock, FlockArg};
 
@@ -1016,10 +1015,7 @@ impl SkLookupBackend {
 
 /// The probes map's key for connections from `source`.
 fn probe_key(source: SocketAddr, protocol: Protocol) -> ProbeKey {
-    let (family, addr) = match source.ip() {
-        std::net::IpAddr::V4(v4) => (FAMILY_IPV4, v4.to_ipv6_mapped().octets()),
-        std::net::IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
-    };
+    let (family, addr) = crate::model::map_address(source.ip());
     ProbeKey {
         protocol: protocol.number(),
         family,
