@@ -232,7 +232,7 @@ pub enum ServiceListenerError {
 /// A listening socket for `service`, registered with the daemon as a new generation of this
 /// process, whichever backend the daemon runs: in sk_lookup this process gets a socket of its
 /// own (bound to the service's address with a kernel-chosen port) and hotswap steers to it; in
-/// uds it gets the daemon's shared socket. With `activate`, the generation also becomes the
+/// reuseport it gets a new member of the service's group, in uds the daemon's shared socket. With `activate`, the generation also becomes the
 /// active one. Returns the socket and the generation id.
 pub fn service_listener(
     daemon_socket: &std::path::Path,
@@ -253,7 +253,7 @@ pub fn service_listener(
         .enable_all()
         .build()
         .map_err(|source| ServiceListenerError::Socket { protocol, source })?;
-    let fd = match client::shared_listener(daemon_socket, service, protocol)? {
+    let fd = match client::listener(daemon_socket, service, protocol)? {
         Some(shared) => shared,
         None => {
             let Reply::Status(status) =

@@ -102,9 +102,10 @@ pub async fn probe_route(
     }
 }
 
-/// Asks the daemon for a service's shared listening socket for `protocol`: `Some` in the uds
-/// backend (the socket arrives with SCM_RIGHTS), `None` in sk_lookup (make your own).
-pub fn shared_listener(
+/// Asks the daemon for a listening socket for a new generation of a service, for `protocol`:
+/// `Some` where the backend makes them (the socket arrives with SCM_RIGHTS), `None` where
+/// each generation makes its own.
+pub fn listener(
     socket: &Path,
     service: &crate::model::ServiceName,
     protocol: crate::model::Protocol,
@@ -163,8 +164,8 @@ pub fn shared_listener(
     }
     let response: Response = serde_json::from_slice(&body[..len]).map_err(FrameError::Json)?;
     match response.map_err(ClientError::Refused)? {
-        crate::protocol::Reply::Listener { shared: true } => Ok(fd),
-        crate::protocol::Reply::Listener { shared: false } => Ok(None),
+        crate::protocol::Reply::Listener { attached: true } => Ok(fd),
+        crate::protocol::Reply::Listener { attached: false } => Ok(None),
         other => Err(ClientError::Refused(format!("unexpected reply {other:?}"))),
     }
 }

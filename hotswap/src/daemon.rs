@@ -21,6 +21,7 @@ use tokio::{
 
 use crate::{
     backend::{
+        reuseport::{probe_support, ReuseportBackend},
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
         uds::UdsBackend,
         Backend, BackendError,
@@ -37,6 +38,10 @@ pub const DEFAULT_SOCKET: &str = "/run/hotswap/hotswap.sock";
 
 /// How often the daemon checks whether generations' processes still hold their sockets.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the daemon checks the listening sockets it holds itself (uds, reuseport): a
+/// process that shut one down is noticed, and the socket listens again, within this.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -61,8 +66,11 @@ pub enum DaemonError {
     #[error(transparent)]
     Io(#[from] crate::PathError),
     /// `--backend sk-lookup` where it cannot work.
-    #[error("--backend sk-lookup cannot work here: {0} (`hotswap doctor` says more; --backend auto would use uds)")]
+    #[error("--backend sk-lookup cannot work here: {0} (`hotswap doctor` says more; --backend auto would use another backend)")]
     SkLookupUnavailable(Unavailable),
+    /// `--backend reuseport` where the kernel refuses reuseport programs.
+    #[error("--backend reuseport cannot work here: the kernel refuses a SO_ATTACH_REUSEPORT_CBPF program")]
+    ReuseportUnavailable(#[source] io::Error),
     /// The backend could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -107,6 +115,11 @@ pub fn uds_state_path(socket: &Path) -> PathBuf {
     crate::with_suffix(socket, ".uds-state.json")
 }
 
+/// Where the reuseport backend keeps its state: beside the control socket, too.
+pub fn reuseport_state_path(socket: &Path) -> PathBuf {
+    crate::with_suffix(socket, ".reuseport-state.json")
+}
+
 /// Binds the control socket, readable and writable by its owner (root) only.
 fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     // We hold the lock, so a file left here is a dead daemon's.
@@ -129,55 +142,83 @@ fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
 /// Which backend the daemon uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
-    /// sk_lookup where the program can be loaded and attached, else uds.
+    /// sk_lookup where the program can be loaded and attached, else reuseport where the
+    /// kernel takes reuseport programs, else uds.
     #[default]
     Auto,
     /// sk_lookup or fail.
     SkLookup,
-    /// The UDS fallback.
+    /// reuseport or fail.
+    Reuseport,
+    /// The shared-socket fallback.
     Uds,
 }
 
-/// Opens the chosen backend. `auto` falls back to uds only when the error says sk_lookup
-/// cannot work on this host (errno-based), never for a problem with this daemon's own state.
+/// Where the non-bpffs backends keep their state: beside the control socket, whose lock
+/// guards it.
+struct StatePaths {
+    uds: PathBuf,
+    reuseport: PathBuf,
+}
+
+/// Opens the chosen backend. `auto` falls back only when the error says a backend cannot work
+/// on this host (errno-based), never for a problem with this daemon's own state: sk_lookup,
+/// then reuseport, then uds.
 fn choose_backend(
     choice: BackendChoice,
     pin_dir: &Path,
     netns: u64,
-    uds_state: &Path,
+    paths: &StatePaths,
 ) -> Result<Box<dyn Backend>, DaemonError> {
     let uds = |reason: String| -> Result<Box<dyn Backend>, DaemonError> {
         Ok(Box::new(
-            UdsBackend::open(reason, uds_state).map_err(BackendError::from)?,
+            UdsBackend::open(reason, &paths.uds).map_err(BackendError::from)?,
         ))
     };
-    match choice {
-        BackendChoice::Uds => uds("uds backend forced with --backend uds".to_owned()),
-        BackendChoice::SkLookup => match SkLookupBackend::open(pin_dir, netns) {
-            Ok(backend) => Ok(Box::new(backend)),
+    let reuseport = |reason: String| -> Result<Box<dyn Backend>, DaemonError> {
+        Ok(Box::new(
+            ReuseportBackend::open(reason, &paths.reuseport).map_err(BackendError::from)?,
+        ))
+    };
+    // sk_lookup, or why it cannot work here (any other error stops the daemon).
+    let sk_lookup = || -> Result<Result<Box<dyn Backend>, Unavailable>, DaemonError> {
+        match SkLookupBackend::open(pin_dir, netns) {
+            Ok(backend) => Ok(Ok(Box::new(backend))),
             Err(err) => match err.unavailable_reason() {
                 Some(reason) => {
                     log_details(&err);
                     // Leave no empty state directory behind (fails harmlessly if not empty).
                     let _ = std::fs::remove_dir(pin_dir);
-                    Err(DaemonError::SkLookupUnavailable(reason))
+                    Ok(Err(reason))
                 }
                 None => Err(BackendError::from(err).into()),
             },
-        },
-        BackendChoice::Auto => match SkLookupBackend::open(pin_dir, netns) {
-            Ok(backend) => Ok(Box::new(backend)),
-            Err(err) => match err.unavailable_reason() {
-                Some(reason) => {
-                    tracing::warn!("sk_lookup is unavailable, using uds: {reason}");
-                    log_details(&err);
-                    // Leave no empty state directory behind (fails harmlessly if not empty).
-                    let _ = std::fs::remove_dir(pin_dir);
-                    uds(format!(
-                        "chosen automatically: sk_lookup is unavailable: {reason}"
+        }
+    };
+    match choice {
+        BackendChoice::Uds => uds("uds backend forced with --backend uds".to_owned()),
+        BackendChoice::Reuseport => {
+            probe_support().map_err(DaemonError::ReuseportUnavailable)?;
+            reuseport("reuseport backend forced with --backend reuseport".to_owned())
+        }
+        BackendChoice::SkLookup => sk_lookup()?.map_err(DaemonError::SkLookupUnavailable),
+        BackendChoice::Auto => match sk_lookup()? {
+            Ok(backend) => Ok(backend),
+            Err(reason) => match probe_support() {
+                Ok(()) => {
+                    tracing::warn!("sk_lookup is unavailable, using reuseport: {reason}");
+                    reuseport(format!(
+                        "chosen automatically: sk_lookup is unavailable ({reason}); the kernel takes reuseport programs, which need no privileges"
                     ))
                 }
-                None => Err(BackendError::from(err).into()),
+                Err(err) => {
+                    tracing::warn!(
+                        "sk_lookup is unavailable ({reason}) and reuseport too ({err}), using uds"
+                    );
+                    uds(format!(
+                        "chosen automatically: sk_lookup is unavailable ({reason}) and the kernel refuses reuseport programs ({err})"
+                    ))
+                }
             },
         },
     }
@@ -208,7 +249,10 @@ pub async fn run(
         config.backend,
         &pin_dir,
         netns,
-        &uds_state_path(&config.socket),
+        &StatePaths {
+            uds: uds_state_path(&config.socket),
+            reuseport: reuseport_state_path(&config.socket),
+        },
     )?;
     let (mut registry, notes) = Registry::adopt(backend, netns)?;
     let info = registry.backend_info();
@@ -231,6 +275,8 @@ pub async fn run(
     tracing::info!("listening on {}", config.socket.display());
     let registry = Arc::new(Mutex::new(registry));
     let mut reap_timer = tokio::time::interval(REAP_INTERVAL);
+    let mut upkeep_timer = tokio::time::interval(UPKEEP_INTERVAL);
+    upkeep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     // Tell systemd (Type=notify) that the control socket answers: units ordered after this
     // one can run `hotswap run` now.
@@ -249,8 +295,17 @@ pub async fn run(
                 }
                 Err(err) => tracing::warn!("accepting a control connection: {err}"),
             },
+            _ = upkeep_timer.tick() => {
+                for (service, repaired) in lock(&registry).upkeep() {
+                    tracing::warn!("service {service}: {repaired}");
+                }
+            }
             _ = reap_timer.tick() => {
-                let reaped = lock(&registry).reap();
+                let mut registry = lock(&registry);
+                for (service, generation) in registry.relisten_active() {
+                    tracing::warn!("generation {generation} of service {service}: its socket had been shut down (by its process); it listens again and takes the service's connections");
+                }
+                let reaped = registry.reap();
                 for r in reaped {
                     let why = if r.process_exited { "its process exited" } else { "its process closed the socket" };
                     let what = if r.was_active { "; the service has no active socket now" } else { "" };
@@ -459,10 +514,10 @@ fn handle(
         }
         Request::Status => Ok(Reply::Status(registry.status())),
         Request::Listener { service, protocol } => {
-            let fd = registry.shared_listener(&service, protocol)?;
+            let fd = registry.listener(&service, protocol)?;
             return Ok((
                 Reply::Listener {
-                    shared: fd.is_some(),
+                    attached: fd.is_some(),
                 },
                 fd,
             ));

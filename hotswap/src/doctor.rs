@@ -44,7 +44,14 @@ pub struct DoctorReport {
     /// The verifier's whole log, when the verifier refused the program.
     #[serde(default)]
     pub verifier_log: Option<String>,
-    /// `sk_lookup` or `uds`.
+    /// Whether the kernel takes a `SO_ATTACH_REUSEPORT_CBPF` program from this process (what
+    /// the reuseport backend needs; no capability).
+    #[serde(default)]
+    pub reuseport_supported: bool,
+    /// Why not, when it does not.
+    #[serde(default)]
+    pub reuseport_error: Option<String>,
+    /// `sk_lookup`, `reuseport` or `uds`.
     pub auto_backend: String,
     /// Why.
     pub reason: String,
@@ -163,13 +170,26 @@ pub fn examine() -> DoctorReport {
         .as_ref()
         .err()
         .and_then(SkLookupError::unavailable_reason);
+    let reuseport = crate::backend::reuseport::probe_support();
+    let fallback = if reuseport.is_ok() {
+        "reuseport"
+    } else {
+        "uds"
+    };
+    let reuseport_reason = match &reuseport {
+        Ok(()) => "; the kernel takes reuseport programs (no privileges needed)".to_owned(),
+        Err(err) => format!("; the kernel refuses reuseport programs ({err})"),
+    };
     let (auto_backend, reason) = match (&probe, &unavailable) {
         (Ok(()), _) if !bpffs_mounted => (
             "sk_lookup",
             "the sk_lookup program loads here (probed on a scratch bpffs; the daemon mounts bpffs at /sys/fs/bpf when it starts)".to_owned(),
         ),
         (Ok(()), _) => ("sk_lookup", "the sk_lookup program loads here".to_owned()),
-        (Err(_), Some(reason)) => ("uds", format!("sk_lookup is unavailable: {reason}")),
+        (Err(_), Some(reason)) => (
+            fallback,
+            format!("sk_lookup is unavailable: {reason}{reuseport_reason}"),
+        ),
         (Err(e), None) => (
             "sk_lookup",
             format!(
@@ -201,6 +221,8 @@ pub fn examine() -> DoctorReport {
         sk_lookup_supported: probe.is_ok(),
         sk_lookup_error,
         verifier_log,
+        reuseport_supported: reuseport.is_ok(),
+        reuseport_error: reuseport.as_ref().err().map(ToString::to_string),
         auto_backend: auto_backend.to_owned(),
         reason,
         advice,
@@ -322,6 +344,15 @@ pub fn render(report: &DoctorReport) -> String {
             "  verifier log:     `hotswap doctor --verifier-log` prints it whole"
         );
     }
+    let _ = writeln!(
+        out,
+        "reuseport:          {}",
+        match &report.reuseport_error {
+            None if report.reuseport_supported => "supported (SO_ATTACH_REUSEPORT_CBPF)".to_owned(),
+            None => "unavailable".to_owned(),
+            Some(error) => format!("unavailable: {error}"),
+        }
+    );
     let _ = writeln!(
         out,
         "backend (auto):     {} — {}",

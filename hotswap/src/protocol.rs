@@ -58,8 +58,10 @@ pub enum Request {
         /// Generation.
         generation: u32,
     },
-    /// The service's shared listening socket for a protocol. In the uds backend the reply
-    /// carries it (SCM_RIGHTS); in sk_lookup there is none: each generation makes its own.
+    /// A listening socket for a new generation of the service, where the backend makes them
+    /// (its capabilities say `sockets: backend`): the reply carries it (SCM_RIGHTS) — uds's
+    /// shared socket, or a new member of reuseport's group. In sk_lookup there is none: each
+    /// generation makes its own.
     Listener {
         /// Service.
         service: ServiceName,
@@ -96,10 +98,10 @@ pub enum Reply {
         /// Whether it is active now.
         activated: bool,
     },
-    /// The answer to `Listener`; with `shared`, the socket travels with this frame.
+    /// The answer to `Listener`; with `attached`, the socket travels with this frame.
     Listener {
         /// Whether a socket is attached.
-        shared: bool,
+        attached: bool,
     },
     /// A switch happened.
     Switched {

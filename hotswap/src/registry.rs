@@ -13,7 +13,7 @@ use hotswap_common::{GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    backend::{Backend, BackendError, BackendInfo},
+    backend::{Backend, BackendError, BackendInfo, Feature, Lack, Repaired, Support},
     model::{check_bindable, check_label, Binding, ParseError, Protocol, ServiceName},
     socket::{
         inode, process_has_socket, retake_socket, take_socket, InspectedSocket, Pidfd, SocketError,
@@ -114,6 +114,16 @@ pub enum RegistryError {
     /// The fd could not be taken or is no socket hotswap can steer to.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// The backend cannot do this.
+    #[error("the {backend} backend cannot {feature}: {lack}")]
+    Unsupported {
+        /// The backend's name.
+        backend: String,
+        /// What was asked.
+        feature: Feature,
+        /// Why it cannot.
+        lack: Lack,
+    },
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -196,6 +206,8 @@ struct Service {
     id: u32,
     record: ServiceRecord,
     generations: BTreeMap<u32, Generation>,
+    /// Sockets found shut down and listening again, since the daemon started.
+    relistened: u64,
 }
 
 impl Service {
@@ -223,6 +235,14 @@ pub struct SocketStatus {
     pub fd: RawFd,
     /// The socket's local address.
     pub local_addr: Option<SocketAddr>,
+    /// Whether it takes connections: `false` for a TCP socket a process shut down (the daemon
+    /// makes the active one listen again).
+    #[serde(default = "yes")]
+    pub listening: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A generation as `status` shows it.
@@ -253,6 +273,10 @@ pub struct ServiceStatus {
     pub bindings: Vec<Binding>,
     /// Its live generations, oldest first.
     pub generations: Vec<GenerationStatus>,
+    /// How often the daemon found one of its sockets shut down and made it listen again, since
+    /// the daemon started.
+    #[serde(default)]
+    pub relistened: u64,
 }
 
 /// What `status` reports.
@@ -422,6 +446,7 @@ impl Registry {
                     id,
                     record,
                     generations: BTreeMap::new(),
+                    relistened: 0,
                 },
             );
         }
@@ -527,7 +552,22 @@ impl Registry {
 
     /// Turns the data path's debug logging on or off.
     pub fn set_debug_log(&mut self, on: bool) -> Result<(), RegistryError> {
+        if on {
+            self.check(Feature::DebugLog)?;
+        }
         Ok(self.backend.set_debug_log(on)?)
+    }
+
+    /// Refuses what the backend cannot do, saying why.
+    fn check(&self, feature: Feature) -> Result<(), RegistryError> {
+        match self.backend.capabilities().support(feature) {
+            Support::Yes => Ok(()),
+            Support::No(lack) => Err(RegistryError::Unsupported {
+                backend: self.backend.info().name,
+                feature,
+                lack,
+            }),
+        }
     }
 
     fn service(&self, name: &ServiceName) -> Result<&Service, RegistryError> {
@@ -546,6 +586,14 @@ impl Registry {
     /// Steers `binding` to `service`, creating the service when it is new.
     pub fn bind(&mut self, service: &ServiceName, binding: Binding) -> Result<(), RegistryError> {
         check_bindable(&binding.prefix)?;
+        // One address, or every address of a family (0.0.0.0/0, ::/0: a socket bound to the
+        // unspecified address), on one port: what one socket can be bound to.
+        let every_address =
+            binding.prefix.prefix_len() == 0 && binding.prefix.addr().is_unspecified();
+        let one_address = binding.prefix.prefix_len() == binding.prefix.max_prefix_len();
+        if binding.port == 0 || !(one_address || every_address) {
+            self.check(Feature::Prefixes)?;
+        }
         if let Some(owner) = self.bindings.get(&binding) {
             return Err(RegistryError::AlreadyBound {
                 binding,
@@ -565,6 +613,7 @@ impl Registry {
                         id,
                         record,
                         generations: BTreeMap::new(),
+                        relistened: 0,
                     },
                 );
                 id
@@ -653,8 +702,6 @@ impl Registry {
                     binding_family: if families[0] { "IPv4" } else { "IPv6" },
                 });
             }
-            self.backend
-                .check_socket(service_id, protocol, socket.cookie)?;
             // One socket may serve several generations (the uds backend shares one, through
             // other descriptors), but one descriptor is one generation.
             if let Some((&generation, _)) = service.generations.iter().find(|(_, g)| {
@@ -672,6 +719,15 @@ impl Registry {
         }
 
         let generation_id = service.record.next_generation;
+        for (_, socket) in &taken {
+            self.backend.admit(
+                service_id,
+                socket.protocol,
+                socket.fd.as_fd(),
+                socket.cookie,
+            )?;
+        }
+        let service = self.service(service_name)?;
         let generation = Generation {
             pid,
             pidfd,
@@ -728,8 +784,21 @@ impl Registry {
         service_name: &ServiceName,
         generation: u32,
     ) -> Result<Option<u32>, RegistryError> {
-        self.backend.check_switch()?;
+        self.check(Feature::Switch)?;
         let (first_protocol, sockets) = self.live_sockets(service_name, generation)?;
+        let service_id = self.service(service_name)?.id;
+        // A socket its process shut down listens again before it gets connections.
+        for (protocol, fd) in &sockets {
+            if *protocol == Protocol::Tcp
+                && !crate::socket::is_listening(fd.as_fd()).unwrap_or(true)
+            {
+                self.backend.relisten(service_id, *protocol, fd.as_fd())?;
+                tracing::warn!("generation {generation} of service {service_name}: its socket had been shut down; it listens again");
+                if let Some(service) = self.services.get_mut(service_name) {
+                    service.relistened += 1;
+                }
+            }
+        }
         let service = self
             .services
             .get_mut(service_name)
@@ -782,6 +851,7 @@ impl Registry {
         generation: u32,
         source: std::net::SocketAddr,
     ) -> Result<(), RegistryError> {
+        self.check(Feature::Probe)?;
         let (_, sockets) = self.live_sockets(service_name, generation)?;
         let (_, socket) = sockets
             .iter()
@@ -854,15 +924,69 @@ impl Registry {
         reaped
     }
 
-    /// The listening socket the backend shares between the service's generations for
-    /// `protocol`, or `None` when each generation brings its own.
-    pub fn shared_listener(
+    /// A socket for a new generation of `service` for `protocol` where the backend makes them,
+    /// or `None` when each generation brings its own.
+    pub fn listener(
         &mut self,
         service: &ServiceName,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, RegistryError> {
         let service = self.service(service)?;
-        Ok(self.backend.shared_listener(service.id, protocol)?)
+        Ok(self.backend.listener(service.id, protocol)?)
+    }
+
+    /// The backend's repairs of its own sockets (see [`Backend::upkeep`]), by service.
+    pub fn upkeep(&mut self) -> Vec<(ServiceName, Repaired)> {
+        let repaired = self.backend.upkeep();
+        let mut named = Vec::new();
+        for repair in repaired {
+            if let Some((name, service)) = self
+                .services
+                .iter_mut()
+                .find(|(_, s)| s.id == repair.service_id)
+            {
+                if repair.what == crate::backend::Repair::Relistened {
+                    service.relistened += 1;
+                }
+                named.push((name.clone(), repair));
+            }
+        }
+        named
+    }
+
+    /// Makes every active generation's TCP socket that a process shut down listen again and
+    /// puts it back in front of connections (a shut-down socket leaves the kernel's map or
+    /// group). Returns the generations repaired.
+    pub fn relisten_active(&mut self) -> Vec<(ServiceName, u32)> {
+        let mut repaired = Vec::new();
+        for (name, service) in &mut self.services {
+            let id = service.active(Protocol::Tcp);
+            let Some(sockets) = service.generations.get(&id).and_then(Generation::retake) else {
+                continue;
+            };
+            for (protocol, fd) in sockets {
+                if protocol != Protocol::Tcp
+                    || crate::socket::is_listening(fd.as_fd()).unwrap_or(true)
+                {
+                    continue;
+                }
+                let result = self
+                    .backend
+                    .relisten(service.id, protocol, fd.as_fd())
+                    .and_then(|()| self.backend.activate(service.id, protocol, fd.as_fd()));
+                match result {
+                    Ok(()) => {
+                        service.relistened += 1;
+                        repaired.push((name.clone(), id));
+                    }
+                    Err(err) => tracing::warn!(
+                        "generation {id} of service {name}: its socket was shut down and cannot listen again: {}",
+                        crate::error_chain(&err)
+                    ),
+                }
+            }
+        }
+        repaired
     }
 
     /// Services, bindings and generations.
@@ -892,6 +1016,11 @@ impl Registry {
                                 protocol: s.protocol,
                                 fd: s.fd_in_process,
                                 local_addr: s.local_addr,
+                                listening: s.protocol != Protocol::Tcp
+                                    || retake_socket(&g.pidfd, g.pid, s.fd_in_process, s.cookie)
+                                        .is_some_and(|fd| {
+                                            crate::socket::is_listening(fd.as_fd()).unwrap_or(false)
+                                        }),
                             })
                             .collect(),
                         label: g.label.clone(),
@@ -899,6 +1028,7 @@ impl Registry {
                         registered_at: g.registered_at,
                     })
                     .collect(),
+                relistened: service.relistened,
             })
             .collect();
         StatusReport {
@@ -909,6 +1039,7 @@ impl Registry {
 
     /// Every service's counters.
     pub fn metrics(&self) -> Result<Vec<ServiceMetricsReport>, RegistryError> {
+        self.check(Feature::Metrics)?;
         self.services
             .iter()
             .map(|(name, service)| {
@@ -963,7 +1094,19 @@ mod tests {
                 program_id: None,
                 verified_instructions: None,
                 adopted: false,
+                capabilities: self.capabilities(),
                 unserved: Vec::new(),
+            }
+        }
+        fn capabilities(&self) -> crate::backend::Capabilities {
+            crate::backend::Capabilities {
+                sockets: crate::backend::SocketSource::Own,
+                socket_per_generation: true,
+                switch: Support::Yes,
+                probe: Support::Yes,
+                metrics: Support::Yes,
+                prefixes: Support::Yes,
+                debug_log: Support::Yes,
             }
         }
         fn load_state(&self) -> Result<PersistedState, BackendError> {
@@ -1058,14 +1201,16 @@ mod tests {
         ) -> Result<(), BackendError> {
             Ok(())
         }
-        fn shared_listener(
+        fn listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+            Ok(None)
+        }
+        fn admit(
             &mut self,
             _: u32,
             _: Protocol,
-        ) -> Result<Option<OwnedFd>, BackendError> {
-            Ok(None)
-        }
-        fn check_socket(&self, _: u32, _: Protocol, _: u64) -> Result<(), BackendError> {
+            _: BorrowedFd<'_>,
+            _: u64,
+        ) -> Result<(), BackendError> {
             Ok(())
         }
     }

@@ -331,6 +331,63 @@ pub fn take_socket(
     })
 }
 
+/// The backlog of every listening socket hotswap makes.
+pub const BACKLOG: i32 = 1024;
+
+/// Whether a TCP socket listens (`SO_ACCEPTCONN`). A listener that any holder shut down does
+/// not: `shutdown()` acts on the socket, not on one descriptor.
+pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
+}
+
+/// `listen()` again on a bound TCP socket that was shut down: it takes connections again on
+/// the same address (its old queue is gone).
+pub fn listen_again(fd: BorrowedFd<'_>) -> io::Result<()> {
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(BACKLOG).expect("valid"))
+        .map_err(io::Error::from)
+}
+
+/// A new socket bound to `addr` for `protocol` (listening, for TCP). With `reuse_port` it joins
+/// the address's `SO_REUSEPORT` group; an IPv6 socket is IPv6-only unless `addr` is `[::]`
+/// and `dual_stack`.
+pub fn bound_socket(
+    addr: SocketAddr,
+    protocol: Protocol,
+    reuse_port: bool,
+    dual_stack: bool,
+) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Socket, Type};
+    let ty = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!(dual_stack && addr.ip().is_unspecified()))?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    } else if protocol == Protocol::Tcp {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&addr.into())?;
+    if protocol == Protocol::Tcp {
+        socket.listen(BACKLOG)?;
+    }
+    Ok(socket.into())
+}
+
+/// The uid that owns a socket (its creator's): a `SO_REUSEPORT` group only takes members of
+/// one uid.
+pub fn owner_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(stat(fd)?.st_uid)
+}
+
+/// Whether `SO_REUSEPORT` is set on a socket.
+pub fn reuses_port(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT)? != 0)
+}
+
 /// Takes fd `fd` of process `pid` again, if it still is the socket with cookie `cookie`: the
 /// process has neither closed it nor put another file in its place.
 pub fn retake_socket(pidfd: &Pidfd, pid: u32, fd: RawFd, cookie: u64) -> Option<OwnedFd> {

@@ -2,11 +2,17 @@
 //!
 //! Everything above the [`Backend`] trait (the registry, the control protocol, the CLI) is the
 //! same for every backend: [`sk_lookup::SkLookupBackend`] (an eBPF `sk_lookup` program attached
-//! to the network namespace) and [`uds::UdsBackend`] (one shared socket per service address,
-//! handed to every generation).
+//! to the network namespace), [`reuseport::ReuseportBackend`] (every generation's socket in one
+//! `SO_REUSEPORT` group, a classic BPF program picking the member) and [`uds::UdsBackend`] (one
+//! shared socket per service address, handed to every generation). What differs between them
+//! is said by [`Capabilities`], which clients ask for instead of guessing.
 
+pub mod reuseport;
 pub mod sk_lookup;
+mod state_file;
 pub mod uds;
+
+pub use state_file::StateFileError;
 
 use std::{
     net::SocketAddr,
@@ -24,9 +30,167 @@ pub enum BackendError {
     /// The sk_lookup backend failed.
     #[error(transparent)]
     SkLookup(#[from] sk_lookup::SkLookupError),
+    /// Listening again on a socket that was shut down failed.
+    #[error("listening again on a socket that was shut down failed")]
+    Relisten(#[source] std::io::Error),
+    /// The reuseport backend refused or failed.
+    #[error(transparent)]
+    Reuseport(#[from] reuseport::ReuseportError),
     /// The uds backend refused or failed.
     #[error(transparent)]
     Uds(#[from] uds::UdsError),
+}
+
+/// What a backend can do. The registry refuses what a backend cannot do from this, and
+/// clients (the supervisor, `hotswap::activation`) read it from `status` instead of inferring
+/// anything from a backend's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Where a generation's sockets come from.
+    pub sockets: SocketSource,
+    /// Each generation has a socket (and so an accept queue) of its own: draining waits for the
+    /// old generation's queue, and its `shutdown()` or option change touches only itself.
+    pub socket_per_generation: bool,
+    /// `switch` moves new connections from one generation to another at once.
+    pub switch: Support,
+    /// A readiness probe can reach one generation before it is active (`--ready tcp`).
+    pub probe: Support,
+    /// `metrics` counts connections.
+    pub metrics: Support,
+    /// Bindings may be address prefixes or every port.
+    pub prefixes: Support,
+    /// The data path can log (`--debug-ebpf`).
+    pub debug_log: Support,
+}
+
+/// Where a generation's sockets come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketSource {
+    /// Each generation makes its own, on any address; the backend steers to it.
+    Own,
+    /// The backend makes them: ask the daemon (`Request::Listener`).
+    Backend,
+}
+
+/// Whether a backend can do something, and why not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Support {
+    /// It can.
+    Yes,
+    /// It cannot, for this reason.
+    No(Lack),
+}
+
+impl Support {
+    /// Whether it can.
+    pub fn yes(self) -> bool {
+        self == Self::Yes
+    }
+}
+
+/// Why a backend cannot do something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Lack {
+    /// Generations share one socket.
+    #[error("its generations share one socket and all accept from it until the old one stops (hotswap upgrade and rollback drain the old generation instead)")]
+    SharedSocket,
+    /// A classic BPF program has no maps.
+    #[error("its classic BPF program has no maps to count in or log to")]
+    ClassicProgram,
+    /// No BPF program at all.
+    #[error("it runs no BPF program")]
+    NoProgram,
+    /// A socket serves one address and one port.
+    #[error("a socket is bound to one address (or every address) and one port; prefixes and every-port bindings need the sk_lookup backend")]
+    OneAddressPerSocket,
+}
+
+/// Something a backend may not be able to do, for the refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// `switch`.
+    Switch,
+    /// A readiness probe of one generation.
+    Probe,
+    /// `metrics`.
+    Metrics,
+    /// A prefix or every-port binding.
+    Prefixes,
+    /// `--debug-ebpf`.
+    DebugLog,
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Switch => "switch between generations",
+            Self::Probe => "probe one generation's readiness (--ready tcp)",
+            Self::Metrics => "count connections (metrics)",
+            Self::Prefixes => "bind a prefix or every port",
+            Self::DebugLog => "log from the data path (--debug-ebpf)",
+        })
+    }
+}
+
+impl Capabilities {
+    /// Whether `feature` is supported.
+    pub fn support(&self, feature: Feature) -> Support {
+        match feature {
+            Feature::Switch => self.switch,
+            Feature::Probe => self.probe,
+            Feature::Metrics => self.metrics,
+            Feature::Prefixes => self.prefixes,
+            Feature::DebugLog => self.debug_log,
+        }
+    }
+}
+
+/// Something a backend noticed and repaired in its own sockets, for the daemon's log and the
+/// service's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repaired {
+    /// The service.
+    pub service_id: u32,
+    /// The binding whose socket it was.
+    pub binding: Binding,
+    /// What happened.
+    pub what: Repair,
+}
+
+/// What a backend repaired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// A socket had stopped listening (a process called `shutdown()` on it) and listens again.
+    Relistened,
+    /// A member left the reuseport group by itself (shut down); the program was pointed again.
+    LeftGroup,
+    /// A socket the backend made was never registered in time and was closed.
+    Unclaimed,
+}
+
+impl std::fmt::Display for Repaired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.what {
+            Repair::Relistened => write!(
+                f,
+                "{}: the socket had stopped listening (a process shut it down); it listens again",
+                self.binding
+            ),
+            Repair::LeftGroup => write!(
+                f,
+                "{}: a generation's socket was shut down and left the reuseport group; the program points at the members that are left",
+                self.binding
+            ),
+            Repair::Unclaimed => write!(
+                f,
+                "{}: a socket made for a generation was not registered in time; closed",
+                self.binding
+            ),
+        }
+    }
 }
 
 /// What a backend remembers across daemon restarts.
@@ -57,6 +221,8 @@ pub struct BackendInfo {
     pub verified_instructions: Option<u32>,
     /// Whether this daemon adopted state a previous daemon left.
     pub adopted: bool,
+    /// What it can do.
+    pub capabilities: Capabilities,
     /// Bindings the backend keeps but cannot serve right now (uds: a shared socket that could
     /// not be restored at start; it is bound again when a generation asks for it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -102,11 +268,13 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
     /// Forgets a generation.
     fn forget_generation(&mut self, key: &GenerationKey) -> Result<(), BackendError>;
+    /// What it can do. The registry asks before it calls anything a backend may lack.
+    fn capabilities(&self) -> Capabilities;
     /// Turns the data path's debug logging on or off.
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError>;
-    /// The socket the backend itself holds for a service's `protocol` and hands to every
-    /// generation, or `None` where each generation brings its own.
-    fn shared_listener(
+    /// A socket for a new generation of the service, for `protocol`, where the backend makes
+    /// them ([`SocketSource::Backend`]); `None` where each generation brings its own.
+    fn listener(
         &mut self,
         service_id: u32,
         protocol: Protocol,
@@ -123,15 +291,28 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
     /// Stops routing `source` (nothing to do when it is not routed).
     fn remove_probe(&mut self, source: SocketAddr, protocol: Protocol) -> Result<(), BackendError>;
-    /// Whether `switch` can move new connections from one generation to another here.
-    fn check_switch(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    /// Checks that the socket with `cookie` may serve the service's `protocol`.
-    fn check_socket(
-        &self,
+    /// Takes `socket` (with `cookie`) as a socket of a new generation of the service for
+    /// `protocol`, or says why it cannot serve here.
+    fn admit(
+        &mut self,
         service_id: u32,
         protocol: Protocol,
+        socket: BorrowedFd<'_>,
         cookie: u64,
     ) -> Result<(), BackendError>;
+    /// `socket`, a generation's TCP socket that stopped listening (its process shut it down),
+    /// listens again; [`Backend::activate`] follows when it is the active one.
+    fn relisten(
+        &mut self,
+        _service_id: u32,
+        _protocol: Protocol,
+        socket: BorrowedFd<'_>,
+    ) -> Result<(), BackendError> {
+        crate::socket::listen_again(socket).map_err(|source| BackendError::Relisten(source))
+    }
+    /// Checks the sockets the backend holds itself and repairs what it can; called by the
+    /// daemon often (every few milliseconds).
+    fn upkeep(&mut self) -> Vec<Repaired> {
+        Vec::new()
+    }
 }

@@ -30,7 +30,9 @@ use hotswap_common::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{Backend, BackendError, BackendInfo, PersistedState};
+use super::{
+    Backend, BackendError, BackendInfo, Capabilities, PersistedState, SocketSource, Support,
+};
 use crate::model::{Binding, Protocol};
 use crate::PathError;
 
@@ -813,7 +815,20 @@ impl Backend for SkLookupBackend {
             program_id: Some(self.program_id),
             verified_instructions: self.verified_instructions,
             adopted: self.adopted,
+            capabilities: self.capabilities(),
             unserved: Vec::new(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            sockets: SocketSource::Own,
+            socket_per_generation: true,
+            switch: Support::Yes,
+            probe: Support::Yes,
+            metrics: Support::Yes,
+            prefixes: Support::Yes,
+            debug_log: Support::Yes,
         }
     }
 
@@ -952,12 +967,18 @@ impl Backend for SkLookupBackend {
         }
     }
 
-    fn shared_listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+    fn listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
         // Each generation brings its own socket; the program steers to it.
         Ok(None)
     }
 
-    fn check_socket(&self, _: u32, _: Protocol, _: u64) -> Result<(), BackendError> {
+    fn admit(
+        &mut self,
+        _: u32,
+        _: Protocol,
+        _: BorrowedFd<'_>,
+        _: u64,
+    ) -> Result<(), BackendError> {
         Ok(())
     }
 

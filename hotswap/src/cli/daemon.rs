@@ -18,8 +18,9 @@ pub struct Args {
     #[arg(long)]
     debug_ebpf: bool,
     /// sk-lookup: the eBPF program steers (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, Linux >= 5.9);
-    /// uds: one shared socket per service address handed to every generation; auto: sk-lookup
-    /// where it works, else uds.
+    /// reuseport: every generation's socket in one SO_REUSEPORT group, a classic BPF program
+    /// picks the member (no privileges, Linux >= 4.5); uds: one shared socket per service
+    /// address handed to every generation; auto: the first of these that works here.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
 }

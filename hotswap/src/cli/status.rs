@@ -119,6 +119,21 @@ pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorRe
         let _ = write!(out, ", {n} instructions verified");
     }
     let _ = writeln!(out);
+    let caps = &backend.capabilities;
+    let can = |support: crate::backend::Support| if support.yes() { "yes" } else { "no" };
+    let _ = writeln!(
+        out,
+        "can: switch {}, tcp probe {}, metrics {}, prefixes {}; sockets {}",
+        can(caps.switch),
+        can(caps.probe),
+        can(caps.metrics),
+        can(caps.prefixes),
+        if caps.socket_per_generation {
+            "one per generation"
+        } else {
+            "shared by every generation"
+        }
+    );
     for binding in &backend.unserved {
         let _ = writeln!(
             out,
@@ -138,6 +153,13 @@ pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorRe
         }
         for binding in &service.bindings {
             let _ = writeln!(out, "  bind {binding}");
+        }
+        if service.relistened > 0 {
+            let _ = writeln!(
+                out,
+                "  sockets found shut down and listening again: {}",
+                service.relistened
+            );
         }
         if let Some(supervisor) = supervisors.get(service.name.as_str()) {
             render_lifecycle(&mut out, supervisor);
@@ -164,12 +186,18 @@ pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorRe
                 } else {
                     (String::new(), "", String::new(), "")
                 };
+                let address = socket.local_addr.map_or("-".to_owned(), |a| a.to_string());
+                let address = if socket.listening {
+                    address
+                } else {
+                    format!("{address} (shut down!)")
+                };
                 let _ = writeln!(
                     out,
                     "  {id:>4}  {active:<6}  {pid:>8}  {:>4}  {:<5}  {:<24}  {label}",
                     socket.fd,
                     socket.protocol.to_string(),
-                    socket.local_addr.map_or("-".to_owned(), |a| a.to_string()),
+                    address,
                 );
             }
         }

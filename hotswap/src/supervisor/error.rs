@@ -125,9 +125,12 @@ pub enum SupervisorError {
         /// The drain timeout.
         timeout: Duration,
     },
-    /// The tcp probe cannot reach one generation through a shared socket.
-    #[error("--ready tcp cannot tell generations apart on the uds backend's shared socket; use --ready notify or --ready delay:<DURATION>")]
-    TcpProbeOnSharedSocket,
+    /// A generation's socket was shut down and does not listen again.
+    #[error("generation {0}'s socket was shut down and does not listen again (the daemon repairs it; is it running?)")]
+    DeadListener(u32),
+    /// The backend cannot route a probe to one generation.
+    #[error("--ready tcp needs a probe that reaches one generation, and the daemon's backend cannot route one ({0}); use --ready notify or --ready delay:<DURATION>")]
+    TcpProbeUnsupported(crate::backend::Lack),
     /// Nothing to roll back to.
     #[error("cannot roll back {service}: {why}")]
     CannotRollBack {

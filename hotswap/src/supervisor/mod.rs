@@ -60,6 +60,7 @@ pub use wire::{
 };
 
 use crate::{
+    backend::{Capabilities, Support},
     client::{self, ClientError},
     error_chain,
     model::{Protocol, ServiceName},
@@ -143,9 +144,9 @@ struct Generation {
     /// How readiness is told.
     ready: ReadyMode,
     notify: Option<Arc<UnixDatagram>>,
-    /// Whether the sockets are the backend's shared ones (uds): their queue is every
-    /// generation's, so draining does not wait for it.
-    shared: bool,
+    /// What the backend could do when the generation started: whether its sockets are its
+    /// own (draining waits for their queue) and whether a switch moves connections.
+    capabilities: Capabilities,
 }
 
 impl Generation {
@@ -204,6 +205,14 @@ impl Supervisor {
         Ok(client::request(&self.config.daemon_socket, &request).await?)
     }
 
+    /// What the daemon's backend can do.
+    async fn capabilities(&self) -> Result<Capabilities, SupervisorError> {
+        let Reply::Status(status) = self.daemon(Request::Status).await? else {
+            return Err(SupervisorError::UnexpectedReply("to status".into()));
+        };
+        Ok(status.backend.capabilities)
+    }
+
     /// Binds every listen address that is not bound yet.
     async fn ensure_bindings(&self) -> Result<(), SupervisorError> {
         let Reply::Status(status) = self.daemon(Request::Status).await? else {
@@ -247,12 +256,15 @@ impl Supervisor {
             return Err(SupervisorError::Stopping);
         }
         process::resolve_program(command.first().ok_or(SpawnError::NoCommand)?)?;
-        let (sockets, shared) = self.create_sockets()?;
-        let ready = match (ready, shared) {
-            (Some(ReadyMode::Tcp), true) => return Err(SupervisorError::TcpProbeOnSharedSocket),
+        let capabilities = self.capabilities().await?;
+        let ready = match (ready, capabilities.probe) {
+            (Some(ReadyMode::Tcp), Support::No(lack)) => {
+                return Err(SupervisorError::TcpProbeUnsupported(lack))
+            }
             (Some(mode), _) => mode,
-            (None, shared) => default_ready(&self.config.listens, shared),
+            (None, probe) => default_ready(&self.config.listens, probe.yes()),
         };
+        let sockets = self.create_sockets(capabilities.sockets)?;
         let label: String = command
             .join(" ")
             .chars()
@@ -294,7 +306,7 @@ impl Supervisor {
             restarts: 0,
             ready,
             notify,
-            shared,
+            capabilities,
         };
         self.lock().generations.insert(id, generation);
         if let Err(err) = self.spawn_process(id, exit_tx) {
@@ -373,10 +385,14 @@ impl Supervisor {
 
     /// Makes `id` active in the kernel.
     async fn switch_to(&self, id: u32) -> Result<Option<u32>, SupervisorError> {
-        let shared = self.lock().generations.get(&id).is_some_and(|g| g.shared);
-        // On a shared socket there is nothing to move: the new generation accepts already, and
-        // the old one stops when it is drained.
-        if !shared {
+        let switches = self
+            .lock()
+            .generations
+            .get(&id)
+            .is_some_and(|g| g.capabilities.switch.yes());
+        // Where the backend cannot switch (one shared socket) there is nothing to move: the new
+        // generation accepts already, and the old one stops when it is drained.
+        if switches {
             let reply = self
                 .daemon(Request::Switch {
                     service: self.config.service.clone(),
@@ -415,7 +431,7 @@ impl Supervisor {
             Some(g) => {
                 // From now on `rollback` cannot pick it.
                 g.state = GenerationState::Draining;
-                if g.shared {
+                if !g.capabilities.socket_per_generation {
                     // A shared queue belongs to every generation: the new one goes on
                     // accepting from it.
                     Vec::new()
@@ -527,20 +543,67 @@ impl Supervisor {
         .await;
     }
 
-    /// Tells the daemon to forget the generation, then retires it. Telling first matters in the
-    /// uds backend: a later generation's copy of the shared socket may get the same fd number.
+    /// Closes the generation's sockets, tells the daemon to forget it, and retires it. Closing
+    /// first leaves the daemon's copy (where the backend keeps one, as reuseport does) the last,
+    /// so the socket leaves its group when the daemon says, not a moment later.
     async fn retire_async(&self, id: u32, final_state: GenerationState) {
+        if let Some(g) = self.lock().generations.get_mut(&id) {
+            g.sockets.clear();
+        }
         let forget = Request::Forget {
             service: self.config.service.clone(),
             generation: id,
         };
         if let Err(err) = self.daemon(forget).await {
-            tracing::warn!(
+            // The daemon's reaper may have let go of it first (its descriptors are closed), or
+            // the daemon is not running: a restarted one forgets it when it adopts.
+            tracing::debug!(
                 "telling the daemon generation {id} is gone: {}",
                 error_chain(&err)
             );
         }
         self.retire(id, final_state);
+    }
+
+    /// Makes sure generation `id`'s TCP sockets listen: a process that shut its listener down
+    /// shut it down for every holder. Where the backend switches, a switch to the generation
+    /// makes the daemon repair it at once; otherwise the daemon's upkeep does within
+    /// milliseconds. Returns whether one had to be repaired.
+    async fn ensure_listening(&self, id: u32) -> Result<bool, SupervisorError> {
+        let dead = |supervisor: &Self| {
+            let state = supervisor.lock();
+            state.generations.get(&id).is_some_and(|g| {
+                g.sockets.iter().any(|(p, fd)| {
+                    *p == Protocol::Tcp && !crate::socket::is_listening(fd.as_fd()).unwrap_or(true)
+                })
+            })
+        };
+        if !dead(self) {
+            return Ok(false);
+        }
+        let (switches, active) = {
+            let state = self.lock();
+            let switches = state
+                .generations
+                .get(&id)
+                .is_some_and(|g| g.capabilities.switch.yes());
+            (switches, state.active == Some(id))
+        };
+        if switches && active {
+            self.daemon(Request::Switch {
+                service: self.config.service.clone(),
+                generation: id,
+            })
+            .await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while dead(self) {
+            if Instant::now() >= deadline {
+                return Err(SupervisorError::DeadListener(id));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(true)
     }
 
     /// Closes a generation's sockets and keeps it in the history.
@@ -723,6 +786,13 @@ impl Supervisor {
             return Err(SupervisorError::RolledBackByOperator(back));
         }
         self.drain(old, progress).await;
+        // An old generation that shut its listener down on the way out may have shut down the
+        // new one's too (a shared socket): never report success over a dead socket.
+        if self.ensure_listening(new).await? {
+            progress(format!(
+                "generation {new}: its socket had been shut down (by the old generation, which shares it); it listens again"
+            ));
+        }
         Ok(format!("generation {new} is active"))
     }
 
@@ -822,6 +892,18 @@ impl Supervisor {
                     }
                     _ => return,
                 }
+            }
+            // A process that shut its listener down on its way out left the socket dead for
+            // the next one: it listens again first.
+            match supervisor.ensure_listening(id).await {
+                Ok(true) => tracing::warn!(
+                    "generation {id}: its socket had been shut down by the process that died; it listens again"
+                ),
+                Ok(false) => {}
+                Err(err) => tracing::error!(
+                    "generation {id}: its socket was shut down and does not listen: {}",
+                    error_chain(&err)
+                ),
             }
             match supervisor.spawn_process(id, exit_tx.clone()) {
                 Ok(()) => tracing::info!("generation {id} restarted"),

@@ -138,10 +138,10 @@ impl Supervisor {
     }
 }
 
-/// The readiness used when none is given: the tcp probe where it can tell generations apart
-/// (own sockets, a TCP address), else a delay.
-pub fn default_ready(listens: &[ListenSpec], shared: bool) -> ReadyMode {
-    if !shared && listens.iter().any(|l| l.protocol == Protocol::Tcp) {
+/// The readiness used when none is given: the tcp probe where the backend can route it to one
+/// generation (`probe_reaches_one`) and there is a TCP address, else a delay.
+pub fn default_ready(listens: &[ListenSpec], probe_reaches_one: bool) -> ReadyMode {
+    if probe_reaches_one && listens.iter().any(|l| l.protocol == Protocol::Tcp) {
         ReadyMode::Tcp
     } else {
         ReadyMode::Delay(Duration::from_secs(1))

@@ -1,6 +1,7 @@
 //! Each generation's sockets: on the service's own address, in one `SO_REUSEPORT` group.
 
 use super::*;
+use crate::backend::SocketSource;
 
 impl Supervisor {
     /// One socket per protocol, bound to the service's own address and port (what `--listen`
@@ -12,14 +13,14 @@ impl Supervisor {
     /// hotswap holds the address without `SO_REUSEPORT`, too — steering serves it all the same,
     /// and the operator is told.
     ///
-    /// In the uds backend the daemon's shared socket is used instead (`true` is returned with
-    /// the sockets then).
+    /// Where the backend makes the sockets (its capabilities say so), they come from the
+    /// daemon instead.
     pub(super) fn create_sockets(
         &self,
-    ) -> Result<(Vec<(Protocol, OwnedFd)>, bool), SupervisorError> {
+        source: SocketSource,
+    ) -> Result<Vec<(Protocol, OwnedFd)>, SupervisorError> {
         use socket2::{Domain, Socket, Type};
         let mut sockets = Vec::new();
-        let mut shared = false;
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             let listens: Vec<&ListenSpec> = self
                 .config
@@ -30,11 +31,13 @@ impl Supervisor {
             let Some(first) = listens.first() else {
                 continue;
             };
-            if let Some(fd) =
-                client::shared_listener(&self.config.daemon_socket, &self.config.service, protocol)?
-            {
+            if source == SocketSource::Backend {
+                let fd =
+                    client::listener(&self.config.daemon_socket, &self.config.service, protocol)?
+                        .ok_or(SupervisorError::UnexpectedReply(
+                        "to listener: no socket attached".into(),
+                    ))?;
                 sockets.push((protocol, fd));
-                shared = true;
                 continue;
             }
             let all_v4 = listens.iter().all(|l| l.addr.is_ipv4());
@@ -90,7 +93,7 @@ impl Supervisor {
             }
             sockets.push((protocol, OwnedFd::from(socket)));
         }
-        Ok((sockets, shared))
+        Ok(sockets)
     }
 }
 

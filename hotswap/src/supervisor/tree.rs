@@ -35,7 +35,7 @@ impl Supervisor {
 
     /// Refuses a generation whose processes do not serve from the sockets they were given:
     /// none of them holds a socket any more, or one listens on a service address with a socket
-    /// of its own (see `inspect`). Shared sockets (uds) are everyone's: nothing to check.
+    /// of its own (see `inspect`). A backend's shared socket is everyone's: nothing to check.
     pub(super) fn check_uses_its_sockets(
         &self,
         id: u32,
@@ -46,7 +46,7 @@ impl Supervisor {
             let Some(g) = state.generations.get(&id) else {
                 return Ok(());
             };
-            if g.shared {
+            if !g.capabilities.socket_per_generation {
                 return Ok(());
             }
             let own: Vec<(Protocol, u64, Option<SocketAddr>)> = g
