@@ -39,8 +39,8 @@ pub const DEFAULT_SOCKET: &str = "/run/hotswap/hotswap.sock";
 /// How often the daemon checks whether generations' processes still hold their sockets.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How often the daemon checks the listening sockets it holds itself (uds, reuseport): a
-/// process that shut one down is noticed, and the socket listens again, within this.
+/// How often the daemon checks that listening sockets still listen (those it holds itself, and
+/// every active generation's): one a process shut down listens again within this.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How the daemon runs.
@@ -296,16 +296,16 @@ pub async fn run(
                 Err(err) => tracing::warn!("accepting a control connection: {err}"),
             },
             _ = upkeep_timer.tick() => {
-                for (service, repaired) in lock(&registry).upkeep() {
+                let mut registry = lock(&registry);
+                for (service, repaired) in registry.upkeep() {
                     tracing::warn!("service {service}: {repaired}");
                 }
-            }
-            _ = reap_timer.tick() => {
-                let mut registry = lock(&registry);
                 for (service, generation) in registry.relisten_active() {
                     tracing::warn!("generation {generation} of service {service}: its socket had been shut down (by its process); it listens again and takes the service's connections");
                 }
-                let reaped = registry.reap();
+            }
+            _ = reap_timer.tick() => {
+                let reaped = lock(&registry).reap();
                 for r in reaped {
                     let why = if r.process_exited { "its process exited" } else { "its process closed the socket" };
                     let what = if r.was_active { "; the service has no active socket now" } else { "" };

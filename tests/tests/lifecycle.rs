@@ -107,6 +107,158 @@ fn hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing
     );
 }
 
+fn hundred_upgrades_of_a_server_that_shuts_its_listener_down_on_sigterm(backend: &str) {
+    // shutdown() acts on the socket, not the descriptor. With a socket per generation it ends
+    // only the old generation's, whose queue the drain waited for: nothing is lost. On the
+    // shared socket it ends the service's one queue, and everything in it is reset; the daemon
+    // makes the socket listen again within milliseconds, and the upgrade never reports success
+    // over a dead socket.
+    let count = rounds(100);
+    let env = TestEnv::with_backend("upgrade-shutdown", backend);
+    let ready = if backend == "uds" {
+        "delay:50ms"
+    } else {
+        "tcp"
+    };
+    let fixture = path(activated_fixture());
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            ready,
+            "--grace",
+            "50ms",
+            "--drain-timeout",
+            "10s",
+            "--",
+            &fixture,
+            "--shutdown",
+        ],
+    );
+    let fresh = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let kept = HttpLoad::start("127.0.0.1:8080", true, 10_000_000);
+    for _ in 0..count {
+        let out = upgrade(&env, &["web"]);
+        assert!(out.contains("is active"), "{out}");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    println!(
+        "{backend}: {count} upgrades of a server that shuts its listener down: {} + {} served, {} + {} failed",
+        fresh.served(),
+        kept.served(),
+        fresh.failed,
+        kept.failed
+    );
+    assert!(fresh.replies.len() > count / 2, "{fresh:?}");
+    let status = env.status();
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()
+        .clone();
+    assert!(
+        web["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["sockets"].as_array().unwrap().clone())
+            .all(|s| s["listening"] == true),
+        "{status}"
+    );
+    // The service answers after the last upgrade.
+    let after = HttpLoad::start("127.0.0.1:8080", false, 20);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = after.stop();
+    assert!(after.served() > 0 && after.failed == 0, "{after:?}");
+    if backend == "uds" {
+        // Each old generation's shutdown killed the shared socket once, and it was repaired.
+        assert!(
+            web["relistened"].as_u64().unwrap() >= count as u64,
+            "{status}"
+        );
+    } else {
+        assert_eq!(
+            (fresh.failed, kept.failed),
+            (0, 0),
+            "{:?} {:?}\n{}",
+            fresh.failures,
+            kept.failures,
+            service.log()
+        );
+        assert_eq!(web["relistened"], 0, "{status}");
+    }
+}
+
+fn a_server_that_shuts_its_listener_down_and_crashes_is_restarted_on_a_listening_socket(
+    backend: &str,
+) {
+    // A crash restart reuses the generation's socket, which the dying process shut down: the
+    // daemon (or the supervisor's restart) makes it listen again, and the service goes on.
+    let env = TestEnv::with_backend("restart-shutdown", backend);
+    let fixture = path(activated_fixture());
+    let service = RunningService::start(
+        &env,
+        "web",
+        &[
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--ready",
+            "delay:50ms",
+            "--",
+            &fixture,
+            "--shutdown",
+            "--exit-after",
+            "400",
+        ],
+    );
+    let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
+    let deadline = Instant::now() + patience();
+    while env.status()["supervisors"]["web"]["restarts"]
+        .as_u64()
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "{}", service.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = load.stop();
+    println!(
+        "{backend}: 3 crash restarts after a shutdown(): {} served, {} failed {:?}",
+        report.served(),
+        report.failed,
+        report.failures.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(report.served() > 0, "{report:?}");
+    // Each crash left a shut-down socket that listens again (counted by the daemon).
+    let deadline = Instant::now() + patience() / 2;
+    loop {
+        let status = env.status();
+        let web = &status["services"][0];
+        if web["relistened"].as_u64().unwrap() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", service.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Between crashes the service answers every request.
+    let deadline = Instant::now() + patience() / 2;
+    loop {
+        let load = HttpLoad::start("127.0.0.1:8080", false, 10);
+        std::thread::sleep(Duration::from_millis(100));
+        let report = load.stop();
+        if report.served() > 0 && report.failed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report:?}\n{}", service.log());
+    }
+}
+
 fn udp_datagrams_during_upgrades_are_answered_exactly_once(backend: &str) {
     let env = TestEnv::with_backend("upgrade-udp", backend);
     let _service = RunningService::start(
@@ -676,11 +828,14 @@ fn the_drain_signal_waits_for_the_settle_time_counted_from_the_switch() {
     assert!(after < Duration::from_millis(4500), "{after:?}\n{output}");
 }
 
-/// Every lifecycle test runs against both backends: same commands, same promises.
-macro_rules! for_both_backends {
+/// Every lifecycle test runs against every backend: same commands, same promises.
+macro_rules! for_every_backend {
     ($($test:ident),* $(,)?) => {
         mod sk_lookup {
             $(#[test] fn $test() { super::$test("sk-lookup") })*
+        }
+        mod reuseport {
+            $(#[test] fn $test() { super::$test("reuseport") })*
         }
         mod uds {
             $(#[test] fn $test() { super::$test("uds") })*
@@ -688,9 +843,11 @@ macro_rules! for_both_backends {
     };
 }
 
-for_both_backends!(
+for_every_backend!(
     hundred_upgrades_of_the_example_server_lose_nothing,
     hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing,
+    hundred_upgrades_of_a_server_that_shuts_its_listener_down_on_sigterm,
+    a_server_that_shuts_its_listener_down_and_crashes_is_restarted_on_a_listening_socket,
     udp_datagrams_during_upgrades_are_answered_exactly_once,
     failed_upgrades_keep_the_old_generation,
     rollback_and_concurrent_upgrades,

@@ -5,7 +5,9 @@
 //! connection is left.
 //!
 //! `--exit-after MS` makes it exit with code 3 that long after it starts (a crash);
-//! `--ignore-term` makes it ignore SIGTERM (a stuck server).
+//! `--ignore-term` makes it ignore SIGTERM (a stuck server); `--shutdown` makes it call
+//! `shutdown()` on its listener before it stops or crashes (a common way to wake a thread
+//! blocked in `accept()`, which shuts the socket down for every process that holds it).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -57,6 +59,7 @@ fn serve(stream: TcpStream, body: &str, live: &AtomicUsize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let ignore_term = args.iter().any(|a| a == "--ignore-term");
+    let shutdown = args.iter().any(|a| a == "--shutdown");
     if let Some(ms) = args
         .iter()
         .position(|a| a == "--exit-after")
@@ -65,6 +68,10 @@ fn main() {
     {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(ms));
+            if shutdown {
+                // SAFETY: fd 3 is the listener; shutting it down needs no memory.
+                unsafe { libc::shutdown(3, libc::SHUT_RDWR) };
+            }
             std::process::exit(3);
         });
     }
@@ -104,6 +111,10 @@ fn main() {
     loop {
         if TERM.load(Ordering::SeqCst) {
             // Close the listener the moment the signal comes, as many servers do.
+            if let (true, Some(open)) = (shutdown, &listener) {
+                // SAFETY: a valid descriptor; shutting it down needs no memory.
+                unsafe { libc::shutdown(open.as_raw_fd(), libc::SHUT_RDWR) };
+            }
             listener = None;
             if live.load(Ordering::SeqCst) == 0 {
                 return;
