@@ -208,7 +208,7 @@ fn choose_backend(
                 Ok(()) => {
                     tracing::warn!("sk_lookup is unavailable, using reuseport: {reason}");
                     reuseport(format!(
-                        "chosen automatically: sk_lookup is unavailable ({reason}); the kernel takes reuseport programs, which need no privileges"
+                        "chosen automatically: sk_lookup is unavailable: {reason}; the kernel takes reuseport programs, which need no privileges"
                     ))
                 }
                 Err(err) => {
@@ -216,7 +216,7 @@ fn choose_backend(
                         "sk_lookup is unavailable ({reason}) and reuseport too ({err}), using uds"
                     );
                     uds(format!(
-                        "chosen automatically: sk_lookup is unavailable ({reason}) and the kernel refuses reuseport programs ({err})"
+                        "chosen automatically: sk_lookup is unavailable: {reason}; the kernel refuses reuseport programs ({err})"
                     ))
                 }
             },

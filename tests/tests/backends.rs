@@ -43,6 +43,11 @@ fn the_library_gets_a_listener_from_the_sk_lookup_backend() {
 }
 
 #[test]
+fn the_library_gets_a_listener_from_the_reuseport_backend() {
+    listener_from_the_library("reuseport");
+}
+
+#[test]
 fn the_library_gets_a_listener_from_the_uds_backend() {
     listener_from_the_library("uds");
 }
@@ -63,11 +68,11 @@ fn the_uds_backend_refuses_what_it_cannot_do() {
     for (args, needle) in [
         (
             &["bind", "web", "tcp", "127.0.0.0/8", "8080"][..],
-            "is a prefix or every port",
+            "the uds backend cannot bind a prefix or every port",
         ),
         (
             &["bind", "web", "tcp", "127.0.0.1/32", "0"][..],
-            "is a prefix or every port",
+            "the uds backend cannot bind a prefix or every port",
         ),
     ] {
         let line = env.fails(args);
@@ -82,7 +87,10 @@ fn the_uds_backend_refuses_what_it_cannot_do() {
     let line = env.fails(&["switch", "web", "1"]);
     assert!(line.contains("the uds backend cannot switch"), "{line}");
     let line = env.fails(&["metrics"]);
-    assert!(line.contains("needs the sk_lookup backend"), "{line}");
+    assert!(
+        line.contains("the uds backend cannot count connections"),
+        "{line}"
+    );
     // A socket that is not the shared one cannot serve.
     let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (pid, fd) = (std::process::id().to_string(), own.as_raw_fd().to_string());
@@ -98,7 +106,10 @@ fn the_uds_backend_refuses_what_it_cannot_do() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("needs the sk_lookup backend"), "{stderr}");
+    assert!(
+        stderr.contains("the uds backend cannot log from the data path"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -113,7 +124,8 @@ fn automatic_fallback_in_a_user_namespace() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
     assert!(out.status.success(), "scenario failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("backend: uds"), "{stdout}");
+    assert!(stdout.contains("backend: reuseport"), "{stdout}");
+    assert!(stdout.contains("switched by hotswap switch"), "{stdout}");
 }
 
 #[test]
@@ -142,7 +154,8 @@ fn doctor_says_which_backend_auto_picks_and_why() {
     assert_eq!(root["user_namespace"], false);
     let contained = doctor(true);
     assert_eq!(contained["sk_lookup_supported"], false, "{contained}");
-    assert_eq!(contained["auto_backend"], "uds");
+    assert_eq!(contained["auto_backend"], "reuseport");
+    assert_eq!(contained["reuseport_supported"], true, "{contained}");
     assert_eq!(contained["user_namespace"], true);
     assert!(
         contained["reason"].as_str().unwrap().contains("EPERM"),
@@ -151,12 +164,11 @@ fn doctor_says_which_backend_auto_picks_and_why() {
     assert!(!contained["advice"].as_array().unwrap().is_empty());
 }
 
-/// A restarted uds daemon (killed, or stopped cleanly) takes the shared sockets back from the
-/// generations that hold them: the service keeps its address and generations, and upgrades
-/// go on under load with nothing lost.
-#[test]
-fn a_restarted_uds_daemon_adopts_its_services_and_upgrades_go_on() {
-    let mut env = TestEnv::with_backend("uds-restart", "uds");
+/// A restarted uds or reuseport daemon (killed, or stopped cleanly) takes the sockets it holds
+/// back from the generations that hold them too: the service keeps its address and
+/// generations, and upgrades go on under load with nothing lost.
+fn a_restarted_daemon_adopts_its_services_and_upgrades_go_on(backend: &str) {
+    let mut env = TestEnv::with_backend(&format!("{backend}-restart"), backend);
     let example = integration_tests::example_server();
     let service = integration_tests::RunningService::start(
         &env,
@@ -198,6 +210,16 @@ fn a_restarted_uds_daemon_adopts_its_services_and_upgrades_go_on() {
     assert_eq!(fresh.failed, 0, "{:?}\n{}", fresh.failures, service.log());
     assert_eq!(kept.failed, 0, "{:?}\n{}", kept.failures, service.log());
     assert_eq!(env.status()["supervisors"]["web"]["active"], 8);
+}
+
+#[test]
+fn a_restarted_uds_daemon_adopts_its_services_and_upgrades_go_on() {
+    a_restarted_daemon_adopts_its_services_and_upgrades_go_on("uds");
+}
+
+#[test]
+fn a_restarted_reuseport_daemon_adopts_its_services_and_upgrades_go_on() {
+    a_restarted_daemon_adopts_its_services_and_upgrades_go_on("reuseport");
 }
 
 /// After a restart, an address whose shared socket no registered generation holds is bound

@@ -81,7 +81,7 @@ fn a_verifier_refusal_without_cap_perfmon_is_reported_as_one() {
     assert!(!held(&report, "CAP_SYS_ADMIN"), "{report}");
     assert!(held(&report, "CAP_BPF") && held(&report, "CAP_NET_ADMIN"));
     assert_eq!(report["sk_lookup_supported"], false, "{report}");
-    assert_eq!(report["auto_backend"], "uds");
+    assert_eq!(report["auto_backend"], "reuseport");
     let log = report["verifier_log"].as_str().expect("the whole log");
     let error_line = log
         .lines()
@@ -150,7 +150,7 @@ fn a_verifier_refusal_without_cap_perfmon_is_reported_as_one() {
         "{stderr}"
     );
 
-    // auto falls back to uds and says why, in its log and in `status`.
+    // auto falls back to reuseport and says why, in its log and in `status`.
     let log_path = env.dir.path().join("auto.log");
     let daemon = Daemon(
         without_perfmon(&mut env.daemon_command())
@@ -169,7 +169,7 @@ fn a_verifier_refusal_without_cap_perfmon_is_reported_as_one() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = env.status();
-    assert_eq!(status["backend"]["name"], "uds", "{status}");
+    assert_eq!(status["backend"]["name"], "reuseport", "{status}");
     let reason = status["backend"]["reason"].as_str().unwrap();
     assert!(
         reason.starts_with("chosen automatically: sk_lookup is unavailable: the kernel's verifier rejected the sk_lookup program (EACCES): ")
@@ -179,7 +179,8 @@ fn a_verifier_refusal_without_cap_perfmon_is_reported_as_one() {
     );
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(
-        logged.contains("sk_lookup is unavailable, using uds: the kernel's verifier rejected"),
+        logged
+            .contains("sk_lookup is unavailable, using reuseport: the kernel's verifier rejected"),
         "{logged}"
     );
     drop(daemon);
