@@ -308,7 +308,7 @@ pub trait Backend: Send {
         _protocol: Protocol,
         socket: BorrowedFd<'_>,
     ) -> Result<(), BackendError> {
-        crate::socket::listen_again(socket).map_err(|source| BackendError::Relisten(source))
+        crate::socket::listen_again(socket).map_err(BackendError::Relisten)
     }
     /// Checks the sockets the backend holds itself and repairs what it can; called by the
     /// daemon often (every few milliseconds).
