@@ -96,9 +96,8 @@ fn five_upgrades_lose_nothing(env: &TestEnv, service: &RunningService, addr: &st
     );
 }
 
-#[test]
-fn nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing() {
-    let env = TestEnv::with_daemon("nginx");
+fn nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing(backend: &str) {
+    let env = TestEnv::with_backend("nginx", backend);
     let nginx = installed("/usr/sbin/nginx");
     let prefix = nginx_prefix();
     let conf = example("nginx.conf");
@@ -127,9 +126,8 @@ fn nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing()
     five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8080", "nginx");
 }
 
-#[test]
-fn haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing() {
-    let env = TestEnv::with_daemon("haproxy");
+fn haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing(backend: &str) {
+    let env = TestEnv::with_backend("haproxy", backend);
     let haproxy = installed("/usr/sbin/haproxy");
     let conf = example("haproxy.cfg");
     let service = RunningService::start(
@@ -154,9 +152,8 @@ fn haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing() {
     five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8081", "haproxy");
 }
 
-#[test]
-fn uwsgi_takes_its_socket_from_listen_fds_and_upgrades_lose_nothing() {
-    let env = TestEnv::with_daemon("uwsgi");
+fn uwsgi_takes_its_socket_from_listen_fds_and_upgrades_lose_nothing(backend: &str) {
+    let env = TestEnv::with_backend("uwsgi", backend);
     let uwsgi = installed("/usr/bin/uwsgi");
     let app = example("wsgi_app.py");
     let service = RunningService::start(
@@ -247,9 +244,8 @@ fn with_systemd_run_dir(command: &mut std::process::Command) {
     }
 }
 
-#[test]
-fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query() {
-    let env = TestEnv::with_daemon("unbound");
+fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query(backend: &str) {
+    let env = TestEnv::with_backend("unbound", backend);
     let unbound = installed("/usr/sbin/unbound");
     let conf = example("unbound.conf");
     let service = RunningService::start_with(
@@ -311,9 +307,8 @@ fn unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query(
 
 /// `upgrade --pass-fds` changes how the new generation, and the ones after it, get their
 /// sockets: here a socket-activated server is replaced by nginx, then nginx by nginx.
-#[test]
-fn an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over() {
-    let env = TestEnv::with_daemon("to-nginx");
+fn an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over(backend: &str) {
+    let env = TestEnv::with_backend("to-nginx", backend);
     let nginx = installed("/usr/sbin/nginx");
     let prefix = nginx_prefix();
     let conf = example("nginx.conf");
@@ -350,3 +345,24 @@ fn an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over() {
     assert!(out.contains("is active"), "{out}");
     assert_eq!(tcp_http_body("127.0.0.1:8080"), "nginx");
 }
+
+/// Every real server on both backends that give a generation a socket of its own: the
+/// sk_lookup program, and the reuseport group (where the daemon makes the sockets).
+macro_rules! on_own_socket_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sk_lookup {
+            $(#[test] fn $test() { super::$test("sk-lookup") })*
+        }
+        mod reuseport {
+            $(#[test] fn $test() { super::$test("reuseport") })*
+        }
+    };
+}
+
+on_own_socket_backends!(
+    nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing,
+    haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing,
+    uwsgi_takes_its_socket_from_listen_fds_and_upgrades_lose_nothing,
+    unbound_takes_its_udp_socket_from_listen_fds_and_upgrades_answer_every_query,
+    an_upgrade_can_move_a_service_to_nginx_and_keeps_its_way_of_handing_over,
+);
