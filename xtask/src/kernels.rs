@@ -69,7 +69,17 @@ const SUBSET: &[(&str, &[&str])] = &[
     ),
     (
         "lifecycle",
-        &["sk_lookup::hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing"],
+        &[
+            "sk_lookup::hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing",
+            "reuseport::hundred_upgrades_of_a_server_that_shuts_its_listener_down_on_sigterm",
+        ],
+    ),
+    (
+        "reuseport",
+        &[
+            "members_that_leave_in_any_order_never_misdirect_a_connection",
+            "the_reuseport_backend_refuses_what_it_cannot_do",
+        ],
     ),
     (
         "backends",
