@@ -460,6 +460,10 @@ impl Backend for ReuseportBackend {
             if addr.is_ipv6() {
                 probe.set_only_v6(true).map_err(bind_error(addr))?;
             }
+            if binding.protocol == Protocol::Tcp {
+                // Connections of an earlier server in TIME_WAIT do not hold the address.
+                probe.set_reuse_address(true).map_err(bind_error(addr))?;
+            }
             probe.bind(&addr.into()).map_err(bind_error(addr))?;
         }
         let key = (service_id, binding.protocol);
@@ -825,5 +829,74 @@ impl Backend for ReuseportBackend {
             }
         }
         repaired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+
+    fn group(members: &[u64]) -> Group {
+        Group {
+            binding: Binding {
+                protocol: Protocol::Udp,
+                prefix: crate::model::parse_prefix("127.0.0.1/32").unwrap(),
+                port: 53,
+            },
+            members: members
+                .iter()
+                .map(|&cookie| Member {
+                    cookie,
+                    socket: UdpSocket::bind("127.0.0.1:0").unwrap().into(),
+                    joined: Instant::now(),
+                })
+                .collect(),
+            active: None,
+            probes: Vec::new(),
+        }
+    }
+
+    /// What the kernel does with an index: past the end, its hash picks among all members.
+    fn picks(group: &Group, index: Option<u32>) -> Vec<u64> {
+        match index.map(|i| i as usize) {
+            Some(i) if i < group.members.len() => vec![group.members[i].cookie],
+            _ => group.members.iter().map(|m| m.cookie).collect(),
+        }
+    }
+
+    #[test]
+    fn with_two_members_any_leave_keeps_the_stale_index_right() {
+        // The program still says what it said before the leave, until it is pointed again.
+        for active in [1, 2] {
+            for leaving in [1, 2] {
+                let mut g = group(&[1, 2]);
+                g.active = Some(active);
+                let stale = g.index(active);
+                g.left(leaving);
+                let reached = picks(&g, stale);
+                if leaving == active {
+                    // The active one is gone; the other takes what comes until it is repaired.
+                    assert_eq!(g.active, None);
+                } else {
+                    assert_eq!(reached, vec![active], "active {active} leaving {leaving}");
+                    assert_eq!(g.index(active), Some(0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_leaving_drops_its_probes_and_the_last_takes_its_slot() {
+        let mut g = group(&[7, 8]);
+        g.probes.push(("127.0.0.1:40000".parse().unwrap(), 7));
+        g.probes.push(("127.0.0.1:40001".parse().unwrap(), 8));
+        g.active = Some(8);
+        assert_eq!(g.index(8), Some(1));
+        g.left(7);
+        assert_eq!(g.index(8), Some(0));
+        assert_eq!(g.probes, vec![("127.0.0.1:40001".parse().unwrap(), 8)]);
+        assert_eq!(g.active, Some(8));
     }
 }
