@@ -348,6 +348,38 @@ impl ReuseportBackend {
         self.groups.get_mut(&(service_id, protocol))
     }
 
+    /// Records a socket that has just joined the group (at its end), points the program and
+    /// saves; when either fails the socket is taken out of the group again, so the model never
+    /// differs from the kernel's group.
+    fn joined(
+        &mut self,
+        service_id: u32,
+        protocol: Protocol,
+        cookie: u64,
+        socket: OwnedFd,
+    ) -> Result<(), ReuseportError> {
+        let Some(group) = self.group(service_id, protocol) else {
+            return Ok(());
+        };
+        group.members.push(Member {
+            cookie,
+            socket,
+            joined: Instant::now(),
+        });
+        // A new group has no program yet; an existing one keeps its own, whose indexes the new
+        // member (at the end) does not move.
+        let result = group
+            .point()
+            .and_then(|()| self.save().map_err(ReuseportError::from));
+        if let Err(err) = result {
+            if let Some(group) = self.group(service_id, protocol) {
+                let _ = group.remove(cookie);
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
     /// Whether some generation's record names `cookie`.
     fn claimed(&self, service_id: u32, protocol: Protocol, cookie: u64) -> bool {
         self.records
@@ -612,23 +644,7 @@ impl Backend for ReuseportBackend {
         let socket = socket::bound_socket(addr, protocol, true, false).map_err(bind_error(addr))?;
         let cookie = socket_cookie(socket.as_fd()).map_err(bind_error(addr))?;
         let copy = socket.try_clone().map_err(bind_error(addr))?;
-        group.members.push(Member {
-            cookie,
-            socket,
-            joined: Instant::now(),
-        });
-        // A new group has no program yet; an existing one keeps its own, whose indexes the new
-        // member (at the end) does not move.
-        if let Err(err) = group.point() {
-            group.remove(cookie)?;
-            return Err(err.into());
-        }
-        if let Err(err) = self.save() {
-            if let Some(group) = self.group(service_id, protocol) {
-                group.remove(cookie)?;
-            }
-            return Err(ReuseportError::from(err).into());
-        }
+        self.joined(service_id, protocol, cookie, socket)?;
         Ok(Some(copy))
     }
 
@@ -712,13 +728,7 @@ impl Backend for ReuseportBackend {
         let copy = socket
             .try_clone_to_owned()
             .map_err(bind_error(group.addr()))?;
-        group.members.push(Member {
-            cookie,
-            socket: copy,
-            joined: Instant::now(),
-        });
-        group.point()?;
-        Ok(self.save().map_err(ReuseportError::from)?)
+        Ok(self.joined(service_id, protocol, cookie, copy)?)
     }
 
     fn relisten(
@@ -747,13 +757,7 @@ impl Backend for ReuseportBackend {
         let copy = socket
             .try_clone_to_owned()
             .map_err(BackendError::Relisten)?;
-        group.members.push(Member {
-            cookie,
-            socket: copy,
-            joined: Instant::now(),
-        });
-        group.point()?;
-        Ok(self.save().map_err(ReuseportError::from)?)
+        Ok(self.joined(service_id, protocol, cookie, copy)?)
     }
 
     fn upkeep(&mut self) -> Vec<Repaired> {
