@@ -244,8 +244,8 @@ pub fn service_listener(
     use std::os::fd::AsRawFd as _;
 
     use crate::{
+        backend::SocketSource,
         client,
-        model::Protocol,
         protocol::{Reply, Request},
     };
 
@@ -253,45 +253,36 @@ pub fn service_listener(
         .enable_all()
         .build()
         .map_err(|source| ServiceListenerError::Socket { protocol, source })?;
-    let fd = match client::listener(daemon_socket, service, protocol)? {
-        Some(shared) => shared,
-        None => {
-            let Reply::Status(status) =
-                runtime.block_on(client::request(daemon_socket, &Request::Status))?
-            else {
-                return Err(ServiceListenerError::UnexpectedReply);
-            };
-            let binding = status
-                .services
-                .iter()
-                .find(|s| &s.name == service)
-                .and_then(|s| s.bindings.iter().find(|b| b.protocol == protocol))
-                .copied()
-                .ok_or_else(|| ServiceListenerError::NoBinding {
-                    service: service.clone(),
-                    protocol,
-                })?;
-            let ip = if binding.prefix.prefix_len() == binding.prefix.max_prefix_len() {
-                binding.prefix.addr()
-            } else if binding.prefix.addr().is_ipv4() {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            };
-            let addr = std::net::SocketAddr::new(ip, 0);
-            let fail = |source| ServiceListenerError::Socket { protocol, source };
-            let ty = match protocol {
-                Protocol::Tcp => socket2::Type::STREAM,
-                Protocol::Udp => socket2::Type::DGRAM,
-            };
-            let socket =
-                socket2::Socket::new(socket2::Domain::for_address(addr), ty, None).map_err(fail)?;
-            socket.bind(&addr.into()).map_err(fail)?;
-            if protocol == Protocol::Tcp {
-                socket.listen(1024).map_err(fail)?;
-            }
-            socket.into()
-        }
+    let Reply::Status(status) =
+        runtime.block_on(client::request(daemon_socket, &Request::Status))?
+    else {
+        return Err(ServiceListenerError::UnexpectedReply);
+    };
+    let fd = if status.backend.capabilities.sockets == SocketSource::Backend {
+        // The backend makes generations' sockets (a shared one, or a new group member).
+        client::listener(daemon_socket, service, protocol)?
+            .ok_or(ServiceListenerError::UnexpectedReply)?
+    } else {
+        let binding = status
+            .services
+            .iter()
+            .find(|s| &s.name == service)
+            .and_then(|s| s.bindings.iter().find(|b| b.protocol == protocol))
+            .copied()
+            .ok_or_else(|| ServiceListenerError::NoBinding {
+                service: service.clone(),
+                protocol,
+            })?;
+        let ip = if binding.prefix.prefix_len() == binding.prefix.max_prefix_len() {
+            binding.prefix.addr()
+        } else if binding.prefix.addr().is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let addr = std::net::SocketAddr::new(ip, 0);
+        crate::socket::bound_socket(addr, protocol, false, false)
+            .map_err(|source| ServiceListenerError::Socket { protocol, source })?
     };
     let register = Request::Register {
         service: service.clone(),

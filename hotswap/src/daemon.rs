@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     backend::{
-        reuseport::{probe_support, ReuseportBackend},
+        reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
         uds::UdsBackend,
         Backend, BackendError,
@@ -71,6 +71,9 @@ pub enum DaemonError {
     /// `--backend reuseport` where the kernel refuses reuseport programs.
     #[error("--backend reuseport cannot work here: the kernel refuses a SO_ATTACH_REUSEPORT_CBPF program")]
     ReuseportUnavailable(#[source] io::Error),
+    /// Checking for reuseport programs failed for a reason that says nothing about the kernel.
+    #[error("checking whether the kernel takes reuseport programs failed")]
+    ReuseportProbe(#[source] io::Error),
     /// The backend could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -211,6 +214,7 @@ fn choose_backend(
                         "chosen automatically: sk_lookup is unavailable: {reason}; the kernel takes reuseport programs, which need no privileges"
                     ))
                 }
+                Err(err) if !reuseport_unsupported(&err) => Err(DaemonError::ReuseportProbe(err)),
                 Err(err) => {
                     tracing::warn!(
                         "sk_lookup is unavailable ({reason}) and reuseport too ({err}), using uds"

@@ -1,9 +1,10 @@
 //! Taking a listening socket from another process and checking that hotswap can steer to it.
 
 use std::{
+    collections::BTreeMap,
     io,
     mem::{size_of, MaybeUninit},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
 };
@@ -329,6 +330,84 @@ pub fn take_socket(
         serves_ipv4: !v6only,
         serves_ipv6: domain == libc::AF_INET6,
     })
+}
+
+/// The kernel's socket tables under `/proc/<pid>/net/`, with the protocol and the state (hex)
+/// of a socket that takes connections: `0A` a TCP listener, `07` a bound, unconnected UDP socket.
+pub(crate) const SOCKET_TABLES: &[(&str, Protocol, &str)] = &[
+    ("tcp", Protocol::Tcp, "0A"),
+    ("tcp6", Protocol::Tcp, "0A"),
+    ("udp", Protocol::Udp, "07"),
+    ("udp6", Protocol::Udp, "07"),
+];
+
+/// A `/proc/net/{tcp,udp}{,6}` address: hex, the address in the kernel's word order.
+pub(crate) fn parse_address(hex: &str) -> Option<SocketAddr> {
+    let (addr, port) = hex.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match addr.len() {
+        // The kernel prints the address's bytes as one host-order word.
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(addr, 16).ok()?.to_ne_bytes(),
+        )),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, chunk) in octets.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Sockets in one of the kernel's socket tables (as seen from `pid`'s network namespace):
+/// inode → local address, only those in `state` (hex: `0A` TCP listen, `07` UDP unconnected).
+pub(crate) fn socket_table(text: &str, state: &str) -> BTreeMap<u64, SocketAddr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&state) {
+                return None;
+            }
+            let addr = parse_address(fields.get(1)?)?;
+            let inode = fields.get(9)?.parse().ok()?;
+            Some((inode, addr))
+        })
+        .collect()
+}
+
+/// The sockets of this network namespace that take `protocol` connections (TCP listeners,
+/// bound unconnected UDP sockets), whoever holds them: inode → local address.
+pub fn taking_connections(protocol: Protocol) -> io::Result<BTreeMap<u64, SocketAddr>> {
+    let mut inodes = BTreeMap::new();
+    for &(file, table_protocol, state) in SOCKET_TABLES {
+        if table_protocol != protocol {
+            continue;
+        }
+        let text = match std::fs::read_to_string(format!("/proc/self/net/{file}")) {
+            Ok(text) => text,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
+        inodes.extend(socket_table(&text, state));
+    }
+    Ok(inodes)
+}
+
+/// Whether an IPv6 socket takes IPv6 connections only (`IPV6_V6ONLY`).
+pub fn v6_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0)
+}
+
+/// The interface a socket is bound to (`SO_BINDTOIFINDEX`), 0 for none.
+pub fn bound_interface(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    // SO_BINDTOIFINDEX, include/uapi/asm-generic/socket.h (Linux 5.0).
+    const SO_BINDTOIFINDEX: libc::c_int = 62;
+    getsockopt_int(fd, libc::SOL_SOCKET, SO_BINDTOIFINDEX)
 }
 
 /// The backlog of every listening socket hotswap makes.

@@ -209,7 +209,7 @@ pub struct PersistedState {
 /// A description of the running backend, for `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendInfo {
-    /// `sk_lookup` or `uds`.
+    /// `sk_lookup`, `reuseport` or `uds`.
     pub name: String,
     /// Why this backend is the one in use.
     pub reason: String,

@@ -10,10 +10,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
 };
 
-use crate::model::Protocol;
+use crate::{
+    model::Protocol,
+    socket::{socket_table, SOCKET_TABLES},
+};
 
 /// What a generation's processes hold.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -67,45 +70,6 @@ fn socket_inodes(pid: u32) -> BTreeSet<u64> {
         .collect()
 }
 
-/// A `/proc/net/{tcp,udp}{,6}` address: hex, the address in the kernel's word order.
-fn parse_address(hex: &str) -> Option<SocketAddr> {
-    let (addr, port) = hex.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match addr.len() {
-        // The kernel prints the address's bytes as one host-order word.
-        8 => IpAddr::V4(Ipv4Addr::from(
-            u32::from_str_radix(addr, 16).ok()?.to_ne_bytes(),
-        )),
-        32 => {
-            let mut octets = [0u8; 16];
-            for (i, chunk) in octets.chunks_mut(4).enumerate() {
-                let word = u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok()?;
-                chunk.copy_from_slice(&word.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-/// Sockets in one of the kernel's socket tables (as seen from `pid`'s network namespace):
-/// inode → local address, only those in `state` (hex: `0A` TCP listen, `07` UDP unconnected).
-fn socket_table(text: &str, state: &str) -> BTreeMap<u64, SocketAddr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.get(3) != Some(&state) {
-                return None;
-            }
-            let addr = parse_address(fields.get(1)?)?;
-            let inode = fields.get(9)?.parse().ok()?;
-            Some((inode, addr))
-        })
-        .collect()
-}
-
 /// Looks at what process group `pgid` holds.
 pub fn tree_sockets(pgid: u32) -> io::Result<TreeSockets> {
     let mut tree = TreeSockets::default();
@@ -120,12 +84,7 @@ pub fn tree_sockets(pgid: u32) -> io::Result<TreeSockets> {
     let Some(&leader) = members.first() else {
         return Ok(tree);
     };
-    for (file, protocol, state) in [
-        ("tcp", Protocol::Tcp, "0A"),
-        ("tcp6", Protocol::Tcp, "0A"),
-        ("udp", Protocol::Udp, "07"),
-        ("udp6", Protocol::Udp, "07"),
-    ] {
+    for &(file, protocol, state) in SOCKET_TABLES {
         let text = match std::fs::read_to_string(format!("/proc/{leader}/net/{file}")) {
             Ok(text) => text,
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,

@@ -895,17 +895,18 @@ impl Supervisor {
             }
             // A process that shut its listener down on its way out left the socket dead for
             // the next one: it listens again first.
-            match supervisor.ensure_listening(id).await {
-                Ok(true) => tracing::warn!(
-                    "generation {id}: its socket had been shut down by the process that died; it listens again"
-                ),
-                Ok(false) => {}
-                Err(err) => tracing::error!(
-                    "generation {id}: its socket was shut down and does not listen: {}",
-                    error_chain(&err)
-                ),
-            }
-            match supervisor.spawn_process(id, exit_tx.clone()) {
+            let listening = match supervisor.ensure_listening(id).await {
+                Ok(repaired) => {
+                    if repaired {
+                        tracing::warn!(
+                            "generation {id}: its socket had been shut down by the process that died; it listens again"
+                        );
+                    }
+                    Ok(())
+                }
+                Err(err) => Err(err),
+            };
+            match listening.and_then(|()| supervisor.spawn_process(id, exit_tx.clone())) {
                 Ok(()) => tracing::info!("generation {id} restarted"),
                 Err(err) => {
                     tracing::error!("restarting generation {id}: {}", error_chain(&err));

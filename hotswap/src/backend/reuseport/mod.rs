@@ -47,7 +47,7 @@ use std::{
 };
 
 use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
-pub use program::{probe_support, MAX_PROBES};
+pub use program::{probe_support, unsupported, MAX_PROBES};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -154,16 +154,28 @@ pub enum ForeignRefusal {
         /// The group's.
         group: u32,
     },
+    /// Another `IPV6_V6ONLY` setting or an interface binding puts it in a group of its own.
+    #[error("its IPV6_V6ONLY setting or its interface binding (SO_BINDTODEVICE) differs from the daemon's sockets', which puts it in another group")]
+    OtherGroup,
     /// Its index in the group cannot be known.
-    #[error("the group has members already, so its place among them is not known (get sockets from the daemon instead: hotswap run and hotswap::activation::service_listener do)")]
+    #[error("the address has members already, so its place among them is not known (get sockets from the daemon instead: hotswap run and hotswap::activation::service_listener do)")]
     PlaceUnknown,
 }
 
 /// One member of a group.
 struct Member {
     cookie: u64,
+    /// The socket's inode: how a let-go member is found in the kernel's socket tables.
+    inode: u64,
     /// The daemon's copy: what keeps the member in the group while processes come and go.
-    socket: OwnedFd,
+    /// `None` for a member the daemon let go of that may still be in the kernel's group (a UDP
+    /// socket another process still holds, a foreign socket, one not retaken after a restart):
+    /// it keeps its slot, and nothing is steered to it, until the kernel's tables no longer
+    /// list it.
+    socket: Option<OwnedFd>,
+    /// Made by another process (`register` of a socket the daemon did not make): never shut
+    /// down by the daemon.
+    foreign: bool,
     /// When it joined, for taking an unregistered one out again.
     joined: Instant,
 }
@@ -183,8 +195,15 @@ struct Group {
 struct SavedGroup {
     service_id: u32,
     binding: Binding,
-    /// Member cookies in the group's order.
-    members: Vec<u64>,
+    /// Members in the group's order.
+    members: Vec<SavedMember>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedMember {
+    cookie: u64,
+    inode: u64,
+    foreign: bool,
 }
 
 /// The daemon's reuseport groups, one per (service, protocol), and what it must remember.
@@ -195,7 +214,15 @@ pub struct ReuseportBackend {
     groups: BTreeMap<(u32, Protocol), Group>,
     /// What loading the state file had to change, for the daemon's log.
     notes: Vec<String>,
+    /// Repairs done inside requests, for the next [`Backend::upkeep`] to report.
+    repairs: Vec<Repaired>,
+    /// When the kernel's socket tables were last read for members let go of.
+    tables_read: Option<Instant>,
 }
+
+/// How often the kernel's socket tables are read while a member that was let go of may still
+/// be in its group (reading them costs more than the checks of the daemon's own sockets).
+const TABLES_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Group {
     fn index(&self, cookie: u64) -> Option<u32> {
@@ -210,9 +237,18 @@ impl Group {
         SocketAddr::new(self.binding.prefix.addr(), self.binding.port)
     }
 
-    /// Points the program at the active member and the probed ones.
+    /// Points the program at the active member and the probed ones (through any member the
+    /// daemon holds that still listens: the program is the group's).
     fn point(&self) -> Result<(), ReuseportError> {
-        let Some(first) = self.members.first() else {
+        let Some(first) = self
+            .members
+            .iter()
+            .filter_map(|m| m.socket.as_ref())
+            .find(|s| {
+                self.binding.protocol != Protocol::Tcp
+                    || socket::is_listening(s.as_fd()).unwrap_or(false)
+            })
+        else {
             return Ok(());
         };
         let choice = program::Choice {
@@ -223,7 +259,7 @@ impl Group {
                 .filter_map(|&(source, cookie)| Some((source, self.index(cookie)?)))
                 .collect(),
         };
-        program::attach(first.socket.as_fd(), &program::assemble(&choice)).map_err(|source| {
+        program::attach(first.as_fd(), &program::assemble(&choice)).map_err(|source| {
             ReuseportError::Attach {
                 binding: self.binding,
                 source,
@@ -242,20 +278,56 @@ impl Group {
         Some(member)
     }
 
-    /// Takes a member out of the group: a TCP listener is shut down (it leaves at once, however
-    /// many processes hold it), a UDP socket leaves when the daemon's copy, the last, closes.
-    /// The program is pointed again after the leave; until then it is right by the invariant.
+    /// Lets go of a member. A TCP listener the daemon made is shut down: it leaves the group
+    /// at once, however many processes hold it. Any other (UDP, which leaves only when its last
+    /// descriptor closes; a foreign socket, which is not the daemon's to shut down) keeps its
+    /// slot with nothing steered to it until the kernel's tables no longer list it
+    /// ([`Group::drop_departed`]). The program is pointed again; until then it is right by the
+    /// invariant.
     fn remove(&mut self, cookie: u64) -> Result<(), ReuseportError> {
-        if let Some(member) = self.left(cookie) {
-            if self.binding.protocol == Protocol::Tcp {
+        let Some(at) = self.members.iter().position(|m| m.cookie == cookie) else {
+            return self.point();
+        };
+        if self.binding.protocol == Protocol::Tcp && !self.members[at].foreign {
+            if let Some(socket) = &self.members[at].socket {
                 let _ = nix::sys::socket::shutdown(
-                    member.socket.as_raw_fd(),
+                    socket.as_raw_fd(),
                     nix::sys::socket::Shutdown::Both,
                 );
             }
-            drop(member);
+            self.left(cookie);
+        } else {
+            self.members[at].socket = None;
+            if self.active == Some(cookie) {
+                self.active = None;
+            }
+            self.probes.retain(|&(_, c)| c != cookie);
+            // Usually the daemon's copy was the last one, and it has left already.
+            if let Ok(listed) = socket::taking_connections(self.binding.protocol) {
+                self.drop_departed(&listed);
+            }
         }
         self.point()
+    }
+
+    /// Members let go of that the kernel's tables no longer list have left the group: the
+    /// model follows (in table order, which with two members cannot matter). Returns whether
+    /// any left.
+    fn drop_departed(&mut self, listed: &BTreeMap<u64, SocketAddr>) -> bool {
+        let departed: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|m| m.socket.is_none() && !listed.contains_key(&m.inode))
+            .map(|m| m.cookie)
+            .collect();
+        for &cookie in &departed {
+            self.left(cookie);
+        }
+        !departed.is_empty()
+    }
+
+    fn has_let_go(&self) -> bool {
+        self.members.iter().any(|m| m.socket.is_none())
     }
 }
 
@@ -272,6 +344,8 @@ impl ReuseportBackend {
             records,
             groups: BTreeMap::new(),
             notes: Vec::new(),
+            repairs: Vec::new(),
+            tables_read: None,
         };
         for SavedGroup {
             service_id,
@@ -286,20 +360,32 @@ impl ReuseportBackend {
                 active: None,
                 probes: Vec::new(),
             };
-            for cookie in members {
+            for SavedMember {
+                cookie,
+                inode,
+                foreign,
+            } in members
+            {
                 let held = backend
                     .records
                     .generations_of(service_id)
                     .find_map(|record| retake(record, protocol, cookie));
-                match held {
-                    Some(socket) => group.members.push(Member {
-                        cookie,
-                        socket,
-                        joined: Instant::now(),
-                    }),
-                    None => backend.notes.push(format!(
+                // One no live generation holds may still be in the group (a socket handed out
+                // just before the daemon stopped): it keeps its slot until the kernel's tables
+                // no longer list it.
+                group.members.push(Member {
+                    cookie,
+                    inode,
+                    socket: held,
+                    foreign,
+                    joined: Instant::now(),
+                });
+            }
+            if let Ok(listed) = socket::taking_connections(protocol) {
+                if group.drop_departed(&listed) {
+                    backend.notes.push(format!(
                         "{binding}: a member of its group is gone (no live generation held it)"
-                    )),
+                    ));
                 }
             }
             // Members shut down while no daemon ran have left the group already; with at most
@@ -309,7 +395,9 @@ impl ReuseportBackend {
                 .iter()
                 .filter(|m| {
                     protocol == Protocol::Tcp
-                        && !socket::is_listening(m.socket.as_fd()).unwrap_or(false)
+                        && m.socket
+                            .as_ref()
+                            .is_some_and(|s| !socket::is_listening(s.as_fd()).unwrap_or(false))
                 })
                 .map(|m| m.cookie)
                 .collect();
@@ -357,13 +445,17 @@ impl ReuseportBackend {
         protocol: Protocol,
         cookie: u64,
         socket: OwnedFd,
+        foreign: bool,
     ) -> Result<(), ReuseportError> {
+        let inode = socket::inode(socket.as_fd()).map_err(ReuseportError::Cookie)?;
         let Some(group) = self.group(service_id, protocol) else {
             return Ok(());
         };
         group.members.push(Member {
             cookie,
-            socket,
+            inode,
+            socket: Some(socket),
+            foreign,
             joined: Instant::now(),
         });
         // A new group has no program yet; an existing one keeps its own, whose indexes the new
@@ -396,7 +488,15 @@ impl FileBacked for ReuseportBackend {
             .map(|(&(service_id, _), group)| SavedGroup {
                 service_id,
                 binding: group.binding,
-                members: group.members.iter().map(|m| m.cookie).collect(),
+                members: group
+                    .members
+                    .iter()
+                    .map(|m| SavedMember {
+                        cookie: m.cookie,
+                        inode: m.inode,
+                        foreign: m.foreign,
+                    })
+                    .collect(),
             })
             .collect();
         state_file::store(&self.state_path, &self.records.to_file(groups))
@@ -630,7 +730,7 @@ impl Backend for ReuseportBackend {
         service_id: u32,
         protocol: Protocol,
     ) -> Result<Option<OwnedFd>, BackendError> {
-        let _ = self.upkeep();
+        self.tidy();
         let Some(group) = self.group(service_id, protocol) else {
             return Ok(None);
         };
@@ -644,7 +744,7 @@ impl Backend for ReuseportBackend {
         let socket = socket::bound_socket(addr, protocol, true, false).map_err(bind_error(addr))?;
         let cookie = socket_cookie(socket.as_fd()).map_err(bind_error(addr))?;
         let copy = socket.try_clone().map_err(bind_error(addr))?;
-        self.joined(service_id, protocol, cookie, socket)?;
+        self.joined(service_id, protocol, cookie, socket, false)?;
         Ok(Some(copy))
     }
 
@@ -696,7 +796,7 @@ impl Backend for ReuseportBackend {
         socket: BorrowedFd<'_>,
         cookie: u64,
     ) -> Result<(), BackendError> {
-        let _ = self.upkeep();
+        self.tidy();
         let Some(group) = self.group(service_id, protocol) else {
             return Ok(());
         };
@@ -722,13 +822,26 @@ impl Backend for ReuseportBackend {
             })
             .into());
         }
-        if !group.members.is_empty() {
+        // Sockets of another IPV6_V6ONLY setting or bound to an interface form groups of their
+        // own; the daemon's members are neither.
+        let v6only = group.addr().is_ipv6() && socket::v6_only(socket).unwrap_or(false);
+        if group.addr().is_ipv6() != v6only || socket::bound_interface(socket).unwrap_or(0) != 0 {
+            return Err(refuse(ForeignRefusal::OtherGroup).into());
+        }
+        // Its place is certain only as the group's one member: nothing the daemon holds, and
+        // nothing else in the kernel's tables on the address.
+        let inode = socket::inode(socket).map_err(ReuseportError::Cookie)?;
+        let others = socket::taking_connections(protocol)
+            .map_err(ReuseportError::Cookie)?
+            .into_iter()
+            .any(|(other, addr)| other != inode && addr == group.addr());
+        if !group.members.is_empty() || others {
             return Err(refuse(ForeignRefusal::PlaceUnknown).into());
         }
         let copy = socket
             .try_clone_to_owned()
             .map_err(bind_error(group.addr()))?;
-        Ok(self.joined(service_id, protocol, cookie, copy)?)
+        Ok(self.joined(service_id, protocol, cookie, copy, true)?)
     }
 
     fn relisten(
@@ -740,7 +853,7 @@ impl Backend for ReuseportBackend {
         let cookie = socket_cookie(socket).map_err(ReuseportError::Cookie)?;
         // The shut-down member has left the group: the model follows (and upkeep makes an
         // active member listen again itself); then it joins again at the end.
-        let _ = self.upkeep();
+        self.tidy();
         let Some(group) = self.group(service_id, protocol) else {
             return Ok(());
         };
@@ -757,10 +870,29 @@ impl Backend for ReuseportBackend {
         let copy = socket
             .try_clone_to_owned()
             .map_err(BackendError::Relisten)?;
-        Ok(self.joined(service_id, protocol, cookie, copy)?)
+        // Who made it is no longer known once it left the model: treated as foreign, the
+        // daemon never shuts it down (when let go it waits for the kernel's tables instead).
+        Ok(self.joined(service_id, protocol, cookie, copy, true)?)
     }
 
     fn upkeep(&mut self) -> Vec<Repaired> {
+        self.tidy();
+        std::mem::take(&mut self.repairs)
+    }
+}
+
+impl ReuseportBackend {
+    /// Brings the model up to the kernel's group (members shut down by a process, members let
+    /// go of that have left, sockets made and never registered) and keeps what it repaired for
+    /// [`Backend::upkeep`].
+    fn tidy(&mut self) {
+        let read_tables = self.groups.values().any(Group::has_let_go)
+            && self
+                .tables_read
+                .is_none_or(|at| at.elapsed() >= TABLES_INTERVAL);
+        if read_tables {
+            self.tables_read = Some(Instant::now());
+        }
         let mut repaired = Vec::new();
         let keys: Vec<(u32, Protocol)> = self.groups.keys().copied().collect();
         for (service_id, protocol) in keys {
@@ -768,11 +900,17 @@ impl Backend for ReuseportBackend {
                 .members
                 .iter()
                 .filter(|m| {
-                    m.joined.elapsed() >= UNCLAIMED_TIMEOUT
+                    m.socket.is_some()
+                        && m.joined.elapsed() >= UNCLAIMED_TIMEOUT
                         && !self.claimed(service_id, protocol, m.cookie)
                 })
                 .map(|m| m.cookie)
                 .collect();
+            let listed = if read_tables && self.groups[&(service_id, protocol)].has_let_go() {
+                socket::taking_connections(protocol).ok()
+            } else {
+                None
+            };
             let group = self
                 .groups
                 .get_mut(&(service_id, protocol))
@@ -781,22 +919,26 @@ impl Backend for ReuseportBackend {
             let mut changed = false;
             for cookie in unclaimed {
                 let _ = group.remove(cookie);
-                changed = true;
                 repaired.push(Repaired {
                     service_id,
                     binding,
                     what: Repair::Unclaimed,
                 });
             }
-            if protocol != Protocol::Tcp {
-                continue;
+            if let Some(listed) = listed {
+                changed |= group.drop_departed(&listed);
             }
             // Members a process shut down have left the group; the active one listens again
             // (it joins at the end) so the service goes on.
             let shut: Vec<u64> = group
                 .members
                 .iter()
-                .filter(|m| !socket::is_listening(m.socket.as_fd()).unwrap_or(true))
+                .filter(|m| {
+                    protocol == Protocol::Tcp
+                        && m.socket
+                            .as_ref()
+                            .is_some_and(|s| !socket::is_listening(s.as_fd()).unwrap_or(true))
+                })
                 .map(|m| m.cookie)
                 .collect();
             for cookie in shut {
@@ -805,7 +947,12 @@ impl Backend for ReuseportBackend {
                     continue;
                 };
                 changed = true;
-                if was_active && socket::listen_again(member.socket.as_fd()).is_ok() {
+                let relistened = was_active
+                    && member
+                        .socket
+                        .as_ref()
+                        .is_some_and(|s| socket::listen_again(s.as_fd()).is_ok());
+                if relistened {
                     group.members.push(member);
                     group.active = Some(cookie);
                     repaired.push(Repaired {
@@ -832,7 +979,7 @@ impl Backend for ReuseportBackend {
                 tracing::warn!("saving the reuseport state: {}", crate::error_chain(&err));
             }
         }
-        repaired
+        self.repairs.extend(repaired);
     }
 }
 
@@ -853,7 +1000,9 @@ mod tests {
                 .iter()
                 .map(|&cookie| Member {
                     cookie,
-                    socket: UdpSocket::bind("127.0.0.1:0").unwrap().into(),
+                    inode: cookie,
+                    socket: Some(UdpSocket::bind("127.0.0.1:0").unwrap().into()),
+                    foreign: false,
                     joined: Instant::now(),
                 })
                 .collect(),

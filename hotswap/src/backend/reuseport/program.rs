@@ -189,6 +189,22 @@ pub fn attach(member: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Resu
     Ok(())
 }
 
+/// Whether an error of [`probe_support`] says this kernel or this process cannot have
+/// reuseport programs at all (rather than a passing failure such as EMFILE).
+pub fn unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::ENOPROTOOPT
+                | libc::EINVAL
+                | libc::EPERM
+                | libc::EACCES
+                | libc::ENOSYS
+                | libc::EOPNOTSUPP
+        )
+    )
+}
+
 /// Whether this kernel takes a reuseport program from this process: attaches one to a socket
 /// of its own (bound to a kernel-chosen port of the unspecified address, never listening).
 pub fn probe_support() -> io::Result<()> {
