@@ -25,7 +25,7 @@ fn the_bench_runs_end_to_end() {
             .as_array()
             .unwrap()
             .len(),
-        4
+        7
     );
     assert!(
         report["connection_path"]["program_ns_per_run"]["steered_connection"]
@@ -34,7 +34,28 @@ fn the_bench_runs_end_to_end() {
             > 0.0
     );
     assert!(report["switch"]["map_update_us"]["p50"].as_f64().is_some());
-    assert_eq!(report["upgrades"].as_array().unwrap().len(), 4);
+    assert!(report["switch"]["reuseport"]["program_replace_us"]["p50"]
+        .as_f64()
+        .is_some());
+    assert!(report["switch"]["reuseport"]["hotswap_switch_ms"]["p50"]
+        .as_f64()
+        .is_some());
+    let upgrades = report["upgrades"].as_array().unwrap();
+    let backends: Vec<&str> = upgrades
+        .iter()
+        .map(|u| u["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            "sk-lookup",
+            "sk-lookup",
+            "uds",
+            "uds",
+            "reuseport",
+            "reuseport"
+        ]
+    );
     let peers = report["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 3);
     // nginx under hotswap loses no new connection in its upgrades.

@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hotswap::model::{parse_prefix, Binding, Protocol, ServiceName};
+use hotswap::{
+    backend::reuseport,
+    model::{parse_prefix, Binding, Protocol, ServiceName},
+};
 use hotswap_common::SocketKey;
 use integration_tests::{
     activated_fixture, example_server, HttpLoad, NetnsGuard, RunningService, TestEnv,
@@ -78,6 +81,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// A listening socket with a deep backlog, so a busy machine delays the server instead of
 /// dropping SYNs (a dropped SYN costs the client a 1 s retransmit and ruins a round).
 fn listen(addr: &str) -> TcpListener {
+    listen_socket(addr, false).into()
+}
+
+/// [`listen`]'s socket, with `SO_REUSEPORT` where `reuse_port` (TCP: it joins its address's
+/// group at `listen()`).
+fn listen_socket(addr: &str, reuse_port: bool) -> socket2::Socket {
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -86,9 +95,67 @@ fn listen(addr: &str) -> TcpListener {
     )
     .unwrap();
     socket.set_reuse_address(true).unwrap();
+    socket.set_reuse_port(reuse_port).unwrap();
     socket.bind(&addr.into()).unwrap();
     socket.listen(4096).unwrap();
-    socket.into()
+    socket
+}
+
+/// A `SO_REUSEPORT` group of two members on `addr` (TCP members made like [`listen`]'s, UDP ones
+/// joining at `bind()`), with the reuseport backend's program attached picking member 1, as the
+/// daemon's does with generation 2 active: the members in the group's order, once one new
+/// connection (or datagram) reached member 1 and none member 0.
+fn reuseport_pair(addr: &str, protocol: Protocol) -> [socket2::Socket; 2] {
+    let member = || match protocol {
+        Protocol::Tcp => listen_socket(addr, true),
+        Protocol::Udp => {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+            socket.set_reuse_port(true).unwrap();
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            socket.bind(&addr.into()).unwrap();
+            socket
+        }
+    };
+    let members = [member(), member()];
+    let program = reuseport::assemble(&reuseport::Choice {
+        active: Some(1),
+        probes: vec![],
+    });
+    reuseport::attach(members[0].as_fd(), &program).unwrap();
+    for m in &members {
+        m.set_nonblocking(true).unwrap();
+    }
+    let _client = match protocol {
+        Protocol::Tcp => Some(TcpStream::connect(addr).unwrap()),
+        Protocol::Udp => {
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .send_to(b"x", addr)
+                .unwrap();
+            None
+        }
+    };
+    let got = |m: &socket2::Socket| match protocol {
+        Protocol::Tcp => m.accept().map(drop),
+        Protocol::Udp => m.recv(&mut [std::mem::MaybeUninit::new(0u8); 8]).map(drop),
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reached = loop {
+        if let Some(i) = members.iter().position(|m| got(m).is_ok()) {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the {addr} group"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(reached, 1, "the program picks member 1 of the {addr} group");
+    for m in &members {
+        m.set_nonblocking(false).unwrap();
+    }
+    members
 }
 
 /// A server thread: accepts connections; with `respond`, reads one line and answers one. Blocks
@@ -208,6 +275,10 @@ enum PeerSetup {
     /// `bindings` bindings of another service and `services` services of one binding each
     /// (IPv6 /128s no traffic matches).
     Steered { bindings: usize, services: usize },
+    /// No sk_lookup program: each server socket is member 1 of a `SO_REUSEPORT` group of two on
+    /// those ports, the reuseport backend's program attached picking it (member 0 listens, and
+    /// nothing reaches it).
+    Reuseport,
 }
 
 /// What a [`Peer`] measures.
@@ -257,7 +328,7 @@ impl Peer {
             cpu.set(0).unwrap();
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
             let mut backend = match setup {
-                PeerSetup::NoProgram => None,
+                PeerSetup::NoProgram | PeerSetup::Reuseport => None,
                 _ => {
                     let netns = hotswap::socket::netns_inode(std::path::Path::new(
                         "/proc/thread-self/ns/net",
@@ -274,7 +345,16 @@ impl Peer {
                 prefix: parse_prefix(prefix).unwrap(),
                 port,
             };
+            // Reuseport's members 0: held, never served.
+            let mut idle = Vec::new();
             let (connect, request, datagram) = match (setup, backend.as_mut()) {
+                (PeerSetup::Reuseport, _) => {
+                    let [idle_connect, connect] = reuseport_pair("127.0.0.1:9200", Protocol::Tcp);
+                    let [idle_request, request] = reuseport_pair("127.0.0.1:9201", Protocol::Tcp);
+                    let [idle_datagram, datagram] = reuseport_pair("127.0.0.1:9202", Protocol::Udp);
+                    idle.extend([idle_connect, idle_request, idle_datagram]);
+                    (connect.into(), request.into(), datagram.into())
+                }
                 (PeerSetup::Steered { bindings, services }, Some(backend)) => {
                     let sockets = (
                         listen("127.0.0.1:0"),
@@ -339,6 +419,7 @@ impl Peer {
                 let _ = answered.send(rate);
             }
             stop_servers(&stop, &fds, servers);
+            drop(idle);
             drop(backend);
             let _ = std::fs::remove_dir_all(&pin_dir);
         });
@@ -420,6 +501,7 @@ fn connection_path(plan: Plan) -> Value {
     });
     let plain = Peer::start(PeerSetup::NoProgram);
     let unbound = Peer::start(PeerSetup::Unbound);
+    let reuseport = Peer::start(PeerSetup::Reuseport);
     let d = plan.round;
     let connections = interleaved(
         plan,
@@ -427,6 +509,7 @@ fn connection_path(plan: Plan) -> Value {
             (&steered, Measure::Connections),
             (&plain, Measure::Connections),
             (&unbound, Measure::Connections),
+            (&reuseport, Measure::Connections),
         ],
     );
     let requests = interleaved(
@@ -434,11 +517,16 @@ fn connection_path(plan: Plan) -> Value {
         &[
             (&steered, Measure::RequestResponse),
             (&plain, Measure::RequestResponse),
+            (&reuseport, Measure::RequestResponse),
         ],
     );
     let datagrams = interleaved(
         plan,
-        &[(&steered, Measure::Datagrams), (&plain, Measure::Datagrams)],
+        &[
+            (&steered, Measure::Datagrams),
+            (&plain, Measure::Datagrams),
+            (&reuseport, Measure::Datagrams),
+        ],
     );
     // What one run of the program costs, by the kernel's own clock.
     let program_ns = json!({
@@ -466,6 +554,21 @@ fn connection_path(plan: Plan) -> Value {
             "tcp connections/s, unbound port: program attached ÷ no program",
             &connections[2],
             &connections[1],
+        ),
+        ratio_summary(
+            "tcp connections/s: reuseport (group of 2, program) ÷ plain listener",
+            &connections[3],
+            &connections[1],
+        ),
+        ratio_summary(
+            "tcp request/response/s: reuseport ÷ plain listener",
+            &requests[2],
+            &requests[1],
+        ),
+        ratio_summary(
+            "udp datagrams/s (echo): reuseport ÷ plain socket",
+            &datagrams[2],
+            &datagrams[1],
         ),
     ];
     json!({"ratios": ratios, "program_ns_per_run": program_ns})
@@ -533,6 +636,51 @@ fn switch_latency(plan: Plan, env: &TestEnv) -> Value {
     cli.sort_by(|a, b| a.total_cmp(b));
     json!({
         "map_update_us": {"count": updates.len(), "p50": percentile(&updates, 0.5), "p99": percentile(&updates, 0.99), "max": updates.last()},
+        "hotswap_switch_ms": {"count": cli.len(), "p50": percentile(&cli, 0.5), "p99": percentile(&cli, 0.99)},
+    })
+}
+
+/// The reuseport backend's switch: one program replacement, and `hotswap switch` against a
+/// daemon on `--backend reuseport`.
+fn reuseport_switch_latency(plan: Plan, env: &TestEnv) -> Value {
+    // The replacement alone (the `setsockopt` a switch is): the daemon's program for one active
+    // member, assembled beforehand, alternating between the members of a group of two. The
+    // group is the bench's own, on another port: the daemon's is for the daemon to point.
+    let members = reuseport_pair("127.0.0.1:9301", Protocol::Tcp);
+    let programs = [0, 1].map(|active| {
+        reuseport::assemble(&reuseport::Choice {
+            active: Some(active),
+            probes: vec![],
+        })
+    });
+    let mut replacements = Vec::with_capacity(plan.map_updates);
+    for i in 0..plan.map_updates {
+        let program = &programs[i % 2];
+        let start = Instant::now();
+        reuseport::attach(members[0].as_fd(), program).unwrap();
+        replacements.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    replacements.sort_by(|a, b| a.total_cmp(b));
+
+    // `hotswap switch` end to end, between two generations whose members the daemon made.
+    env.ok(&["bind", "switchy", "tcp", "127.0.0.1/32", "9300"]);
+    let service: ServiceName = "switchy".parse().unwrap();
+    let generation = |activate| {
+        hotswap::activation::service_listener(&env.socket, &service, Protocol::Tcp, None, activate)
+            .unwrap()
+    };
+    let (_one, first) = generation(true);
+    let (_two, second) = generation(false);
+    let mut cli = Vec::with_capacity(plan.cli_switches);
+    for i in 0..plan.cli_switches {
+        let to = if i % 2 == 0 { second } else { first };
+        let start = Instant::now();
+        env.ok(&["switch", "switchy", &to.to_string()]);
+        cli.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    cli.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "program_replace_us": {"count": replacements.len(), "p50": percentile(&replacements, 0.5), "p99": percentile(&replacements, 0.99), "max": replacements.last()},
         "hotswap_switch_ms": {"count": cli.len(), "p50": percentile(&cli, 0.5), "p99": percentile(&cli, 0.99)},
     })
 }
@@ -984,6 +1132,10 @@ fn main() {
     if wanted("switch") {
         eprintln!("bench: switch latency");
         switch = switch_latency(plan, &TestEnv::with_daemon("bench-switch"));
+        switch["reuseport"] = reuseport_switch_latency(
+            plan,
+            &TestEnv::with_backend("bench-switch-reuseport", "reuseport"),
+        );
     }
     let mut upgrade_runs = vec![];
     if wanted("upgrades") {
@@ -995,6 +1147,8 @@ fn main() {
             upgrades(plan, "sk-lookup", &fixture, "tcp"),
             upgrades(plan, "uds", &hello, "notify"),
             upgrades(plan, "uds", &fixture, "delay:20ms"),
+            upgrades(plan, "reuseport", &hello, "notify"),
+            upgrades(plan, "reuseport", &fixture, "tcp"),
         ];
     }
     let mut peers = vec![];
@@ -1068,6 +1222,17 @@ fn print_report(report: &Value) {
             s["hotswap_switch_ms"]["p50"].as_f64().unwrap(),
             s["hotswap_switch_ms"]["p99"].as_f64().unwrap(),
             s["hotswap_switch_ms"]["count"],
+        );
+        let r = &s["reuseport"];
+        println!(
+            "switch (reuseport): program replacement p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs ({} replacements); `hotswap switch` p50 {:.2} ms, p99 {:.2} ms ({} runs)",
+            r["program_replace_us"]["p50"].as_f64().unwrap(),
+            r["program_replace_us"]["p99"].as_f64().unwrap(),
+            r["program_replace_us"]["max"].as_f64().unwrap(),
+            r["program_replace_us"]["count"],
+            r["hotswap_switch_ms"]["p50"].as_f64().unwrap(),
+            r["hotswap_switch_ms"]["p99"].as_f64().unwrap(),
+            r["hotswap_switch_ms"]["count"],
         );
     }
     let runs: Vec<&Value> = report["upgrades"]

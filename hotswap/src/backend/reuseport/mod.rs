@@ -47,7 +47,11 @@ use std::{
 };
 
 use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
-pub use program::{probe_support, unsupported, MAX_PROBES};
+// `assemble`, `attach` and `Choice` are public so that the bench can measure the kernel path and
+// a program replacement without a daemon, on a group of its own. A service's group is the
+// daemon's: it points the program itself, and one attached from outside would steer behind its
+// back until the daemon points it again.
+pub use program::{assemble, attach, probe_support, unsupported, Choice, MAX_PROBES};
 use serde::{Deserialize, Serialize};
 
 use super::{
