@@ -801,6 +801,26 @@ fn http_exchange_telling(
 /// reconnect when the server says `connection: close` (which is not a failure).
 pub struct HttpLoad(Running);
 
+/// Connects to `addr`. A client that opens connections without pause can use up the local
+/// ephemeral ports (each closed connection holds its port in TIME_WAIT for a minute; seen
+/// after ~230,000 connections while a server took its whole drain timeout to exit): connect()
+/// then fails with EAGAIN/EADDRNOTAVAIL before any packet leaves, which says nothing about the
+/// server. Such a connect waits and tries again, for at most 10 s.
+fn connect_with_a_free_port(addr: &str) -> std::io::Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Err(err)
+                if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EADDRNOTAVAIL))
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl HttpLoad {
     /// Starts the client.
     pub fn start(addr: &str, keep_alive: bool, max_requests: u64) -> Self {
@@ -810,7 +830,7 @@ impl HttpLoad {
         let mut answered = 0u64;
         Self(Running::spawn(max_requests, patience() * 30, move || {
             if connection.is_none() {
-                let stream = TcpStream::connect(&addr).map_err(|error| Failed {
+                let stream = connect_with_a_free_port(&addr).map_err(|error| Failed {
                     error,
                     at_connect: true,
                     on_idle_connection: false,
