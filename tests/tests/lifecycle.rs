@@ -666,6 +666,20 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
         ],
         "invalid signal",
     );
+    // A deadline past the clock's range once panicked after the switch.
+    refused(
+        &[
+            "run",
+            "web",
+            "--listen",
+            "tcp://127.0.0.1:8080",
+            "--drain-timeout",
+            "500years",
+            "--",
+            &hello,
+        ],
+        "is too long: at most 7 days",
+    );
     refused(
         &[
             "run",

@@ -26,6 +26,9 @@ pub enum SpecError {
     /// Not a duration.
     #[error("invalid duration {0:?}: expected e.g. 500ms, 5s, 1m")]
     Duration(String),
+    /// Longer than any wait the supervisor does.
+    #[error("duration {0:?} is too long: at most 7 days")]
+    TooLong(String),
     /// Not a signal.
     #[error("invalid signal {0:?}: expected a name such as TERM, SIGTERM, QUIT, INT, or a number")]
     Signal(String),
@@ -139,8 +142,18 @@ impl fmt::Display for ReadyMode {
 
 /// Parses `500ms`, `5s`, `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, SpecError> {
-    humantime::parse_duration(s).map_err(|_| SpecError::Duration(s.to_owned()))
+    let duration = humantime::parse_duration(s).map_err(|_| SpecError::Duration(s.to_owned()))?;
+    // Deadlines are `Instant::now() + duration`, which panics past the clock's range (measured
+    // with a `--drain-timeout` of hundreds of years): nothing the supervisor waits for needs
+    // more than days.
+    if duration > MAX_DURATION {
+        return Err(SpecError::TooLong(s.to_owned()));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any option takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Parses `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse_signal(s: &str) -> Result<Signal, SpecError> {
@@ -208,6 +221,11 @@ mod tests {
         assert!("http".parse::<ReadyMode>().is_err());
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("5").is_err());
+        assert_eq!(parse_duration("7days"), Ok(MAX_DURATION));
+        assert_eq!(
+            parse_duration("500years"),
+            Err(SpecError::TooLong("500years".into()))
+        );
         assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM));
         assert_eq!(parse_signal("sigquit"), Ok(Signal::SIGQUIT));
         assert_eq!(parse_signal("9"), Ok(Signal::SIGKILL));
