@@ -711,6 +711,15 @@ fn bad_run_and_upgrade_arguments_are_refused(backend: &str) {
         "web",
         &["--listen", "tcp://127.0.0.1:8080", "--", &hello],
     );
+    // SIGHUP does not kill the supervisor (its default action would, draining nothing).
+    let pid = env.status()["supervisors"]["web"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(env.status()["supervisors"]["web"]["pid"], pid);
     refused(
         &["upgrade", "web", "--", "no-such-command-xyz"],
         "command not found",

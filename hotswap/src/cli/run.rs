@@ -83,6 +83,21 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(supervisor::run(config, super::daemon::shutdown_signal()))?;
+    runtime.block_on(async {
+        // SIGHUP's default action would kill the supervisor without draining anything (a
+        // closed terminal, a `kill -HUP` meant as "reload"): it is logged and ignored.
+        if let Ok(mut hangup) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP ignored: `hotswap upgrade` replaces the generation, SIGTERM stops the service"
+                    );
+                }
+            });
+        }
+        supervisor::run(config, super::daemon::shutdown_signal()).await
+    })?;
     Ok(())
 }
