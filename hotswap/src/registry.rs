@@ -959,6 +959,11 @@ impl Registry {
     /// group). Returns the generations repaired.
     pub fn relisten_active(&mut self) -> Vec<(ServiceName, u32)> {
         let mut repaired = Vec::new();
+        // Where the backend makes the sockets it holds them too, and its own upkeep repairs
+        // them: taking them again from their processes would only repeat that work.
+        if self.backend.capabilities().sockets == crate::backend::SocketSource::Backend {
+            return repaired;
+        }
         for (name, service) in &mut self.services {
             let id = service.active(Protocol::Tcp);
             let Some(sockets) = service.generations.get(&id).and_then(Generation::retake) else {

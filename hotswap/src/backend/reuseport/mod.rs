@@ -330,6 +330,24 @@ impl Group {
         !departed.is_empty()
     }
 
+    /// The TCP members the daemon holds that no longer listen (a process shut them down, so
+    /// they have left the kernel's group); `unknown_is_shut` decides for a socket whose state
+    /// cannot be read.
+    fn shut_down(&self, unknown_is_shut: bool) -> Vec<u64> {
+        if self.binding.protocol != Protocol::Tcp {
+            return Vec::new();
+        }
+        self.members
+            .iter()
+            .filter(|m| {
+                m.socket
+                    .as_ref()
+                    .is_some_and(|s| !socket::is_listening(s.as_fd()).unwrap_or(!unknown_is_shut))
+            })
+            .map(|m| m.cookie)
+            .collect()
+    }
+
     fn has_let_go(&self) -> bool {
         self.members.iter().any(|m| m.socket.is_none())
     }
@@ -394,18 +412,7 @@ impl ReuseportBackend {
             }
             // Members shut down while no daemon ran have left the group already; with at most
             // two members, the order of those left is the order kept.
-            let dead: Vec<u64> = group
-                .members
-                .iter()
-                .filter(|m| {
-                    protocol == Protocol::Tcp
-                        && m.socket
-                            .as_ref()
-                            .is_some_and(|s| !socket::is_listening(s.as_fd()).unwrap_or(false))
-                })
-                .map(|m| m.cookie)
-                .collect();
-            for cookie in dead {
+            for cookie in group.shut_down(true) {
                 group.left(cookie);
                 backend.notes.push(format!(
                     "{binding}: a member had been shut down and left the group"
@@ -934,18 +941,7 @@ impl ReuseportBackend {
             }
             // Members a process shut down have left the group; the active one listens again
             // (it joins at the end) so the service goes on.
-            let shut: Vec<u64> = group
-                .members
-                .iter()
-                .filter(|m| {
-                    protocol == Protocol::Tcp
-                        && m.socket
-                            .as_ref()
-                            .is_some_and(|s| !socket::is_listening(s.as_fd()).unwrap_or(true))
-                })
-                .map(|m| m.cookie)
-                .collect();
-            for cookie in shut {
+            for cookie in group.shut_down(false) {
                 let was_active = group.active == Some(cookie);
                 let Some(member) = group.left(cookie) else {
                     continue;
