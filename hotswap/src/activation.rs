@@ -173,12 +173,32 @@ fn check_kind(
 /// Tells the supervisor (hotswap or systemd) that this process is ready to serve. Does nothing
 /// when no one listens (`NOTIFY_SOCKET` unset).
 pub fn notify_ready() -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Ready])
+    notify("READY=1")
 }
 
 /// Tells the supervisor that this process is draining.
 pub fn notify_stopping() -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Stopping])
+    notify("STOPPING=1")
+}
+
+/// Sends one sd_notify message (`KEY=VALUE` lines) to `NOTIFY_SOCKET`: a path, or an abstract
+/// address written `@name` (what `hotswap run` hands out, and what the `sd-notify` crate cannot
+/// reach). Does nothing when the variable is unset.
+pub fn notify(message: &str) -> io::Result<()> {
+    use std::os::{
+        linux::net::SocketAddrExt as _,
+        unix::{ffi::OsStrExt as _, net::SocketAddr},
+    };
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let address = match target.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&target)?,
+    };
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.send_to_addr(message.as_bytes(), &address)?;
+    Ok(())
 }
 
 /// Completes when the supervisor asks this process to drain: on SIGTERM (hotswap's default
@@ -260,8 +280,13 @@ pub fn service_listener(
     };
     let fd = if status.backend.capabilities.sockets == SocketSource::Backend {
         // The backend makes generations' sockets (a shared one, or a new group member).
-        client::listener(daemon_socket, service, protocol)?
-            .ok_or(ServiceListenerError::UnexpectedReply)?
+        client::listener(
+            daemon_socket,
+            service,
+            protocol,
+            std::time::Duration::from_secs(10),
+        )?
+        .ok_or(ServiceListenerError::UnexpectedReply)?
     } else {
         let binding = status
             .services

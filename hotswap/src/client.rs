@@ -33,6 +33,9 @@ pub enum ClientError {
     /// The daemon refused the request; the text is its reason.
     #[error("{0}")]
     Refused(String),
+    /// The daemon did not answer in time (stopped, or wedged).
+    #[error("the daemon did not answer within {}", humantime::format_duration(*.0))]
+    NoAnswer(std::time::Duration),
 }
 
 /// How to start a daemon that serves `socket`.
@@ -109,6 +112,27 @@ pub fn listener(
     socket: &Path,
     service: &crate::model::ServiceName,
     protocol: crate::model::Protocol,
+    deadline: std::time::Duration,
+) -> Result<Option<std::os::fd::OwnedFd>, ClientError> {
+    listener_exchange(socket, service, protocol, deadline).map_err(|err| match err {
+        ClientError::Frame(FrameError::Io(io))
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            ClientError::NoAnswer(deadline)
+        }
+        other => other,
+    })
+}
+
+/// [`listener`]'s conversation, each read and write bounded by `deadline`.
+fn listener_exchange(
+    socket: &Path,
+    service: &crate::model::ServiceName,
+    protocol: crate::model::Protocol,
+    deadline: std::time::Duration,
 ) -> Result<Option<std::os::fd::OwnedFd>, ClientError> {
     use std::{
         io::{Read as _, Write as _},
@@ -119,6 +143,10 @@ pub fn listener(
 
     let mut stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|source| connect_error(socket, source))?;
+    stream
+        .set_read_timeout(Some(deadline))
+        .and_then(|()| stream.set_write_timeout(Some(deadline)))
+        .map_err(FrameError::Io)?;
     let request = Request::Listener {
         service: service.clone(),
         protocol,

@@ -99,6 +99,18 @@ fn syscall(call: &'static str) -> impl FnOnce(io::Error) -> SocketError {
 #[derive(Debug)]
 pub struct Pidfd(OwnedFd);
 
+impl AsFd for Pidfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for Pidfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 impl Pidfd {
     /// Opens a pidfd for `pid`.
     pub fn open(pid: u32) -> Result<Self, SocketError> {

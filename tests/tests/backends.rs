@@ -233,7 +233,14 @@ fn a_restarted_uds_daemon_binds_what_nobody_holds_and_refuses_a_corrupt_state_fi
     env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
     let service: ServiceName = "web".parse().unwrap();
     let socket = env.socket.clone();
-    let ask = || hotswap::client::listener(&socket, &service, Protocol::Tcp);
+    let ask = || {
+        hotswap::client::listener(
+            &socket,
+            &service,
+            Protocol::Tcp,
+            std::time::Duration::from_secs(5),
+        )
+    };
     let unregistered = ask().unwrap().unwrap();
     env.stop_daemon(nix::sys::signal::Signal::SIGKILL);
     env.start_daemon();

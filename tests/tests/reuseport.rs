@@ -30,9 +30,14 @@ struct Member {
 /// A new member from the daemon, registered as this process's.
 fn member(env: &TestEnv) -> Member {
     let service: ServiceName = "web".parse().unwrap();
-    let fd: OwnedFd = hotswap::client::listener(&env.socket, &service, Protocol::Tcp)
-        .unwrap()
-        .expect("the reuseport backend makes the socket");
+    let fd: OwnedFd = hotswap::client::listener(
+        &env.socket,
+        &service,
+        Protocol::Tcp,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap()
+    .expect("the reuseport backend makes the socket");
     let listener = TcpListener::from(fd);
     listener.set_nonblocking(true).unwrap();
     let pid = std::process::id().to_string();
@@ -370,9 +375,14 @@ fn the_reuseport_backend_refuses_what_it_cannot_do() {
     drop(second);
     // Two listening already (the foreign one and one made by the daemon): a third is refused.
     let service: ServiceName = "web".parse().unwrap();
-    let made = hotswap::client::listener(&env.socket, &service, Protocol::Tcp)
-        .unwrap()
-        .unwrap();
+    let made = hotswap::client::listener(
+        &env.socket,
+        &service,
+        Protocol::Tcp,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap()
+    .unwrap();
     let made = TcpListener::from(made);
     env.ok(&[
         "register",
@@ -382,7 +392,13 @@ fn the_reuseport_backend_refuses_what_it_cannot_do() {
         "--fd",
         &made.as_raw_fd().to_string(),
     ]);
-    let err = hotswap::client::listener(&env.socket, &service, Protocol::Tcp).unwrap_err();
+    let err = hotswap::client::listener(
+        &env.socket,
+        &service,
+        Protocol::Tcp,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap_err();
     assert!(
         hotswap::error_chain(&err).contains("has 2 generations listening already"),
         "{}",

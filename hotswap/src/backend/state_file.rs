@@ -178,10 +178,7 @@ pub(super) fn load<B: DeserializeOwned>(path: &Path) -> Result<StateFile<B>, Sta
 /// Writes `file` to `path`: a new file only its owner can read, renamed over the old one.
 pub(super) fn store<B: Serialize>(path: &Path, file: &StateFile<B>) -> Result<(), StateFileError> {
     let json = serde_json::to_vec_pretty(file).expect("plain data serialises");
-    let temporary = crate::with_suffix(path, ".new");
-    write_private(&temporary, &json).map_err(PathError::at("writing", &temporary))?;
-    std::fs::rename(&temporary, path).map_err(PathError::at("replacing", path))?;
-    Ok(())
+    Ok(crate::files::replace_private(path, &json)?)
 }
 
 /// A backend whose state lives in a state file.
@@ -273,18 +270,4 @@ pub(super) fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, before: Optio
         Some(value) => map.insert(key, value),
         None => map.remove(&key),
     };
-}
-
-/// Writes `bytes` to a new file only its owner can read.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }

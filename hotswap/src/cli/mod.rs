@@ -5,6 +5,7 @@ mod bind;
 mod daemon;
 mod doctor;
 mod metrics;
+mod reexec;
 mod register;
 mod run;
 mod status;
@@ -53,6 +54,17 @@ enum Command {
     Upgrade(upgrade::Args),
     /// Switch a service run by `hotswap run` back to its previous generation while it lives.
     Rollback(upgrade::RollbackArgs),
+    /// Replace the supervisor of a service run by `hotswap run` with the hotswap binary now at
+    /// its path (a new version), in place: no generation stops or restarts. SIGHUP does the
+    /// same (systemd's `ExecReload`).
+    Reexec(reexec::Args),
+    /// Hold a generation's sockets for `hotswap run` (started by it; not for use by hand).
+    #[command(hide = true)]
+    Keep {
+        /// Whose sockets: for `ps` only.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
     /// Show services, bindings, generations and the backend.
     Status(status::Args),
     /// Show per-service counters.
@@ -112,6 +124,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(cli.socket, args),
         Command::Upgrade(args) => upgrade::run(&cli.socket, args),
         Command::Rollback(args) => upgrade::rollback(&cli.socket, args),
+        Command::Reexec(args) => reexec::run(&cli.socket, args),
+        Command::Keep { .. } => crate::supervisor::keep(),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
         Command::Doctor(args) => doctor::run(args),

@@ -84,20 +84,19 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        // SIGHUP's default action would kill the supervisor without draining anything (a
-        // closed terminal, a `kill -HUP` meant as "reload"): it is logged and ignored.
-        if let Ok(mut hangup) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hangup.recv().await.is_some() {
-                    tracing::warn!(
-                        "SIGHUP ignored: `hotswap upgrade` replaces the generation, SIGTERM stops the service"
-                    );
-                }
-            });
-        }
-        supervisor::run(config, super::daemon::shutdown_signal()).await
+        // SIGHUP (systemd's ExecReload, `kill -HUP`) re-executes the supervisor in place, as
+        // `hotswap reexec` does; its default action would kill it without draining anything.
+        let (reexec_tx, reexec_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("handling SIGHUP")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: re-executing the supervisor");
+                let _ = reexec_tx.send(());
+            }
+        });
+        supervisor::run(config, super::daemon::shutdown_signal(), reexec_rx).await?;
+        Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
 }

@@ -64,6 +64,24 @@ impl Supervisor {
                     .await
                 }
                 SupervisorRequest::Rollback => self.rollback(&progress).await,
+                SupervisorRequest::Reexec => match self.check_reexec() {
+                    Ok(()) => {
+                        let done = SupervisorMessage::Done {
+                            ok: true,
+                            message: format!(
+                                "re-executing {} (pid {})",
+                                self.exec.binary().display(),
+                                std::process::id()
+                            ),
+                        };
+                        // The answer first: the exec closes this connection.
+                        let _ = connection.lock().await.send(&done).await;
+                        let Err(err) = self.reexec();
+                        tracing::warn!("{}", error_chain(&err));
+                        return None;
+                    }
+                    Err(err) => Err(err),
+                },
             };
             drop(progress);
             Some(match result {

@@ -110,12 +110,42 @@ pub enum SupervisorError {
     #[error("rolled back to generation {0} during the upgrade")]
     RolledBackByOperator(u32),
     /// Another upgrade is running.
-    #[error("an upgrade of {service} is already in progress (generation {generation})")]
+    #[error("an upgrade of {service} is in progress (phase {phase}); try again when it is done")]
     UpgradeInProgress {
         /// Service.
         service: ServiceName,
-        /// The generation it is bringing up.
-        generation: u32,
+        /// Its phase.
+        phase: &'static str,
+    },
+    /// The daemon did not answer in time.
+    #[error("the daemon did not answer within {} (is it stopped?)", humantime::format_duration(*.0))]
+    DaemonTimeout(Duration),
+    /// The notify socket could not be made.
+    #[error("creating the generation's notify socket failed")]
+    NotifySocket {
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The record names other addresses than this `hotswap run`.
+    #[error("service {service}'s running generations listen on {} (from the record of the supervisor before); this `hotswap run` says otherwise: run it with the same --listen addresses to adopt them (then upgrade), or stop that supervisor's generations first", listens_text(.recorded))]
+    ListensDiffer {
+        /// Service.
+        service: ServiceName,
+        /// What the record says.
+        recorded: Vec<ListenSpec>,
+    },
+    /// The record could not be read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The re-exec failed; the supervisor runs on as it was.
+    #[error("re-executing {} failed; the supervisor runs on unchanged", binary.display())]
+    Reexec {
+        /// The binary.
+        binary: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
     },
     /// `--drain-settle` would leave the old generation no time to finish.
     #[error("--drain-settle ({}) must be under half of --drain-timeout ({}): the queue is watched for at most the first half, the second is for the old generation to finish", humantime::format_duration(*settle), humantime::format_duration(*timeout))]
@@ -157,6 +187,14 @@ pub(super) fn ready_hint(mode: &ReadyMode) -> &'static str {
         ReadyMode::Notify => "--ready notify: it sent no READY=1 to NOTIFY_SOCKET",
         ReadyMode::Delay(_) => "--ready delay is longer than --ready-timeout",
     }
+}
+
+fn listens_text(listens: &[ListenSpec]) -> String {
+    listens
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(super) fn keep_note(kept: &Option<u32>) -> String {

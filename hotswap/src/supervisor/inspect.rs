@@ -52,6 +52,20 @@ fn process_group(stat: &str) -> Option<u32> {
     rest.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22): with the
+/// pid, what names one process across a supervisor's restart.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, 22)
+}
+
+/// Field `n` (1-based, as proc(5) counts) of a `/proc/PID/stat` line, counting from the last
+/// `)` since the command may hold spaces and parentheses.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
 /// Socket inodes among a process's descriptors.
 fn socket_inodes(pid: u32) -> BTreeSet<u64> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -121,6 +135,10 @@ mod tests {
         );
         assert_eq!(process_group("7 (a) b) c) R 1 99 7 0"), Some(99));
         assert_eq!(process_group("garbage"), None);
+        let stat = "7 (a) b) S 1 99 7 0 -1 4194560 0 0 0 0 1 2 0 0 20 0 1 0 123456 0 0";
+        assert_eq!(stat_field(stat, 5), Some(99));
+        assert_eq!(stat_field(stat, 22), Some(123456));
+        assert!(start_time(std::process::id()).is_some());
     }
 
     #[test]

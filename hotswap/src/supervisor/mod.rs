@@ -13,14 +13,20 @@
 //! closes its listener at once loses nothing: the queue is empty and the supervisor's copy keeps
 //! the socket open until the process has exited.
 
+mod adopt;
 mod control;
 mod error;
 mod inspect;
+mod keeper;
+mod notify;
 mod process;
 mod readiness;
+mod record;
+mod reexec;
 mod sockets;
 pub mod spec;
 mod tree;
+mod upgrade;
 mod wire;
 
 use std::{
@@ -28,10 +34,7 @@ use std::{
     ffi::OsStr,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
-        unix::process::ExitStatusExt as _,
-    },
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -44,14 +47,19 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
-    net::{UnixDatagram, UnixListener, UnixStream},
+    net::{UnixListener, UnixStream},
     sync::{mpsc, watch},
 };
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 pub use control::request;
 pub use error::SupervisorError;
+pub use keeper::keep;
+use keeper::Keeper;
 pub use process::{resolve_program, SpawnError};
 pub use readiness::{default_ready, queue_len};
+pub use record::RecordError;
+use record::{ProcessId, UpgradePhase, UpgradeRecord};
 use spec::{ListenSpec, ReadyMode};
 use tree::{become_subreaper, end_tree};
 pub use wire::{
@@ -80,6 +88,16 @@ const RESTART_RESET: Duration = Duration::from_secs(10);
 
 /// How often the supervisor collects the exits of orphaned workers it inherited as subreaper.
 const ORPHAN_REAP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The longest any one conversation with the daemon may take: a stopped or wedged daemon
+/// fails the step that needed it, never the supervisor.
+const DAEMON_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long a generation killed with SIGKILL may take to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// The environment variable through which a re-executed supervisor finds the lock it holds.
+const LOCK_FD_VARIABLE: &str = "HOTSWAP_RUN_LOCK_FD";
 
 /// How `hotswap run` runs a service.
 #[derive(Clone, Debug)]
@@ -122,14 +140,28 @@ fn ms_since_epoch(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A generation's notify socket: the name its processes got, what they said, and the task
+/// that reads it (aborted with the generation).
+struct NotifyLink {
+    name: String,
+    state: watch::Receiver<notify::NotifyState>,
+    _task: AbortOnDropHandle<()>,
+}
+
 struct Generation {
     id: u32,
     command: Vec<String>,
     fd_passing: spec::FdPassing,
-    /// The supervisor's own copies: registered with the daemon, and what keeps a draining
-    /// generation's queue alive after its process closed its listener.
+    /// The supervisor's own copies: what keeps a draining generation's queue alive after its
+    /// process closed its listener, and what a restart hands over.
     sockets: Vec<(Protocol, OwnedFd)>,
-    pid: Option<u32>,
+    /// Holds the sockets (and the notify socket) for as long as the generation lives, whatever
+    /// happens to the supervisor; the daemon's registration names it.
+    keeper: Keeper,
+    /// The current process; its pid leads the generation's process group.
+    process: Option<ProcessId>,
+    /// The current process's pid for the notify task's sender check.
+    main_pid: Arc<std::sync::atomic::AtomicU32>,
     /// Bumped on every (re)start, so a stale exit is not mistaken for the current process's.
     serial: u64,
     exit: watch::Receiver<Option<ExitInfo>>,
@@ -143,17 +175,22 @@ struct Generation {
     restarts: u32,
     /// How readiness is told.
     ready: ReadyMode,
-    notify: Option<Arc<UnixDatagram>>,
+    notify: Option<NotifyLink>,
     /// What the backend could do when the generation started: whether its sockets are its
     /// own (draining waits for their queue) and whether a switch moves connections.
     capabilities: Capabilities,
 }
 
 impl Generation {
+    fn pid(&self) -> Option<u32> {
+        self.process.map(|p| p.pid)
+    }
+
     fn report(&self) -> GenerationReport {
+        let notified = self.notify.as_ref().map(|n| n.state.borrow().clone());
         GenerationReport {
             id: self.id,
-            pid: self.pid,
+            pid: self.pid(),
             command: self.command.clone(),
             state: self.state.clone(),
             started_at_ms: ms_since_epoch(self.started_at),
@@ -161,11 +198,37 @@ impl Generation {
             switched_at_ms: self.switched_at.map(ms_since_epoch),
             drained_after_ms: self.drained_after.map(|d| d.as_millis() as u64),
             restarts: self.restarts,
+            keeper: Some(self.keeper.pid()),
+            notify_status: notified.as_ref().and_then(|n| n.status.clone()),
+            notify_stopping: notified.as_ref().is_some_and(|n| n.stopping),
+            watchdog_at_ms: notified.and_then(|n| n.watchdog_at).map(ms_since_epoch),
         }
     }
 
     fn alive(&self) -> bool {
         self.exit.borrow().is_none()
+    }
+
+    fn saved(&self) -> record::SavedGeneration {
+        record::SavedGeneration {
+            id: self.id,
+            keeper: ProcessId {
+                pid: self.keeper.pid(),
+                start_time: self.keeper.start_time(),
+            },
+            process: self.process.filter(|_| self.alive()),
+            protocols: self.sockets.iter().map(|(p, _)| *p).collect(),
+            notify: self.notify.as_ref().map(|n| n.name.clone()),
+            command: self.command.clone(),
+            fd_passing: self.fd_passing,
+            ready: self.ready,
+            state: self.state.clone(),
+            started_at_ms: ms_since_epoch(self.started_at),
+            ready_after_ms: self.ready_after.map(|d| d.as_millis() as u64),
+            switched_at_ms: self.switched_at.map(ms_since_epoch),
+            restarts: self.restarts,
+            capabilities: self.capabilities,
+        }
     }
 }
 
@@ -173,9 +236,8 @@ struct State {
     generations: BTreeMap<u32, Generation>,
     active: Option<u32>,
     previous: Option<u32>,
-    upgrading: Option<u32>,
-    /// The generation whose exit the running upgrade handles itself (until its grace ends).
-    protected: Option<u32>,
+    /// The upgrade in flight and its phase.
+    upgrade: Option<UpgradeRecord>,
     /// The last previous generation retired, and when: for a helpful `rollback` refusal.
     last_retired_previous: Option<(u32, Instant)>,
     /// What the next upgrade runs, unless it says otherwise: the command, and how it is handed
@@ -190,7 +252,16 @@ struct Supervisor {
     config: RunConfig,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<(u32, u64, ExitInfo)>,
-    notify_dir: PathBuf,
+    /// Where the record of the generations goes (see `record`).
+    record_path: PathBuf,
+    /// Cancelled when the supervisor stops: an upgrade in flight gives up at its next step.
+    stop: CancellationToken,
+    /// What a re-exec runs, and the lock it hands on.
+    exec: reexec::ExecPlan,
+    /// When this supervisor's image started.
+    started_at: SystemTime,
+    /// Generations this image adopted from a predecessor.
+    adopted: Mutex<Vec<u32>>,
 }
 
 /// Sends `progress` lines somewhere: the log for `run`, a client for `upgrade`.
@@ -201,8 +272,55 @@ impl Supervisor {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// One request to the daemon, given up after [`DAEMON_DEADLINE`].
     async fn daemon(&self, request: Request) -> Result<Reply, SupervisorError> {
-        Ok(client::request(&self.config.daemon_socket, &request).await?)
+        match tokio::time::timeout(
+            DAEMON_DEADLINE,
+            client::request(&self.config.daemon_socket, &request),
+        )
+        .await
+        {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(SupervisorError::DaemonTimeout(DAEMON_DEADLINE)),
+        }
+    }
+
+    /// Writes the record down. A record that cannot be written (a full disk) costs only the
+    /// adoption after a crash, never the service: it is logged.
+    fn save(&self) {
+        let saved = {
+            let state = self.lock();
+            record::SavedRun {
+                version: record::VERSION,
+                supervisor: std::process::id(),
+                listens: self.config.listens.clone(),
+                command: state.command.clone(),
+                fd_passing: state.fd_passing,
+                active: state.active,
+                upgrade: state.upgrade,
+                restarts: state.restarts,
+                generations: state
+                    .generations
+                    .values()
+                    .filter(|g| !g.sockets.is_empty())
+                    .map(Generation::saved)
+                    .collect(),
+            }
+        };
+        if let Err(err) = record::store(&self.record_path, &saved) {
+            tracing::error!(
+                "writing the record of the generations (a supervisor restarted after a crash could not adopt them): {}",
+                error_chain(&err)
+            );
+        }
+    }
+
+    /// Moves the upgrade in flight to `phase` and writes it down.
+    fn set_phase(&self, phase: UpgradePhase) {
+        if let Some(upgrade) = self.lock().upgrade.as_mut() {
+            upgrade.phase = phase;
+        }
+        self.save();
     }
 
     /// What the daemon's backend can do.
@@ -246,7 +364,8 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Creates a generation: sockets, registration, process. Returns its id.
+    /// Creates a generation: sockets, keeper, registration, process. Returns its id. Whatever
+    /// it made is undone when a later step fails.
     async fn start_generation(
         self: &Arc<Self>,
         (command, fd_passing): (Vec<String>, spec::FdPassing),
@@ -264,36 +383,66 @@ impl Supervisor {
             (Some(mode), _) => mode,
             (None, probe) => default_ready(&self.config.listens, probe.yes()),
         };
-        let sockets = self.create_sockets(capabilities.sockets)?;
+        let sockets = self.create_sockets(capabilities.sockets).await?;
+        // The notify socket is bound before the id is known: its name carries a placeholder
+        // generation number of 0 and randomness, which is all a name needs.
+        let notify = if ready == ReadyMode::Notify {
+            Some(
+                notify::bind(self.config.service.as_str(), 0)
+                    .map_err(|source| SupervisorError::NotifySocket { source })?,
+            )
+        } else {
+            None
+        };
+        let mut held: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
+        if let Some((socket, _)) = &notify {
+            held.push(socket.as_fd());
+        }
+        let keeper = Keeper::start(&held, self.config.service.as_str(), 0)?;
+        drop(held);
+        self.set_phase(UpgradePhase::Preparing {
+            keeper: Some(ProcessId {
+                pid: keeper.pid(),
+                start_time: keeper.start_time(),
+            }),
+        });
         let label: String = command
             .join(" ")
             .chars()
             .take(hotswap_common::MAX_LABEL)
             .collect();
-        let reply = self
+        let registered = self
             .daemon(Request::Register {
                 service: self.config.service.clone(),
-                pid: std::process::id(),
-                fds: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+                pid: keeper.pid(),
+                fds: (0..sockets.len()).map(Keeper::fd_number).collect(),
                 label: Some(label),
                 activate: false,
             })
-            .await?;
-        let Reply::Registered { generation: id, .. } = reply else {
-            return Err(SupervisorError::UnexpectedReply("to register".into()));
-        };
-        let notify = if ready == ReadyMode::Notify {
-            Some(Arc::new(self.notify_socket(id)?))
-        } else {
-            None
+            .await;
+        let id = match registered {
+            Ok(Reply::Registered { generation, .. }) => generation,
+            Ok(_) => {
+                keeper.end();
+                return Err(SupervisorError::UnexpectedReply("to register".into()));
+            }
+            Err(err) => {
+                // A registration whose reply was lost names the keeper: it goes with it.
+                keeper.end();
+                return Err(err);
+            }
         };
         let (exit_tx, exit_rx) = watch::channel(None);
+        let main_pid = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let notify = notify.map(|(socket, name)| self.serve_notify(socket, name, &main_pid));
         let generation = Generation {
             id,
             command,
             fd_passing,
             sockets,
-            pid: None,
+            keeper,
+            process: None,
+            main_pid,
             serial: 0,
             exit: exit_rx,
             state: GenerationState::Starting,
@@ -309,6 +458,7 @@ impl Supervisor {
             capabilities,
         };
         self.lock().generations.insert(id, generation);
+        self.set_phase(UpgradePhase::Starting { new: id });
         if let Err(err) = self.spawn_process(id, exit_tx) {
             self.retire_async(
                 id,
@@ -322,10 +472,26 @@ impl Supervisor {
         Ok(id)
     }
 
-    fn notify_socket(&self, id: u32) -> Result<UnixDatagram, SupervisorError> {
-        let path = self.notify_dir.join(format!("{id}.sock"));
-        let _ = std::fs::remove_file(&path);
-        Ok(UnixDatagram::bind(&path).map_err(PathError::at("binding notify socket", &path))?)
+    /// Starts the task that serves a generation's notify socket for the generation's whole
+    /// life, taking datagrams only from the generation's own processes.
+    fn serve_notify(
+        &self,
+        socket: std::os::unix::net::UnixDatagram,
+        name: String,
+        main_pid: &Arc<std::sync::atomic::AtomicU32>,
+    ) -> NotifyLink {
+        let (tx, rx) = watch::channel(notify::NotifyState::default());
+        let main_pid = Arc::clone(main_pid);
+        let belongs = move |pid: u32| {
+            let main = main_pid.load(std::sync::atomic::Ordering::Relaxed);
+            main != 0 && notify::in_generation(pid, main)
+        };
+        let task = tokio::spawn(notify::serve(socket, belongs, tx));
+        NotifyLink {
+            name,
+            state: rx,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 
     /// Starts (or restarts) generation `id`'s process on its sockets.
@@ -342,45 +508,59 @@ impl Supervisor {
             .map(|(p, fd)| (*p, fd.as_fd()))
             .collect();
         let id_text = id.to_string();
-        let notify_path = self.notify_dir.join(format!("{id}.sock"));
         let mut env: Vec<(&str, &OsStr)> = vec![
             ("HOTSWAP_SERVICE", OsStr::new(self.config.service.as_str())),
             ("HOTSWAP_GENERATION", OsStr::new(&id_text)),
         ];
-        if generation.notify.is_some() {
-            env.push(("NOTIFY_SOCKET", notify_path.as_os_str()));
+        if let Some(notify) = &generation.notify {
+            env.push(("NOTIFY_SOCKET", OsStr::new(&notify.name)));
         }
-        let mut child =
+        let child =
             process::spawn_activated(&generation.command, &sockets, generation.fd_passing, &env)?;
         let pid = child.id();
-        generation.pid = pid;
+        // Our unreaped child: its pid is its own until we collect it through this pidfd.
+        let pidfd = crate::socket::Pidfd::open(pid).map_err(|err| {
+            SupervisorError::Spawn(SpawnError::Spawn {
+                program: generation.command[0].clone(),
+                source: io::Error::other(err),
+            })
+        })?;
+        generation.process = Some(ProcessId {
+            pid,
+            start_time: inspect::start_time(pid).unwrap_or(0),
+        });
+        generation
+            .main_pid
+            .store(pid, std::sync::atomic::Ordering::Relaxed);
         generation.serial += 1;
         generation.spawned = Instant::now();
         let serial = generation.serial;
         drop(state);
+        self.watch_exit(id, serial, pid, pidfd, exit_tx);
+        self.save();
+        Ok(())
+    }
+
+    /// Watches generation `id`'s process `pid` (its `serial`th) until it exits, then ends what
+    /// it left in its process group and reports the exit.
+    fn watch_exit(
+        self: &Arc<Self>,
+        id: u32,
+        serial: u64,
+        pid: u32,
+        pidfd: crate::socket::Pidfd,
+        exit_tx: watch::Sender<Option<ExitInfo>>,
+    ) {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let exit = tree::wait_exit(pidfd).await;
             // Whatever the main process left behind in its group (workers that outlived it) is
             // part of a generation that has ended.
-            if let Some(pid) = pid {
-                end_tree(pid);
-            }
-            let exit = match status {
-                Ok(status) => ExitInfo {
-                    code: status.code(),
-                    signal: status.signal(),
-                },
-                Err(_) => ExitInfo {
-                    code: None,
-                    signal: None,
-                },
-            };
+            end_tree(pid);
             // Receivers keep seeing this value after the sender is gone.
             let _ = exit_tx.send(Some(exit));
             let _ = supervisor.events.send((id, serial, exit));
         });
-        Ok(())
     }
 
     /// Makes `id` active in the kernel.
@@ -403,6 +583,13 @@ impl Supervisor {
                 return Err(SupervisorError::UnexpectedReply("to switch".into()));
             };
         }
+        let previous = self.mark_active(id);
+        self.save();
+        Ok(previous)
+    }
+
+    /// Records `id` as active (the kernel steers to it), the one before as previous.
+    fn mark_active(&self, id: u32) -> Option<u32> {
         let mut state = self.lock();
         let previous = state.active.replace(id);
         if let Some(prev) = previous.filter(|&p| p != id) {
@@ -417,9 +604,8 @@ impl Supervisor {
             g.switched_at = Some(SystemTime::now());
             g.switched_away = None;
         }
-        Ok(previous)
+        previous
     }
-
     /// Drains `id`: waits until its sockets' queues are empty and settled, sends the drain
     /// signal, waits for the exit (killing after the drain timeout), then closes its sockets.
     async fn drain(self: &Arc<Self>, id: u32, progress: Progress<'_>) {
@@ -431,6 +617,7 @@ impl Supervisor {
             Some(g) => {
                 // From now on `rollback` cannot pick it.
                 g.state = GenerationState::Draining;
+                g.switched_away.get_or_insert_with(Instant::now);
                 if !g.capabilities.socket_per_generation {
                     // A shared queue belongs to every generation: the new one goes on
                     // accepting from it.
@@ -441,6 +628,7 @@ impl Supervisor {
             }
             None => return,
         };
+        self.save();
         // A handshake half done at the switch completes into the old socket's queue within a
         // round trip; the settle time, counted from the switch, covers it. The queue must then
         // also stay empty for QUEUE_QUIET: a queue that was full at the switch empties while
@@ -505,7 +693,7 @@ impl Supervisor {
                         "generation {id}: still running after the drain timeout ({}); killed",
                         humantime::format_duration(self.config.drain_timeout)
                     ));
-                    self.kill_and_wait(id, Signal::SIGKILL, Duration::from_secs(10))
+                    self.kill_and_wait(id, Signal::SIGKILL, KILL_WAIT)
                         .await
                         .unwrap_or(ExitInfo {
                             code: None,
@@ -543,9 +731,10 @@ impl Supervisor {
         .await;
     }
 
-    /// Closes the generation's sockets, tells the daemon to forget it, and retires it. Closing
-    /// first leaves the daemon's copy (where the backend keeps one, as reuseport does) the last,
-    /// so the socket leaves its group when the daemon says, not a moment later.
+    /// Closes the generation's sockets, tells the daemon to forget it, ends its keeper, and
+    /// retires it. Closing first leaves the daemon's copy (where the backend keeps one, as
+    /// reuseport does) the last, so the socket leaves its group when the daemon says, not a
+    /// moment later; where the daemon cannot be told, the keeper's end lets its reaper see it.
     async fn retire_async(&self, id: u32, final_state: GenerationState) {
         if let Some(g) = self.lock().generations.get_mut(&id) {
             g.sockets.clear();
@@ -561,6 +750,9 @@ impl Supervisor {
                 "telling the daemon generation {id} is gone: {}",
                 error_chain(&err)
             );
+        }
+        if let Some(g) = self.lock().generations.get(&id) {
+            g.keeper.end();
         }
         self.retire(id, final_state);
     }
@@ -616,8 +808,8 @@ impl Supervisor {
             g.sockets.clear();
             g.notify = None;
             g.state = final_state;
+            g.keeper.end();
         }
-        let _ = std::fs::remove_file(self.notify_dir.join(format!("{id}.sock")));
         if state.previous == Some(id) {
             state.previous = None;
             state.last_retired_previous = Some((id, Instant::now()));
@@ -632,205 +824,8 @@ impl Supervisor {
         for old in retired.iter().take(retired.len().saturating_sub(8)) {
             state.generations.remove(old);
         }
-    }
-
-    /// `hotswap upgrade`.
-    async fn upgrade(
-        self: &Arc<Self>,
-        command: Option<Vec<String>>,
-        pass_fds: Option<spec::FdPassing>,
-        ready: Option<ReadyMode>,
-        ready_timeout: Option<Duration>,
-        progress: Progress<'_>,
-    ) -> Result<String, SupervisorError> {
-        let launch = {
-            let mut state = self.lock();
-            if state.stopping {
-                return Err(SupervisorError::Stopping);
-            }
-            if let Some(generation) = state.upgrading {
-                return Err(SupervisorError::UpgradeInProgress {
-                    service: self.config.service.clone(),
-                    generation,
-                });
-            }
-            // Reserve the slot before any await, so two upgrades cannot both pass the check.
-            state.upgrading = Some(0);
-            (
-                command.unwrap_or_else(|| state.command.clone()),
-                pass_fds.unwrap_or(state.fd_passing),
-            )
-        };
-        let result = self
-            .upgrade_steps(
-                launch,
-                ready.or(self.config.ready),
-                ready_timeout.unwrap_or(self.config.ready_timeout),
-                progress,
-            )
-            .await;
-        self.lock().upgrading = None;
-        result
-    }
-
-    async fn upgrade_steps(
-        self: &Arc<Self>,
-        launch: (Vec<String>, spec::FdPassing),
-        ready: Option<ReadyMode>,
-        ready_timeout: Duration,
-        progress: Progress<'_>,
-    ) -> Result<String, SupervisorError> {
-        let old = self.lock().active;
-        let new = self.start_generation(launch.clone(), ready).await?;
-        {
-            let mut state = self.lock();
-            state.upgrading = Some(new);
-            state.protected = Some(new);
-        }
-        let pid = self.lock().generations.get(&new).and_then(|g| g.pid);
-        progress(format!(
-            "generation {new} started (pid {})",
-            pid.map_or("?".into(), |p| p.to_string())
-        ));
-        let after = self.wait_ready(new, ready_timeout).await?;
-        if self.lock().stopping {
-            // The supervisor is shutting down: do not switch to a generation it will drain.
-            self.kill_and_wait(new, Signal::SIGKILL, Duration::from_secs(5))
-                .await;
-            self.retire_async(
-                new,
-                GenerationState::Failed {
-                    reason: "the supervisor stopped".into(),
-                },
-            )
-            .await;
-            return Err(SupervisorError::Stopping);
-        }
-        progress(format!(
-            "generation {new} ready after {} ms",
-            after.as_millis()
-        ));
-        if let Err(err) = self.check_uses_its_sockets(new, old) {
-            self.kill_and_wait(new, Signal::SIGKILL, Duration::from_secs(5))
-                .await;
-            self.retire_async(
-                new,
-                GenerationState::Failed {
-                    reason: err.to_string(),
-                },
-            )
-            .await;
-            return Err(err);
-        }
-        self.switch_to(new).await?;
-        match old {
-            Some(old) => progress(format!("switched {old} -> {new}")),
-            None => progress(format!("switched to {new}")),
-        }
-        {
-            let mut state = self.lock();
-            state.command = launch.0;
-            state.fd_passing = launch.1;
-        }
-        let Some(old) = old else {
-            self.lock().protected = None;
-            return Ok(format!("generation {new} is active"));
-        };
-
-        // Grace: if the new generation dies now while the old one can still serve, go back.
-        let mut exit = self.lock().generations[&new].exit.clone();
-        let switched = Instant::now();
-        let died =
-            match tokio::time::timeout(self.config.grace, exit.wait_for(Option::is_some)).await {
-                Ok(Ok(exit)) => Some(exit.unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                })),
-                _ => None,
-            };
-        if let Some(exit) = died {
-            let old_alive = self
-                .lock()
-                .generations
-                .get(&old)
-                .is_some_and(|g| g.alive() && !g.sockets.is_empty());
-            if old_alive && self.lock().active == Some(new) {
-                self.switch_to(old).await?;
-                progress(format!("generation {new} exited ({exit}) within the grace period; switched back to {old}"));
-                self.retire_async(new, GenerationState::Exited { exit })
-                    .await;
-                return Err(SupervisorError::RolledBack {
-                    generation: new,
-                    exit,
-                    after: switched.elapsed(),
-                    back: old,
-                });
-            }
-        }
-        // Past the grace period, the new generation is like any other: if it dies now it is
-        // restarted.
-        self.lock().protected = None;
-        // A death in the grace period that did not roll back (the old generation was gone):
-        // hand it to the restart logic now.
-        let dead_serial = match self.lock().generations.get(&new) {
-            Some(g) if !g.alive() => Some(g.serial),
-            _ => None,
-        };
-        if let (Some(exit), Some(serial)) = (died, dead_serial) {
-            self.on_exit(new, serial, exit);
-        }
-        if self.lock().active != Some(new) {
-            // The operator rolled back meanwhile: drain the new one instead.
-            let back = self.lock().active.unwrap_or(old);
-            self.drain(new, progress).await;
-            return Err(SupervisorError::RolledBackByOperator(back));
-        }
-        self.drain(old, progress).await;
-        // An old generation that shut its listener down on the way out may have shut down the
-        // new one's too (a shared socket): never report success over a dead socket.
-        if self.ensure_listening(new).await? {
-            progress(format!(
-                "generation {new}: its socket had been shut down (by the old generation, which shares it); it listens again"
-            ));
-        }
-        Ok(format!("generation {new} is active"))
-    }
-
-    /// `hotswap rollback`.
-    async fn rollback(self: &Arc<Self>, progress: Progress<'_>) -> Result<String, SupervisorError> {
-        let (active, previous) = {
-            let state = self.lock();
-            (state.active, state.previous)
-        };
-        let cannot = |why: String| SupervisorError::CannotRollBack {
-            service: self.config.service.clone(),
-            why,
-        };
-        let retired = self.lock().last_retired_previous;
-        let previous = previous.ok_or_else(|| match retired {
-            Some((id, when)) => cannot(format!(
-                "generation {id} was drained and exited {:.0} s ago (rollback works until the old generation is drained, i.e. within --grace after an upgrade)",
-                when.elapsed().as_secs_f64()
-            )),
-            None => cannot("there is no previous generation".into()),
-        })?;
-        {
-            let state = self.lock();
-            let g = state.generations.get(&previous);
-            match g.map(|g| (&g.state, g.alive() && !g.sockets.is_empty())) {
-                Some((GenerationState::Ready, true)) => {}
-                Some((GenerationState::Draining, _)) => {
-                    return Err(cannot(format!("generation {previous} is draining already")))
-                }
-                _ => return Err(cannot(format!("generation {previous} has exited"))),
-            }
-        }
-        self.switch_to(previous).await?;
-        progress(format!(
-            "switched {} -> {previous}",
-            active.map_or("-".into(), |a| a.to_string())
-        ));
-        Ok(format!("generation {previous} is active"))
+        drop(state);
+        self.save();
     }
 
     fn report(&self) -> SupervisorReport {
@@ -839,7 +834,15 @@ impl Supervisor {
             pid: std::process::id(),
             listens: self.config.listens.clone(),
             active: state.active,
-            upgrading: state.upgrading.filter(|&g| g != 0),
+            upgrading: state.upgrade.and_then(|u| u.phase.new_generation()),
+            upgrade_phase: state.upgrade.map(|u| u.phase.name().to_owned()),
+            started_at_ms: ms_since_epoch(self.started_at),
+            binary: self.exec.binary().display().to_string(),
+            adopted: self
+                .adopted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             restarts: state.restarts,
             generations: state.generations.values().map(Generation::report).collect(),
         }
@@ -851,7 +854,9 @@ impl Supervisor {
         let mut state = self.lock();
         let restart = !state.stopping
             && state.active == Some(id)
-            && state.protected != Some(id)
+            && !state
+                .upgrade
+                .is_some_and(|u| u.phase.protects_new() && u.phase.new_generation() == Some(id))
             && state
                 .generations
                 .get(&id)
@@ -861,6 +866,7 @@ impl Supervisor {
         }
         state.restarts += 1;
         let g = state.generations.get_mut(&id).expect("checked");
+        g.process = None;
         let uptime = g.spawned.elapsed();
         if uptime >= RESTART_RESET {
             g.restarts = 0;
@@ -923,12 +929,16 @@ impl Supervisor {
     }
 }
 
-/// Runs a service until `shutdown` completes: starts generation 1, switches to it, serves
-/// `upgrade`/`rollback`/`status`, restarts generations that die on their own. On shutdown every
-/// generation is drained. Returns an error if the first generation never gets ready.
+/// Runs a service until `shutdown` completes: adopts the generations a supervisor before it
+/// left (see `adopt`), or starts generation 1 and switches to it; serves
+/// `upgrade`/`rollback`/`status`/`reexec`; restarts generations that die on their own. Each
+/// message on `reexec` (SIGHUP) re-executes the supervisor in place. On shutdown every
+/// generation is drained, at once, within the drain timeout and a few seconds. Returns an
+/// error if the first generation never gets ready.
 pub async fn run(
     config: RunConfig,
     shutdown: impl std::future::Future<Output = ()>,
+    reexec_requests: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), SupervisorError> {
     if config.drain_settle + QUEUE_QUIET >= config.drain_timeout / 2 {
         return Err(SupervisorError::SettleNotBelowTimeout {
@@ -940,31 +950,22 @@ pub async fn run(
     if let Some(dir) = control_path.parent() {
         std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
     }
-    let lock_path = control_path.with_extension("lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(PathError::at("opening", &lock_path))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SupervisorError::AlreadyRunning(config.service.clone()))?;
-    let notify_dir = control_path.with_extension("notify");
-    let _ = std::fs::remove_dir_all(&notify_dir);
-    std::fs::create_dir_all(&notify_dir).map_err(PathError::at("creating", &notify_dir))?;
+    let lock = reexec::take_lock(&control_path.with_extension("lock"), &config.service)?;
+    let record_path = record::path(&control_path);
+    let saved = record::load(&record_path)?;
 
     if let Err(err) = become_subreaper() {
         tracing::warn!("cannot become the reaper of orphaned workers: {err}");
     }
     let mut orphans = tokio::time::interval(ORPHAN_REAP_INTERVAL);
+    let reconciling = tokio::time::interval(RECONCILE_INTERVAL);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let supervisor = Arc::new(Supervisor {
         state: Mutex::new(State {
             generations: BTreeMap::new(),
             active: None,
             previous: None,
-            upgrading: Some(0),
-            protected: None,
+            upgrade: None,
             last_retired_previous: None,
             command: config.command.clone(),
             fd_passing: config.fd_passing,
@@ -973,65 +974,130 @@ pub async fn run(
         }),
         config,
         events: events_tx,
-        notify_dir: notify_dir.clone(),
+        record_path: record_path.clone(),
+        stop: CancellationToken::new(),
+        exec: reexec::ExecPlan::new(lock.as_raw_fd()),
+        started_at: SystemTime::now(),
+        adopted: Mutex::new(Vec::new()),
     });
     let log = |line: String| tracing::info!("{line}");
-    let service = supervisor.config.service.clone();
 
-    // Generation 1, with exits watched while it starts.
-    supervisor.ensure_bindings().await?;
-    let first = async {
-        let launch = (
-            supervisor.config.command.clone(),
-            supervisor.config.fd_passing,
-        );
-        supervisor
-            .upgrade_steps(
-                launch,
-                supervisor.config.ready,
-                supervisor.config.ready_timeout,
-                &log,
-            )
-            .await
+    let adopted = match saved {
+        Some(saved) => supervisor.adopt(saved, &log).await?,
+        None => false,
     };
-    tokio::pin!(first);
-    tokio::pin!(shutdown);
-    let started = loop {
-        tokio::select! {
-            result = &mut first => break result,
-            Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
-            _ = orphans.tick() => supervisor.reap_orphans(),
-            () = &mut shutdown => {
-                supervisor.lock().stopping = true;
-                break Err(SupervisorError::Stopping);
-            }
+    if adopted {
+        // The bindings were made before; a daemon that is away now is told when it returns.
+        if let Err(err) = supervisor.ensure_bindings().await {
+            tracing::warn!("checking the service's bindings: {}", error_chain(&err));
         }
-    };
-    supervisor.lock().upgrading = None;
-    if let Err(err) = started {
-        let _ = std::fs::remove_dir_all(&notify_dir);
-        return Err(err);
+    } else {
+        // Generation 1, with exits watched while it starts.
+        supervisor.ensure_bindings().await?;
+        let first = async {
+            let launch = supervisor.begin_upgrade()?;
+            supervisor
+                .run_upgrade(
+                    launch,
+                    supervisor.config.ready,
+                    supervisor.config.ready_timeout,
+                    &log,
+                )
+                .await
+        };
+        tokio::pin!(first);
+        tokio::pin!(shutdown);
+        let mut stop_asked = false;
+        let started = loop {
+            tokio::select! {
+                result = &mut first => break result,
+                Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
+                _ = orphans.tick() => supervisor.reap_orphans(),
+                // The first generation gives up at its next step and is undone.
+                () = &mut shutdown, if !stop_asked => {
+                    stop_asked = true;
+                    supervisor.lock().stopping = true;
+                    supervisor.stop.cancel();
+                },
+            }
+        };
+        if started.is_err() || stop_asked {
+            supervisor.stop_all(&log).await;
+            record::remove(&record_path);
+            return started.map(|_| ());
+        }
+        return serve(
+            Arc::clone(&supervisor),
+            shutdown,
+            events,
+            reexec_requests,
+            orphans,
+            reconciling,
+        )
+        .await;
     }
-    // Tell systemd, when it started us with Type=notify.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tokio::pin!(shutdown);
+    serve(
+        supervisor,
+        shutdown,
+        events,
+        reexec_requests,
+        orphans,
+        reconciling,
+    )
+    .await
+}
+
+/// How often the supervisor checks that the kernel steers to its active generation.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Serves the control socket until `shutdown`, then stops every generation.
+async fn serve(
+    supervisor: Arc<Supervisor>,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    mut events: mpsc::UnboundedReceiver<(u32, u64, ExitInfo)>,
+    mut reexec_requests: mpsc::UnboundedReceiver<()>,
+    mut orphans: tokio::time::Interval,
+    mut reconciling: tokio::time::Interval,
+) -> Result<(), SupervisorError> {
+    let log = |line: String| tracing::info!("{line}");
+    let service = supervisor.config.service.clone();
+    let control_path = supervisor_socket(&supervisor.config.daemon_socket, &service);
+    // Tell systemd, when it started us with Type=notify (again after a re-exec: harmless).
+    let _ = crate::activation::notify("READY=1");
 
     let _ = std::fs::remove_file(&control_path);
-    let listener =
-        UnixListener::bind(&control_path).map_err(PathError::at("binding", &control_path))?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600))
-            .map_err(PathError::at("restricting", &control_path))?;
-    }
+    let listener = {
+        // The umask closes the window between bind() and chmod().
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(&control_path);
+        nix::sys::stat::umask(old);
+        bound.map_err(PathError::at("binding", &control_path))?
+    };
     tracing::info!(
         "service {service} running; control socket {}",
         control_path.display()
     );
+    let reconciler = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some((id, serial, exit)) = events.recv() => supervisor.on_exit(id, serial, exit),
             _ = orphans.tick() => supervisor.reap_orphans(),
+            _ = reconciling.tick() => {
+                // One at a time, off the loop: a stopped daemon holds it up to its deadline.
+                if let Ok(permit) = Arc::clone(&reconciler).try_acquire_owned() {
+                    let supervisor = Arc::clone(&supervisor);
+                    tokio::spawn(async move {
+                        supervisor.reconcile().await;
+                        drop(permit);
+                    });
+                }
+            }
+            Some(()) = reexec_requests.recv() => {
+                let Err(err) = supervisor.reexec();
+                tracing::warn!("re-executing the supervisor: {}", error_chain(&err));
+            }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let supervisor = Arc::clone(&supervisor);
@@ -1046,30 +1112,57 @@ pub async fn run(
     }
 
     tracing::info!("stopping service {service}: draining every generation");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    supervisor.lock().stopping = true;
-    // Let an upgrade in flight end first (it gives up at its next step), so it cannot switch
-    // while everything is being drained.
-    let patience = supervisor.config.ready_timeout
-        + supervisor.config.grace
-        + supervisor.config.drain_timeout
-        + Duration::from_secs(5);
-    let deadline = Instant::now() + patience;
-    while supervisor.lock().upgrading.is_some() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let live: Vec<u32> = supervisor
-        .lock()
-        .generations
-        .iter()
-        .filter(|(_, g)| !g.sockets.is_empty())
-        .map(|(&id, _)| id)
-        .collect();
-    for id in live {
-        supervisor.drain(id, &log).await;
-    }
-    supervisor.reap_orphans();
+    let _ = crate::activation::notify("STOPPING=1");
+    supervisor.stop_all(&log).await;
     let _ = std::fs::remove_file(&control_path);
-    let _ = std::fs::remove_dir_all(&notify_dir);
+    record::remove(&supervisor.record_path);
     Ok(())
+}
+
+impl Supervisor {
+    /// Stops the service: an upgrade in flight gives up at its next step, then every live
+    /// generation drains at once (one already draining is waited for). Takes at most the drain
+    /// timeout and a few seconds.
+    async fn stop_all(self: &Arc<Self>, log: Progress<'_>) {
+        self.lock().stopping = true;
+        self.stop.cancel();
+        let deadline = Instant::now() + 2 * DAEMON_DEADLINE + KILL_WAIT;
+        while Instant::now() < deadline {
+            let settled = self
+                .lock()
+                .upgrade
+                .is_none_or(|u| matches!(u.phase, UpgradePhase::Draining { .. }));
+            if settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let live: Vec<(u32, bool)> = self
+            .lock()
+            .generations
+            .iter()
+            .filter(|(_, g)| !g.sockets.is_empty())
+            .map(|(&id, g)| (id, g.state == GenerationState::Draining))
+            .collect();
+        let patience = self.config.drain_timeout + KILL_WAIT + DAEMON_DEADLINE;
+        let stops = live.into_iter().map(|(id, draining)| async move {
+            if draining {
+                // Someone drains it already: wait for the end of that.
+                let gone_by = Instant::now() + patience;
+                while Instant::now() < gone_by
+                    && self
+                        .lock()
+                        .generations
+                        .get(&id)
+                        .is_some_and(|g| !g.sockets.is_empty())
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } else {
+                self.drain(id, log).await;
+            }
+        });
+        futures::future::join_all(stops).await;
+        self.reap_orphans();
+    }
 }

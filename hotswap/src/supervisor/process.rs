@@ -82,9 +82,21 @@ struct ExecPlan {
     /// `LISTEN_PID=` followed by room for the digits and a NUL.
     listen_pid: Vec<u8>,
     env_ptrs: Vec<*const libc::c_char>,
-    sockets: Vec<RawFd>,
-    /// The supervisor's pid, to notice in the child that it died before PR_SET_PDEATHSIG.
-    parent: libc::pid_t,
+    /// What goes to fds 3, 4, … in order.
+    fds: Vec<RawFd>,
+    /// How the child leaves the supervisor's process group.
+    detach: Detach,
+}
+
+/// How a child leaves the supervisor's process group and session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Detach {
+    /// A process group of its own: a generation is its whole process tree, ended at once
+    /// (killpg) when it retires.
+    Group,
+    /// A session of its own (a keeper): no signal meant for the supervisor's terminal or
+    /// group reaches it.
+    Session,
 }
 
 // SAFETY: the raw pointers point into buffers owned by the plan itself; the plan moves into the
@@ -96,35 +108,41 @@ unsafe impl Sync for ExecPlan {}
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 
 impl ExecPlan {
-    /// Runs in the forked child: moves the sockets to 3, 4, …, fills in LISTEN_PID, execs.
+    /// Runs in the forked child: moves the fds to 3, 4, …, fills in LISTEN_PID, execs.
     /// Only async-signal-safe calls.
     fn exec(&mut self) -> io::Error {
-        let count = self.sockets.len() as RawFd;
+        let count = self.fds.len() as RawFd;
         // SAFETY: fd juggling and execve on buffers the plan owns.
         unsafe {
             // First out of the target range, so no source is overwritten by another's target.
-            for i in 0..self.sockets.len() {
-                let high = libc::fcntl(self.sockets[i], libc::F_DUPFD, LISTEN_FDS_START + count);
+            for i in 0..self.fds.len() {
+                let high = libc::fcntl(self.fds[i], libc::F_DUPFD, LISTEN_FDS_START + count);
                 if high < 0 {
                     return io::Error::last_os_error();
                 }
-                self.sockets[i] = high;
+                self.fds[i] = high;
             }
-            for (i, &fd) in self.sockets.iter().enumerate() {
+            for (i, &fd) in self.fds.iter().enumerate() {
                 // dup2 clears FD_CLOEXEC on the new fd: exactly these survive the exec.
                 if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
                     return io::Error::last_os_error();
                 }
                 libc::close(fd);
             }
-            // A process group of its own: the generation is its whole process tree, and the
-            // supervisor ends all of it at once (killpg) when it retires the generation.
-            libc::setpgid(0, 0);
-            // Kill the child if the supervisor dies: `hotswap run` *is* the service. If it died
-            // before the prctl, the parent is someone else already: give up.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if libc::getppid() != self.parent {
-                libc::_exit(1);
+            // No PR_SET_PDEATHSIG: a generation outlives its supervisor (a crash, kill -9, a
+            // re-exec), and the next supervisor adopts it.
+            match self.detach {
+                Detach::Group => libc::setpgid(0, 0),
+                Detach::Session => libc::setsid(),
+            };
+            if self.listen_pid.len() < LISTEN_PID_PREFIX.len() + 11 {
+                // No LISTEN_PID to fill in (a keeper).
+                libc::execve(
+                    self.program.as_ptr(),
+                    self.argv_ptrs.as_ptr(),
+                    self.env_ptrs.as_ptr(),
+                );
+                return io::Error::last_os_error();
             }
             let mut pid = libc::getpid() as u32;
             let mut digits = [0u8; 10];
@@ -162,6 +180,7 @@ const HANDED_OVER: &[&str] = &[
     "NGINX",
     "HOTSWAP_FD_TCP",
     "HOTSWAP_FD_UDP",
+    super::LOCK_FD_VARIABLE,
 ];
 
 /// The fd number each protocol's socket gets in the child: 3, 4, … in the order given.
@@ -188,7 +207,7 @@ pub fn spawn_activated(
     sockets: &[(Protocol, BorrowedFd<'_>)],
     passing: FdPassing,
     extra_env: &[(&str, &OsStr)],
-) -> Result<tokio::process::Child, SpawnError> {
+) -> Result<std::process::Child, SpawnError> {
     let program_name = command.first().ok_or(SpawnError::NoCommand)?;
     let program_path = resolve_program(program_name)?;
     let program = cstring(program_path.as_os_str().as_bytes())?;
@@ -247,25 +266,80 @@ pub fn spawn_activated(
         env_ptrs.push(listen_pid.as_ptr().cast());
     }
     env_ptrs.push(std::ptr::null());
-    let mut plan = ExecPlan {
+    let plan = ExecPlan {
         program,
         _argv: argv,
         argv_ptrs,
         _env: env,
         listen_pid,
         env_ptrs,
-        sockets: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
-        // SAFETY: getpid cannot fail.
-        parent: unsafe { libc::getpid() },
+        fds: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+        detach: Detach::Group,
     };
-    let mut cmd = tokio::process::Command::new(&program_path);
-    cmd.args(&expanded[1..]).kill_on_drop(false);
+    run_plan(plan, &program_path, &expanded[1..]).map_err(|source| SpawnError::Spawn {
+        program: program_name.clone(),
+        source,
+    })
+}
+
+/// Forks and runs `plan` in the child. A `std` child: nothing reaps it behind the supervisor's
+/// back (tokio's children are reaped when dropped), so its pid stays its own until the
+/// supervisor collects the exit through its pidfd.
+fn run_plan(
+    mut plan: ExecPlan,
+    program: &Path,
+    args: &[String],
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    if plan.detach == Detach::Session {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
     // SAFETY: ExecPlan::exec only makes async-signal-safe calls.
     unsafe {
         cmd.pre_exec(move || Err(plan.exec()));
     }
-    cmd.spawn().map_err(|source| SpawnError::Spawn {
-        program: program_name.clone(),
+    cmd.spawn()
+}
+
+/// Starts a keeper (`hotswap keep`, from this very binary even if its file was replaced since)
+/// holding `fds` at 3, 4, … in a session of its own, with nothing on stdin/stdout/stderr.
+pub fn spawn_keeper(
+    fds: &[BorrowedFd<'_>],
+    service: &str,
+    generation: u32,
+) -> Result<std::process::Child, SpawnError> {
+    const PROGRAM: &str = "/proc/self/exe";
+    // The words only tell `ps` whose sockets these are.
+    let args = vec![
+        "keep".to_owned(),
+        service.to_owned(),
+        generation.to_string(),
+    ];
+    let argv = std::iter::once("hotswap")
+        .chain(args.iter().map(String::as_str))
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let env = vec![cstring(b"PATH=/usr/bin:/bin")?];
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    let plan = ExecPlan {
+        program: cstring(PROGRAM.as_bytes())?,
+        _argv: argv,
+        argv_ptrs,
+        _env: env,
+        listen_pid: Vec::new(),
+        env_ptrs,
+        fds: fds.iter().map(|fd| fd.as_raw_fd()).collect(),
+        detach: Detach::Session,
+    };
+    run_plan(plan, Path::new(PROGRAM), &args).map_err(|source| SpawnError::Spawn {
+        program: "hotswap keep".to_owned(),
         source,
     })
 }
@@ -287,8 +361,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn children_get_socket_activation_variables() {
+    #[test]
+    fn children_get_socket_activation_variables() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let script = r#"test "$LISTEN_PID" = "$$" && test "$LISTEN_FDS" = 2 && test "$LISTEN_FDNAMES" = tcp:udp && test -S /proc/self/fd/3 && test -S /proc/self/fd/4 && test "$EXTRA" = yes"#;
@@ -305,11 +379,11 @@ mod tests {
             &[("EXTRA", OsStr::new("yes"))],
         )
         .unwrap();
-        assert!(child.wait().await.unwrap().success());
+        assert!(child.wait().unwrap().success());
     }
 
-    #[tokio::test]
-    async fn nginx_gets_its_variable_and_fd_numbers_reach_the_arguments() {
+    #[test]
+    fn nginx_gets_its_variable_and_fd_numbers_reach_the_arguments() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // $1 is "{fd:tcp}" expanded, $2 "fd@{fd:udp}" expanded.
@@ -324,6 +398,6 @@ mod tests {
             (Protocol::Udp, udp.as_fd()),
         ];
         let mut child = spawn_activated(&command, &sockets, FdPassing::Nginx, &[]).unwrap();
-        assert!(child.wait().await.unwrap().success());
+        assert!(child.wait().unwrap().success());
     }
 }

@@ -4,7 +4,8 @@
 use super::*;
 
 impl Supervisor {
-    /// Waits until `id` is ready. On failure the generation is stopped and retired.
+    /// Waits until `id` is ready (or not ready in time, or dead, or the supervisor stopping;
+    /// the upgrade's way out undoes the generation then).
     pub(super) async fn wait_ready(
         self: &Arc<Self>,
         id: u32,
@@ -19,23 +20,26 @@ impl Supervisor {
                 .find(|(p, _)| *p == Protocol::Tcp)
                 .and_then(|(_, fd)| crate::socket::local_addr(fd.as_fd()))
                 .map(loopback_for);
-            (g.ready, g.exit.clone(), g.notify.clone(), probe, g.spawned)
+            (
+                g.ready,
+                g.exit.clone(),
+                g.notify.as_ref().map(|n| n.state.clone()),
+                probe,
+                g.spawned,
+            )
         };
         let kept = self.lock().active;
         let ready = async {
             match mode {
                 ReadyMode::Delay(d) => tokio::time::sleep(d).await,
                 ReadyMode::Notify => {
-                    let Some(socket) = notify else {
+                    let Some(mut notified) = notify else {
                         return std::future::pending().await;
                     };
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        if let Ok(n) = socket.recv(&mut buf).await {
-                            if buf[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1") {
-                                break;
-                            }
-                        }
+                    // The socket is served for the generation's whole life (see `notify`);
+                    // this only waits for what it heard.
+                    if notified.wait_for(|n| n.ready).await.is_err() {
+                        std::future::pending::<()>().await;
                     }
                 }
                 ReadyMode::Tcp => self.tcp_probe(id, probe_target).await,
@@ -44,37 +48,22 @@ impl Supervisor {
         let outcome = tokio::select! {
             () = ready => Ok(spawned.elapsed()),
             () = tokio::time::sleep(timeout) => Err(SupervisorError::NotReady { generation: id, timeout, mode, kept }),
+            () = self.stop.cancelled() => Err(SupervisorError::Stopping),
             exit = exit.wait_for(Option::is_some) => {
                 let exit = exit.ok().and_then(|e| *e).unwrap_or(ExitInfo { code: None, signal: None });
                 Err(SupervisorError::ExitedBeforeReady { generation: id, exit, kept })
             }
         };
-        match outcome {
-            Ok(after) => {
-                let mut state = self.lock();
-                if let Some(g) = state.generations.get_mut(&id) {
-                    g.state = GenerationState::Ready;
-                    g.ready_after = Some(after);
-                }
-                Ok(after)
+        if let Ok(after) = outcome {
+            let mut state = self.lock();
+            if let Some(g) = state.generations.get_mut(&id) {
+                g.state = GenerationState::Ready;
+                g.ready_after = Some(after);
             }
-            Err(err) => {
-                self.kill_and_wait(id, Signal::SIGKILL, Duration::from_secs(5))
-                    .await;
-                let reason = match &err {
-                    SupervisorError::NotReady { timeout, .. } => {
-                        format!("not ready after {}", humantime::format_duration(*timeout))
-                    }
-                    SupervisorError::ExitedBeforeReady { exit, .. } => {
-                        format!("exited ({exit}) before ready")
-                    }
-                    other => other.to_string(),
-                };
-                self.retire_async(id, GenerationState::Failed { reason })
-                    .await;
-                Err(err)
-            }
+            drop(state);
+            self.save();
         }
+        outcome
     }
 
     /// Connects to the generation's socket until the process accepts a connection (its accept
@@ -114,17 +103,23 @@ impl Supervisor {
         // From the target's own address: it is local (the generation listens on it).
         socket.bind(SocketAddr::new(target.ip(), 0)).ok()?;
         let source = socket.local_addr().ok()?;
-        let route =
-            match client::probe_route(&self.config.daemon_socket, &self.config.service, id, source)
-                .await
-            {
-                Ok(route) => route,
-                Err(err) => {
-                    tracing::debug!("probe route for generation {id}: {}", error_chain(&err));
-                    return None;
-                }
-            };
-        let stream = socket.connect(target).await.ok()?;
+        let asked =
+            client::probe_route(&self.config.daemon_socket, &self.config.service, id, source);
+        let route = match tokio::time::timeout(DAEMON_DEADLINE, asked).await {
+            Ok(Ok(route)) => route,
+            Ok(Err(err)) => {
+                tracing::debug!("probe route for generation {id}: {}", error_chain(&err));
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("probe route for generation {id}: the daemon did not answer");
+                return None;
+            }
+        };
+        let stream = tokio::time::timeout(DAEMON_DEADLINE, socket.connect(target))
+            .await
+            .ok()?
+            .ok()?;
         Some((stream, route))
     }
 

@@ -15,7 +15,7 @@ impl Supervisor {
     ///
     /// Where the backend makes the sockets (its capabilities say so), they come from the
     /// daemon instead.
-    pub(super) fn create_sockets(
+    pub(super) async fn create_sockets(
         &self,
         source: SocketSource,
     ) -> Result<Vec<(Protocol, OwnedFd)>, SupervisorError> {
@@ -32,11 +32,19 @@ impl Supervisor {
                 continue;
             };
             if source == SocketSource::Backend {
-                let fd =
-                    client::listener(&self.config.daemon_socket, &self.config.service, protocol)?
-                        .ok_or(SupervisorError::UnexpectedReply(
-                        "to listener: no socket attached".into(),
-                    ))?;
+                let (daemon, service) = (
+                    self.config.daemon_socket.clone(),
+                    self.config.service.clone(),
+                );
+                // A blocking conversation (it carries a descriptor), bounded, off the runtime.
+                let asked = tokio::task::spawn_blocking(move || {
+                    client::listener(&daemon, &service, protocol, DAEMON_DEADLINE)
+                })
+                .await
+                .map_err(|_| SupervisorError::UnexpectedReply("to listener: no answer".into()))?;
+                let fd = asked?.ok_or(SupervisorError::UnexpectedReply(
+                    "to listener: no socket attached".into(),
+                ))?;
                 sockets.push((protocol, fd));
                 continue;
             }

@@ -14,7 +14,7 @@ impl Supervisor {
         let (pid, mut exit) = {
             let state = self.lock();
             let g = state.generations.get(&id)?;
-            (g.pid, g.exit.clone())
+            (g.pid(), g.exit.clone())
         };
         if exit.borrow().is_none() {
             if let Some(pid) = pid {
@@ -57,7 +57,7 @@ impl Supervisor {
                     Some((*p, inode, crate::socket::local_addr(fd.as_fd())))
                 })
                 .collect();
-            (g.pid, own)
+            (g.pid(), own)
         };
         let Some(pid) = pid else {
             return Ok(());
@@ -122,12 +122,48 @@ impl Supervisor {
             let ours = state
                 .generations
                 .values()
-                .any(|g| g.pid == Some(pid.as_raw() as u32));
+                .any(|g| g.pid() == Some(pid.as_raw() as u32));
             if ours {
                 return;
             }
             let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
         }
+    }
+}
+
+/// Waits until the process behind `pidfd` exits (its pidfd polls readable), and collects its
+/// exit status where it is this process's child — one it started, or started before a re-exec.
+/// A generation adopted after a crash is someone else's child: its status is unknown.
+pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd) -> ExitInfo {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let unknown = ExitInfo {
+        code: None,
+        signal: None,
+    };
+    // SAFETY: the pidfd lives as long as the AsyncFd that owns it.
+    let watched = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    };
+    let Ok(watched) = watched else {
+        // Cannot watch it: poll instead.
+        return unknown;
+    };
+    if let Ok(mut guard) = watched.readable().await {
+        guard.retain_ready();
+    }
+    match waitid(
+        Id::PIDFd(watched.get_ref().as_fd()),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => ExitInfo {
+            code: Some(code),
+            signal: None,
+        },
+        Ok(WaitStatus::Signaled(_, signal, _)) => ExitInfo {
+            code: None,
+            signal: Some(signal as i32),
+        },
+        _ => unknown,
     }
 }
 

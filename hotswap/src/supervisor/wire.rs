@@ -70,6 +70,18 @@ pub struct GenerationReport {
     pub drained_after_ms: Option<u64>,
     /// Restarts after it died on its own.
     pub restarts: u32,
+    /// The keeper holding its sockets.
+    #[serde(default)]
+    pub keeper: Option<u32>,
+    /// The latest `STATUS=` it sent to its notify socket.
+    #[serde(default)]
+    pub notify_status: Option<String>,
+    /// It sent `STOPPING=1`.
+    #[serde(default)]
+    pub notify_stopping: bool,
+    /// When it last sent `WATCHDOG=1`, ms since the Unix epoch.
+    #[serde(default)]
+    pub watchdog_at_ms: Option<u64>,
 }
 
 /// What a supervisor reports.
@@ -83,6 +95,19 @@ pub struct SupervisorReport {
     pub active: Option<u32>,
     /// The generation an upgrade is bringing up.
     pub upgrading: Option<u32>,
+    /// The phase of the upgrade in flight.
+    #[serde(default)]
+    pub upgrade_phase: Option<String>,
+    /// When this supervisor's image started (a re-exec starts a new one), ms since the Unix
+    /// epoch.
+    #[serde(default)]
+    pub started_at_ms: u64,
+    /// The binary a re-exec runs.
+    #[serde(default)]
+    pub binary: String,
+    /// Generations this image adopted from the supervisor before it.
+    #[serde(default)]
+    pub adopted: Vec<u32>,
     /// Generations restarted after dying on their own, in total.
     pub restarts: u32,
     /// Live generations and the last few that exited, oldest first.
@@ -108,6 +133,8 @@ pub enum SupervisorRequest {
     },
     /// Switch back to the previous generation.
     Rollback,
+    /// Re-execute the supervisor from its binary, keeping every generation.
+    Reexec,
     /// Report.
     Status,
 }
