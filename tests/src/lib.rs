@@ -348,11 +348,50 @@ impl TestEnv {
     }
 }
 
+/// The processes in the calling thread's network namespace, other than this test process:
+/// with generations outliving their supervisor, what a test leaves running is found here.
+pub fn processes_in_this_netns() -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(own) = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == own)
+        })
+        // Zombies hold nothing; their parent collects them.
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+                == Some(false)
+        })
+        .collect()
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Whatever the test left in its namespace (generations and keepers outlive a killed
+        // supervisor by design) ends with it.
+        for pid in processes_in_this_netns() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         // Unpins the program, link and maps: the namespace's steering ends with the test.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -677,8 +716,24 @@ impl RunningService {
         args: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Self {
-        let log = env.dir.path().join(format!("run-{service}.log"));
-        let mut command = hotswap_command(env);
+        Self::start_from(env, &hotswap_bin(), service, args, adjust)
+    }
+
+    /// As [`RunningService::start_with`], running the hotswap binary at `binary`.
+    pub fn start_from(
+        env: &TestEnv,
+        binary: &Path,
+        service: &str,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = env.dir.path().join(format!(
+            "run-{service}-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut command = Command::new(binary);
+        command.env("HOTSWAP_SOCKET", &env.socket);
         adjust(&mut command);
         let child = command
             .arg("run")
@@ -714,6 +769,18 @@ impl RunningService {
     /// What `hotswap run` logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The supervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Kills it with SIGKILL (its generations go on), and collects it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Stops it (SIGTERM) and returns its exit status.

@@ -132,7 +132,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Sends one request from a small single-threaded runtime.
+/// How long the daemon may take to answer one command-line request.
+const DAEMON_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends one request from a small single-threaded runtime; a daemon that does not answer
+/// within [`DAEMON_DEADLINE`] (stopped, wedged) is an error, not a hang.
 fn request(socket: &std::path::Path, request: &Request) -> Result<Reply, ClientError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -141,7 +145,11 @@ fn request(socket: &std::path::Path, request: &Request) -> Result<Reply, ClientE
             path: socket.to_owned(),
             source,
         })?
-        .block_on(client::request(socket, request))
+        .block_on(async {
+            tokio::time::timeout(DAEMON_DEADLINE, client::request(socket, request))
+                .await
+                .unwrap_or(Err(ClientError::NoAnswer(DAEMON_DEADLINE)))
+        })
 }
 
 /// A reply of another kind than the request asks for: a daemon of another version.

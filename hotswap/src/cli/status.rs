@@ -1,8 +1,9 @@
 //! `hotswap status`.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use crate::{
+    model::ServiceName,
     protocol::{Reply, Request},
     registry::StatusReport,
     supervisor::{self, GenerationState, SupervisorMessage, SupervisorReport, SupervisorRequest},
@@ -16,12 +17,35 @@ pub struct Args {
     json: bool,
 }
 
+/// How long one supervisor may take to answer.
+const SUPERVISOR_DEADLINE: Duration = Duration::from_secs(5);
+
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    let report = match super::request(socket, &Request::Status)? {
-        Reply::Status(report) => report,
-        reply => return Err(super::unexpected(reply)),
+    let report = match super::request(socket, &Request::Status) {
+        Ok(Reply::Status(report)) => report,
+        Ok(reply) => return Err(super::unexpected(reply)),
+        Err(err) => {
+            // The supervisors answer without the daemon: show them, then fail.
+            let supervisors = supervisors(socket, &running_services(socket));
+            if args.json {
+                let value = serde_json::json!({
+                    "daemon_error": crate::error_chain(&err),
+                    "supervisors": supervisors,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let mut out = String::new();
+                for (name, supervisor) in &supervisors {
+                    let _ = writeln!(out, "service {name}");
+                    render_lifecycle(&mut out, supervisor);
+                }
+                print!("{out}");
+            }
+            return Err(err.into());
+        }
     };
-    let supervisors = supervisors(socket, &report);
+    let names: Vec<ServiceName> = report.services.iter().map(|s| s.name.clone()).collect();
+    let supervisors = supervisors(socket, &names);
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["supervisors"] = serde_json::to_value(&supervisors)?;
@@ -32,26 +56,45 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The lifecycle reports of the services run by `hotswap run`, by service name.
-fn supervisors(socket: &Path, report: &StatusReport) -> BTreeMap<String, SupervisorReport> {
+/// The services whose supervisor's control socket is beside the daemon's.
+fn running_services(socket: &Path) -> Vec<ServiceName> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".run.sock")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The lifecycle reports of the services run by `hotswap run`, by service name; each
+/// supervisor gets [`SUPERVISOR_DEADLINE`] to answer.
+fn supervisors(socket: &Path, names: &[ServiceName]) -> BTreeMap<String, SupervisorReport> {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
         return BTreeMap::new();
     };
-    report
-        .services
+    names
         .iter()
-        .filter_map(|service| {
-            let reply = runtime.block_on(supervisor::request(
-                socket,
-                &service.name,
-                &SupervisorRequest::Status,
-                &mut |_| {},
-            ));
+        .filter_map(|name| {
+            let reply = runtime.block_on(async {
+                tokio::time::timeout(
+                    SUPERVISOR_DEADLINE,
+                    supervisor::request(socket, name, &SupervisorRequest::Status, &mut |_| {}),
+                )
+                .await
+            });
             match reply {
-                Ok(SupervisorMessage::Status(s)) => Some((service.name.to_string(), s)),
+                Ok(Ok(SupervisorMessage::Status(s))) => Some((name.to_string(), s)),
                 _ => None,
             }
         })
@@ -69,10 +112,11 @@ fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-        supervisor
-            .upgrading
-            .map(|g| format!("; upgrading to {g}"))
-            .unwrap_or_default(),
+        match (supervisor.upgrading, &supervisor.upgrade_phase) {
+            (Some(g), Some(phase)) => format!("; upgrading to {g} ({phase})"),
+            (None, Some(phase)) => format!("; upgrading ({phase})"),
+            _ => String::new(),
+        },
         supervisor.restarts
     );
     for g in &supervisor.generations {
@@ -93,6 +137,9 @@ fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
         }
         if g.restarts > 0 {
             timings.push(format!("{} restarts", g.restarts));
+        }
+        if let Some(status) = &g.notify_status {
+            timings.push(format!("says: {status}"));
         }
         let _ = writeln!(
             out,

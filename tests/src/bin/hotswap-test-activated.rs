@@ -8,6 +8,10 @@
 //! `--ignore-term` makes it ignore SIGTERM (a stuck server); `--shutdown` makes it call
 //! `shutdown()` on its listener before it stops or crashes (a common way to wake a thread
 //! blocked in `accept()`, which shuts the socket down for every process that holds it).
+//! `--notify` sends `READY=1` to `NOTIFY_SOCKET` (a path, or `@name` abstract) once it serves;
+//! `--status-every MS` sends `STATUS=served N` that often for its whole life, blocking, as
+//! libsystemd's `sd_notify` does; `--drop-privileges` becomes uid/gid 65534 (nobody) before
+//! it says READY=1, as servers that start as root do.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -49,6 +53,7 @@ fn serve(stream: TcpStream, body: &str, live: &AtomicUsize) {
             body.len(),
             if close { "close" } else { "keep-alive" }
         );
+        SERVED.fetch_add(1, Ordering::Relaxed);
         if writer.write_all(response.as_bytes()).is_err() || close {
             break;
         }
@@ -56,8 +61,36 @@ fn serve(stream: TcpStream, body: &str, live: &AtomicUsize) {
     live.fetch_sub(1, Ordering::SeqCst);
 }
 
+/// Sends one sd_notify message, blocking as libsystemd does; false if it could not.
+fn notify(message: &str) -> bool {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::SocketAddr};
+    let Ok(target) = std::env::var("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let address = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let Ok(address) = address else {
+        return false;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return false;
+    };
+    socket.send_to_addr(message.as_bytes(), &address).is_ok()
+}
+
+static SERVED: AtomicUsize = AtomicUsize::new(0);
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let tell_ready = args.iter().any(|a| a == "--notify");
+    let drop_privileges = args.iter().any(|a| a == "--drop-privileges");
+    let status_every = args
+        .iter()
+        .position(|a| a == "--status-every")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<u64>().ok());
     let ignore_term = args.iter().any(|a| a == "--ignore-term");
     let shutdown = args.iter().any(|a| a == "--shutdown");
     if let Some(ms) = args
@@ -107,6 +140,31 @@ fn main() {
     let body: &'static str =
         Box::leak(format!("fixture pid {} on {local}\n", std::process::id()).into_boxed_str());
     let live = Arc::new(AtomicUsize::new(0));
+    if drop_privileges {
+        // SAFETY: plain syscalls; group first, while we may still change it.
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(65534) == 0
+                && libc::setuid(65534) == 0
+        };
+        if !dropped {
+            eprintln!("hotswap-test-activated: cannot drop privileges");
+            std::process::exit(2);
+        }
+    }
+    if let Some(ms) = status_every {
+        std::thread::spawn(move || loop {
+            let served = SERVED.load(Ordering::Relaxed);
+            if !notify(&format!("STATUS=served {served}")) {
+                eprintln!("hotswap-test-activated: STATUS= not sent");
+            }
+            std::thread::sleep(Duration::from_millis(ms));
+        });
+    }
+    if tell_ready && !notify("READY=1") {
+        eprintln!("hotswap-test-activated: READY=1 not sent");
+        std::process::exit(2);
+    }
     let mut listener = Some(listener);
     loop {
         if TERM.load(Ordering::SeqCst) {
