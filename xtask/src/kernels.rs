@@ -75,6 +75,14 @@ const SUBSET: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "supervisor",
+        &[
+            "sk_lookup::twenty_kills_of_the_supervisor_lose_nothing",
+            "reuseport::twenty_self_upgrades_of_the_supervisor_lose_nothing",
+            "uds::a_stopped_daemon_wedges_nothing",
+        ],
+    ),
+    (
         "reuseport",
         &[
             "members_that_leave_in_any_order_never_misdirect_a_connection",
