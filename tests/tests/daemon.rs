@@ -161,7 +161,9 @@ fn state_of_a_namespace_that_is_gone_is_discarded() {
 fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
     let mut buf = [0u8; 512];
     let n = socket.recv(&mut buf).expect("an sd_notify message in time");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    println!("sd_notify: {text:?}");
+    text
 }
 
 /// Under systemd `Type=notify`, the daemon says READY=1 once its control socket answers and
@@ -186,26 +188,48 @@ fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
     env.ok(&["status"]);
 
     let example = integration_tests::example_server();
-    let mut run = Command::new(integration_tests::hotswap_bin())
-        .args([
-            "run",
-            "web",
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--ready",
-            "notify",
-            "--",
-        ])
-        .arg(&example)
-        .env("HOTSWAP_SOCKET", &env.socket)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // What the unit's ExecStart runs, started again as Restart= would.
+    let start_run = || {
+        Command::new(integration_tests::hotswap_bin())
+            .args([
+                "run",
+                "web",
+                "--listen",
+                "tcp://127.0.0.1:8080",
+                "--ready",
+                "notify",
+                "--",
+            ])
+            .arg(&example)
+            .env("HOTSWAP_SOCKET", &env.socket)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut run = start_run();
     assert!(next_notification(&systemd).contains("READY=1"));
     // The server itself was ready first (it told the supervisor, not systemd), and the
     // service answers now.
-    assert!(integration_tests::tcp_http_body("127.0.0.1:8080").starts_with("generation 1"));
+    let first = integration_tests::tcp_http_body("127.0.0.1:8080");
+    assert!(first.starts_with("generation 1"), "{first}");
+
+    // ExecReload (kill -HUP $MAINPID): a reload under way, then ready again, same main pid,
+    // same generation.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), Signal::SIGHUP).unwrap();
+    assert!(next_notification(&systemd).contains("RELOADING=1"));
+    assert!(next_notification(&systemd).contains("READY=1"));
+    assert!(run.try_wait().unwrap().is_none(), "the main pid stays");
+    assert_eq!(integration_tests::tcp_http_body("127.0.0.1:8080"), first);
+
+    // A crash of the main process (KillMode=process leaves the generation) and Restart=: the
+    // new supervisor adopts it and is ready at once.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert_eq!(integration_tests::tcp_http_body("127.0.0.1:8080"), first);
+    let mut run = start_run();
+    assert!(next_notification(&systemd).contains("READY=1"));
+    assert_eq!(integration_tests::tcp_http_body("127.0.0.1:8080"), first);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), Signal::SIGTERM).unwrap();
     assert!(next_notification(&systemd).contains("STOPPING=1"));
     assert!(run.wait().unwrap().success());

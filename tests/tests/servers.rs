@@ -33,9 +33,29 @@ fn installed(binary: &str) -> String {
     binary.to_owned()
 }
 
-/// 5 upgrades under a new-connection-per-request load: 0 failed; and the server never bound
-/// a socket of its own (every listener is on the service address, one per live generation).
-fn five_upgrades_lose_nothing(env: &TestEnv, service: &RunningService, addr: &str, body: &str) {
+/// The pid of each live generation of `service`.
+fn generation_pids(env: &TestEnv, service: &str) -> Vec<Option<u64>> {
+    let status = env.status();
+    status["supervisors"][service]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] == "active")
+        .map(|g| g["pid"].as_u64())
+        .collect()
+}
+
+/// 5 upgrades under a new-connection-per-request load, with `kill -9` of the supervisor and a
+/// new `hotswap run ARGS` (which adopts the running server) before every other one: 0 failed;
+/// and the server never bound a socket of its own (every listener is on the service address,
+/// one per live generation).
+fn five_upgrades_lose_nothing(
+    env: &TestEnv,
+    service: &mut RunningService,
+    args: &[&str],
+    addr: &str,
+    body: &str,
+) {
     assert_eq!(tcp_http_body(addr), body);
     let fresh = HttpLoad::start(addr, false, 10_000_000);
     // A server closes idle keep-alive connections at its drain signal, and a request already
@@ -44,6 +64,19 @@ fn five_upgrades_lose_nothing(env: &TestEnv, service: &RunningService, addr: &st
     // a connection that had answered before, and not one byte of answer came.
     let kept = HttpLoad::start(addr, true, 10_000_000);
     for round in 0..5 {
+        if round % 2 == 1 {
+            let name = service.service.clone();
+            let before = generation_pids(env, &name);
+            service.kill();
+            std::thread::sleep(Duration::from_millis(50));
+            *service = RunningService::start(env, &name, args);
+            assert_eq!(
+                generation_pids(env, &name),
+                before,
+                "round {round}: not adopted\n{}",
+                service.log()
+            );
+        }
         let out = env.ok(&["upgrade", &service.service]);
         assert!(
             out.contains("is active"),
@@ -101,91 +134,82 @@ fn nginx_takes_its_socket_through_the_nginx_variable_and_upgrades_lose_nothing(b
     let nginx = installed("/usr/sbin/nginx");
     let prefix = nginx_prefix();
     let conf = example("nginx.conf");
-    let service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--pass-fds",
-            "nginx",
-            "--drain-signal",
-            "SIGQUIT",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "10s",
-            "--",
-            &nginx,
-            "-p",
-            prefix.path().to_str().unwrap(),
-            "-c",
-            conf.to_str().unwrap(),
-        ],
-    );
-    five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8080", "nginx");
+    let args = [
+        "--listen",
+        "tcp://127.0.0.1:8080",
+        "--pass-fds",
+        "nginx",
+        "--drain-signal",
+        "SIGQUIT",
+        "--grace",
+        "50ms",
+        "--drain-timeout",
+        "10s",
+        "--",
+        &nginx,
+        "-p",
+        prefix.path().to_str().unwrap(),
+        "-c",
+        conf.to_str().unwrap(),
+    ];
+    let mut service = RunningService::start(&env, "web", &args);
+    five_upgrades_lose_nothing(&env, &mut service, &args, "127.0.0.1:8080", "nginx");
 }
 
 fn haproxy_takes_its_socket_by_fd_number_and_upgrades_lose_nothing(backend: &str) {
     let env = TestEnv::with_backend("haproxy", backend);
     let haproxy = installed("/usr/sbin/haproxy");
     let conf = example("haproxy.cfg");
-    let service = RunningService::start(
-        &env,
-        "lb",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8081",
-            "--drain-signal",
-            "SIGUSR1",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "10s",
-            "--",
-            &haproxy,
-            "-db",
-            "-f",
-            conf.to_str().unwrap(),
-        ],
-    );
-    five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8081", "haproxy");
+    let args = [
+        "--listen",
+        "tcp://127.0.0.1:8081",
+        "--drain-signal",
+        "SIGUSR1",
+        "--grace",
+        "50ms",
+        "--drain-timeout",
+        "10s",
+        "--",
+        &haproxy,
+        "-db",
+        "-f",
+        conf.to_str().unwrap(),
+    ];
+    let mut service = RunningService::start(&env, "lb", &args);
+    five_upgrades_lose_nothing(&env, &mut service, &args, "127.0.0.1:8081", "haproxy");
 }
 
 fn uwsgi_takes_its_socket_from_listen_fds_and_upgrades_lose_nothing(backend: &str) {
     let env = TestEnv::with_backend("uwsgi", backend);
     let uwsgi = installed("/usr/bin/uwsgi");
     let app = example("wsgi_app.py");
-    let service = RunningService::start(
-        &env,
-        "app",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8082",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "10s",
-            "--",
-            &uwsgi,
-            "--plugin",
-            "python3",
-            "--protocol",
-            "http",
-            "--master",
-            "--processes",
-            "2",
-            "--wsgi-file",
-            app.to_str().unwrap(),
-            // SIGTERM (the drain signal) as a graceful stop: workers finish, then exit.
-            "--hook-master-start",
-            "unix_signal:15 gracefully_kill_them_all",
-            // It closes every connection after its response: say so, as HTTP/1.1 wants.
-            "--add-header",
-            "Connection: close",
-        ],
-    );
-    five_upgrades_lose_nothing(&env, &service, "127.0.0.1:8082", "uwsgi");
+    let args = [
+        "--listen",
+        "tcp://127.0.0.1:8082",
+        "--grace",
+        "50ms",
+        "--drain-timeout",
+        "10s",
+        "--",
+        &uwsgi,
+        "--plugin",
+        "python3",
+        "--protocol",
+        "http",
+        "--master",
+        "--processes",
+        "2",
+        "--wsgi-file",
+        app.to_str().unwrap(),
+        // SIGTERM (the drain signal) as a graceful stop: workers finish, then exit.
+        "--hook-master-start",
+        "unix_signal:15 gracefully_kill_them_all",
+        // It closes every connection after its response: say so, as HTTP/1.1 wants.
+        "--add-header",
+        "Connection: close",
+    ];
+    let mut service = RunningService::start(&env, "app", &args);
+    five_upgrades_lose_nothing(&env, &mut service, &args, "127.0.0.1:8082", "uwsgi");
 }
 
 /// One DNS query for `hello.test. A`; whether the answer (192.0.2.1) came.

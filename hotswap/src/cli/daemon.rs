@@ -49,22 +49,27 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(daemon::run(config, shutdown_signal()))?;
+    runtime.block_on(async { daemon::run(config, shutdown_signal()).await })?;
     Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.
-pub(super) async fn shutdown_signal() {
+pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    // The handlers are installed now, not at the first poll: a SIGTERM that comes while the
+    // caller is still busy (a supervisor adopting its generations) is kept for it.
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without handlers the default action (exit) still stops the daemon.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without handlers the default action (exit) still stops the daemon.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }

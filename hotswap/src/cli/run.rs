@@ -95,7 +95,10 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
                 let _ = reexec_tx.send(());
             }
         });
-        supervisor::run(config, super::daemon::shutdown_signal(), reexec_rx).await?;
+        let shutdown = super::daemon::shutdown_signal();
+        // Every handler is in place: signals held back across a re-exec may come now.
+        supervisor::accept_stop_signals();
+        supervisor::run(config, shutdown, reexec_rx).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())

@@ -54,14 +54,24 @@ impl Supervisor {
                     ready_timeout_ms,
                     pass_fds,
                 } => {
-                    self.upgrade(
-                        command,
-                        pass_fds,
-                        ready,
-                        ready_timeout_ms.map(Duration::from_millis),
-                        &progress,
-                    )
-                    .await
+                    let timeout = ready_timeout_ms.map(Duration::from_millis);
+                    // The wire is bounded as the command line is.
+                    let too_long =
+                        timeout
+                            .filter(|t| *t > spec::MAX_DURATION)
+                            .or_else(|| match ready {
+                                Some(ReadyMode::Delay(d)) if d > spec::MAX_DURATION => Some(d),
+                                _ => None,
+                            });
+                    match too_long {
+                        Some(d) => Err(SupervisorError::Spec(spec::SpecError::TooLong(
+                            humantime::format_duration(d).to_string(),
+                        ))),
+                        None => {
+                            self.upgrade(command, pass_fds, ready, timeout, &progress)
+                                .await
+                        }
+                    }
                 }
                 SupervisorRequest::Rollback => self.rollback(&progress).await,
                 SupervisorRequest::Reexec => match self.check_reexec() {

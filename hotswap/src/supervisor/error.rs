@@ -110,13 +110,18 @@ pub enum SupervisorError {
     #[error("rolled back to generation {0} during the upgrade")]
     RolledBackByOperator(u32),
     /// Another upgrade is running.
-    #[error("an upgrade of {service} is in progress (phase {phase}); try again when it is done")]
+    #[error(
+        "an upgrade of {service} is already in progress (phase {phase}); try again when it is done"
+    )]
     UpgradeInProgress {
         /// Service.
         service: ServiceName,
         /// Its phase.
         phase: &'static str,
     },
+    /// A request's words are out of bounds.
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
     /// The daemon did not answer in time.
     #[error("the daemon did not answer within {} (is it stopped?)", humantime::format_duration(*.0))]
     DaemonTimeout(Duration),

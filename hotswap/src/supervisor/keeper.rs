@@ -77,6 +77,11 @@ impl Keeper {
         self.pidfd.get_fd(self.pid, Self::fd_number(index))
     }
 
+    /// Whether it has exited.
+    pub(super) fn gone(&self) -> bool {
+        self.pidfd.has_exited()
+    }
+
     /// Ends it: the sockets it held close unless someone else holds them too.
     pub(super) fn end(&self) {
         // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.

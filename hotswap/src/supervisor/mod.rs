@@ -60,6 +60,7 @@ pub use process::{resolve_program, SpawnError};
 pub use readiness::{default_ready, queue_len};
 pub use record::RecordError;
 use record::{ProcessId, UpgradePhase, UpgradeRecord};
+pub use reexec::accept_stop_signals;
 use spec::{ListenSpec, ReadyMode};
 use tree::{become_subreaper, end_tree};
 pub use wire::{
@@ -731,14 +732,16 @@ impl Supervisor {
         .await;
     }
 
-    /// Closes the generation's sockets, tells the daemon to forget it, ends its keeper, and
-    /// retires it. Closing first leaves the daemon's copy (where the backend keeps one, as
-    /// reuseport does) the last, so the socket leaves its group when the daemon says, not a
-    /// moment later; where the daemon cannot be told, the keeper's end lets its reaper see it.
+    /// Closes the generation's sockets, ends its keeper (waiting until it is gone), tells the
+    /// daemon to forget it, and retires it. Closing first leaves the daemon's copy (where the
+    /// backend keeps one, as reuseport does) the last, so the socket leaves its group when the
+    /// daemon says, not a moment later; where the daemon cannot be told, its reaper sees the
+    /// keeper gone.
     async fn retire_async(&self, id: u32, final_state: GenerationState) {
         if let Some(g) = self.lock().generations.get_mut(&id) {
             g.sockets.clear();
         }
+        self.end_keeper(id).await;
         let forget = Request::Forget {
             service: self.config.service.clone(),
             generation: id,
@@ -751,10 +754,33 @@ impl Supervisor {
                 error_chain(&err)
             );
         }
-        if let Some(g) = self.lock().generations.get(&id) {
-            g.keeper.end();
-        }
         self.retire(id, final_state);
+    }
+
+    /// Ends generation `id`'s keeper and waits until it is gone.
+    async fn end_keeper(&self, id: u32) {
+        // Out of the lock for the wait: the keeper moves out of the generation and back.
+        let keeper = {
+            let mut state = self.lock();
+            let Some(g) = state.generations.get_mut(&id) else {
+                return;
+            };
+            g.keeper.end();
+            g.keeper.pid()
+        };
+        let gone_by = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < gone_by {
+            let gone = self
+                .lock()
+                .generations
+                .get(&id)
+                .is_none_or(|g| g.keeper.gone());
+            if gone {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::warn!("generation {id}'s keeper (pid {keeper}) is still there 1 s after SIGKILL");
     }
 
     /// Makes sure generation `id`'s TCP sockets listen: a process that shut its listener down

@@ -79,9 +79,23 @@ impl Supervisor {
             plan.binary.display(),
             std::process::id()
         );
+        // systemd (Type=notify) is told a reload is under way; the new image says READY=1.
+        let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+            .unwrap_or(0);
+        let _ = crate::activation::notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
         set_cloexec(plan.lock_fd, false);
+        // Held back across the exec (the mask survives it, the handlers do not): the new image
+        // takes them once its handlers are in place (see `accept_stop_signals`).
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&stop_signals()),
+            None,
+        );
         let err = nix::unistd::execve(&binary, &argv, &env).unwrap_err();
+        accept_stop_signals();
         set_cloexec(plan.lock_fd, true);
+        let _ = crate::activation::notify("READY=1");
         Err(SupervisorError::Reexec {
             binary: plan.binary.clone(),
             source: err.into(),
@@ -102,6 +116,25 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// The signals that stop or re-exec a supervisor.
+fn stop_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Lets the stop signals in: a supervisor calls it once its handlers are installed, so that one
+/// sent during a re-exec, held back until then, reaches them instead of killing it.
+pub fn accept_stop_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&stop_signals()),
+        None,
+    );
 }
 
 fn set_cloexec(fd: RawFd, on: bool) {
