@@ -247,8 +247,13 @@ impl Harness {
     }
 
     async fn try_report(&self) -> Result<SupervisorReport, SupervisorError> {
-        match supervisor::request(&self.socket, &service(), &SupervisorRequest::Status, &mut |_| {})
-            .await?
+        match supervisor::request(
+            &self.socket,
+            &service(),
+            &SupervisorRequest::Status,
+            &mut |_| {},
+        )
+        .await?
         {
             SupervisorMessage::Status(report) => Ok(report),
             other => panic!("{other:?}"),
@@ -278,7 +283,11 @@ impl Harness {
         let report = self.report().await;
         let daemon_active = self.fake.lock().unwrap().active;
         assert_eq!(report.active, Some(expected), "{what}: {report:?}");
-        assert_eq!(daemon_active, Some(expected), "{what}: the daemon steers elsewhere");
+        assert_eq!(
+            daemon_active,
+            Some(expected),
+            "{what}: the daemon steers elsewhere"
+        );
         assert_eq!(report.upgrading, None, "{what}: {report:?}");
         assert_eq!(report.upgrade_phase, None, "{what}: {report:?}");
         for g in &report.generations {
@@ -286,7 +295,12 @@ impl Harness {
                 g.state,
                 GenerationState::Active | GenerationState::Ready | GenerationState::Starting
             );
-            assert_eq!(live, g.id == expected, "{what}: generation {}: {report:?}", g.id);
+            assert_eq!(
+                live,
+                g.id == expected,
+                "{what}: generation {}: {report:?}",
+                g.id
+            );
             if g.id == expected {
                 continue;
             }
@@ -396,11 +410,17 @@ async fn a_generation_not_ready_in_time_is_undone() {
 async fn a_new_generation_that_dies_in_its_grace_period_is_rolled_back() {
     let h = Harness::start(Duration::from_secs(3), Duration::from_millis(100)).await;
     let socket = h.socket.clone();
-    let upgrade = tokio::spawn(async move {
-        supervisor::request(&socket, &service(), &upgrade_request(None, None), &mut |_| {})
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    // A local task: the progress callback is not Send.
+    let upgrade = tokio::task::spawn_local(async move {
+        supervisor::request(
+            &socket,
+            &service(),
+            &upgrade_request(None, None),
+            &mut |_| {},
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     });
     let mut pid = None;
     for _ in 0..1000 {
@@ -428,10 +448,14 @@ async fn a_new_generation_that_dies_in_its_grace_period_is_rolled_back() {
 }
 
 async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout() {
-    let h = Harness::start(Duration::from_millis(50), Duration::from_secs(60)).await;
+    let h = Harness::start(Duration::from_millis(50), Duration::from_millis(100)).await;
     let socket = h.socket.clone();
-    let upgrade = tokio::spawn(async move {
-        let request = upgrade_request(None, Some(120_000));
+    // A local task: the progress callback is not Send.
+    let upgrade = tokio::task::spawn_local(async move {
+        let request = upgrade_request(
+            Some(ReadyMode::Delay(Duration::from_secs(60))),
+            Some(120_000),
+        );
         supervisor::request(&socket, &service(), &request, &mut |_| {})
             .await
             .map(|_| ())
@@ -439,7 +463,11 @@ async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = h.report().await;
-    assert_eq!(report.upgrade_phase.as_deref(), Some("starting"), "{report:?}");
+    assert_eq!(
+        report.upgrade_phase.as_deref(),
+        Some("starting"),
+        "{report:?}"
+    );
     let started = tokio::time::Instant::now();
     let fake = Arc::clone(&h.fake);
     h.stop().await;
@@ -452,7 +480,11 @@ async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()
     let err = upgrade.await.unwrap().unwrap_err();
     assert!(err.contains("stopping"), "{err}");
     let fake = fake.lock().unwrap();
-    assert!(fake.generations.is_empty(), "left registered: {:?}", fake.generations);
+    assert!(
+        fake.generations.is_empty(),
+        "left registered: {:?}",
+        fake.generations
+    );
 }
 
 type Scenario = fn() -> Pin<Box<dyn Future<Output = ()>>>;
@@ -466,25 +498,36 @@ fn main() {
         ("a_plain_upgrade_ends_with_the_new_generation_alone", || {
             Box::pin(a_plain_upgrade_ends_with_the_new_generation_alone())
         }),
-        ("a_switch_whose_reply_is_lost_but_that_landed_is_kept", || {
-            Box::pin(a_switch_whose_reply_is_lost_but_that_landed_is_kept())
-        }),
-        ("a_switch_that_never_reached_the_daemon_undoes_the_upgrade", || {
-            Box::pin(a_switch_that_never_reached_the_daemon_undoes_the_upgrade())
-        }),
-        ("a_daemon_that_never_answers_fails_the_step_at_its_deadline", || {
-            Box::pin(a_daemon_that_never_answers_fails_the_step_at_its_deadline())
-        }),
+        (
+            "a_switch_whose_reply_is_lost_but_that_landed_is_kept",
+            || Box::pin(a_switch_whose_reply_is_lost_but_that_landed_is_kept()),
+        ),
+        (
+            "a_switch_that_never_reached_the_daemon_undoes_the_upgrade",
+            || Box::pin(a_switch_that_never_reached_the_daemon_undoes_the_upgrade()),
+        ),
+        (
+            "a_daemon_that_never_answers_fails_the_step_at_its_deadline",
+            || Box::pin(a_daemon_that_never_answers_fails_the_step_at_its_deadline()),
+        ),
         ("a_generation_not_ready_in_time_is_undone", || {
             Box::pin(a_generation_not_ready_in_time_is_undone())
         }),
-        ("a_new_generation_that_dies_in_its_grace_period_is_rolled_back", || {
-            Box::pin(a_new_generation_that_dies_in_its_grace_period_is_rolled_back())
-        }),
-        ("stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout", || {
-            Box::pin(stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout())
-        }),
+        (
+            "a_new_generation_that_dies_in_its_grace_period_is_rolled_back",
+            || Box::pin(a_new_generation_that_dies_in_its_grace_period_is_rolled_back()),
+        ),
+        (
+            "stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout",
+            || Box::pin(stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()),
+        ),
     ];
+    // RUST_LOG=info shows what the supervisors do.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     // `cargo test -- NAME` runs the scenarios whose name holds NAME.
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
     let mut ran = 0;
@@ -497,7 +540,7 @@ fn main() {
             .start_paused(true)
             .build()
             .unwrap();
-        runtime.block_on(scenario());
+        runtime.block_on(tokio::task::LocalSet::new().run_until(scenario()));
         println!("test {name} ... ok");
         ran += 1;
     }

@@ -37,8 +37,11 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+// tokio's clock, so that every deadline and wait runs on one clock (and tests can pause it).
+use tokio::time::Instant;
 
 use nix::{
     fcntl::{Flock, FlockArg},
@@ -1146,34 +1149,55 @@ async fn serve(
 }
 
 impl Supervisor {
-    /// Stops the service: an upgrade in flight gives up at its next step, then every live
-    /// generation drains at once (one already draining is waited for). Takes at most the drain
-    /// timeout and a few seconds.
+    /// Stops the service: an upgrade in flight gives up at its next step (undoing a generation
+    /// not switched to yet) while every other live generation drains, all at once (one already
+    /// draining is waited for); whatever the upgrade left live drains after it. Takes at most
+    /// the drain timeout and about 10 s of deadlines.
     async fn stop_all(self: &Arc<Self>, log: Progress<'_>) {
         self.lock().stopping = true;
         self.stop.cancel();
-        let deadline = Instant::now() + 2 * DAEMON_DEADLINE + KILL_WAIT;
-        while Instant::now() < deadline {
-            let settled = self
-                .lock()
-                .upgrade
-                .is_none_or(|u| matches!(u.phase, UpgradePhase::Draining { .. }));
-            if settled {
-                break;
+        let upgrade_settled = async {
+            let deadline = Instant::now() + 2 * DAEMON_DEADLINE + KILL_WAIT;
+            while Instant::now() < deadline && self.lock().upgrade.is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let first = self.live_generations();
+        tokio::join!(upgrade_settled, self.stop_generations(first, log));
+        let rest = self.live_generations();
+        if !rest.is_empty() {
+            tracing::debug!("stopping: the upgrade left {rest:?} live");
         }
-        let live: Vec<(u32, bool)> = self
-            .lock()
+        self.stop_generations(rest, log).await;
+        self.reap_orphans();
+    }
+
+    /// Live generations not in the hands of an upgrade that is undoing them, and whether each
+    /// is draining already.
+    fn live_generations(&self) -> Vec<(u32, bool)> {
+        let state = self.lock();
+        let undoing = state
+            .upgrade
+            .filter(|u| {
+                !matches!(
+                    u.phase,
+                    UpgradePhase::Grace { .. } | UpgradePhase::Draining { .. }
+                )
+            })
+            .and_then(|u| u.phase.new_generation());
+        state
             .generations
             .iter()
-            .filter(|(_, g)| !g.sockets.is_empty())
+            .filter(|(&id, g)| !g.sockets.is_empty() && Some(id) != undoing)
             .map(|(&id, g)| (id, g.state == GenerationState::Draining))
-            .collect();
+            .collect()
+    }
+
+    /// Drains `generations` at once; one draining already is waited for.
+    async fn stop_generations(self: &Arc<Self>, generations: Vec<(u32, bool)>, log: Progress<'_>) {
         let patience = self.config.drain_timeout + KILL_WAIT + DAEMON_DEADLINE;
-        let stops = live.into_iter().map(|(id, draining)| async move {
+        let stops = generations.into_iter().map(|(id, draining)| async move {
             if draining {
-                // Someone drains it already: wait for the end of that.
                 let gone_by = Instant::now() + patience;
                 while Instant::now() < gone_by
                     && self
@@ -1189,6 +1213,5 @@ impl Supervisor {
             }
         });
         futures::future::join_all(stops).await;
-        self.reap_orphans();
     }
 }
