@@ -937,3 +937,20 @@ pub fn tcp_http_body(addr: &str) -> String {
     let stream = TcpStream::connect(addr).expect("connect");
     http_exchange(&mut BufReader::new(stream)).expect("http").0
 }
+
+/// Runs each named test function (taking the backend's name) against every backend: same
+/// commands, same promises.
+#[macro_export]
+macro_rules! for_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sk_lookup {
+            $(#[test] fn $test() { super::$test("sk-lookup") })*
+        }
+        mod reuseport {
+            $(#[test] fn $test() { super::$test("reuseport") })*
+        }
+        mod uds {
+            $(#[test] fn $test() { super::$test("uds") })*
+        }
+    };
+}

@@ -851,22 +851,7 @@ fn the_drain_signal_waits_for_the_settle_time_counted_from_the_switch() {
     assert!(after < Duration::from_millis(4500), "{after:?}\n{output}");
 }
 
-/// Every lifecycle test runs against every backend: same commands, same promises.
-macro_rules! for_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod sk_lookup {
-            $(#[test] fn $test() { super::$test("sk-lookup") })*
-        }
-        mod reuseport {
-            $(#[test] fn $test() { super::$test("reuseport") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-    };
-}
-
-for_every_backend!(
+integration_tests::for_every_backend!(
     hundred_upgrades_of_the_example_server_lose_nothing,
     hundred_upgrades_of_a_server_that_closes_its_listener_on_sigterm_lose_nothing,
     hundred_upgrades_of_a_server_that_shuts_its_listener_down_on_sigterm,

@@ -409,7 +409,8 @@ fn a_stopped_daemon_wedges_nothing(backend: &str) {
     let status = service.stop();
     assert!(status.success(), "{status}\n{}", service.log());
     assert!(
-        started.elapsed() < Duration::from_secs(2 + 15),
+        // The drain timeout, and a Forget the stopped daemon never answers (its deadline).
+        started.elapsed() < Duration::from_secs(2 + 25),
         "stopping took {:?}\n{}",
         started.elapsed(),
         service.log()
@@ -465,21 +466,7 @@ fn servers_that_talk_to_their_notify_socket_all_their_life_upgrade_normally(back
     );
 }
 
-macro_rules! for_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod sk_lookup {
-            $(#[test] fn $test() { super::$test("sk-lookup") })*
-        }
-        mod reuseport {
-            $(#[test] fn $test() { super::$test("reuseport") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-    };
-}
-
-for_every_backend!(
+integration_tests::for_every_backend!(
     twenty_kills_of_the_supervisor_lose_nothing,
     twenty_self_upgrades_of_the_supervisor_lose_nothing,
     the_daemon_killed_at_each_step_of_an_upgrade_leaves_one_active_generation,

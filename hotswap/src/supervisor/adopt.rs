@@ -253,13 +253,7 @@ impl Supervisor {
 
     /// The daemon's id for the generation registered by keeper `pid`, if it knows one.
     async fn registered_by(&self, pid: u32) -> Option<u32> {
-        let Ok(Reply::Status(status)) = self.daemon(Request::Status).await else {
-            return None;
-        };
-        let service = status
-            .services
-            .into_iter()
-            .find(|s| s.name == self.config.service)?;
+        let (_, service) = self.daemon_view().await?;
         service
             .generations
             .into_iter()
@@ -302,14 +296,7 @@ impl Supervisor {
         if !switches {
             return;
         }
-        let Ok(Reply::Status(status)) = self.daemon(Request::Status).await else {
-            return;
-        };
-        let Some(service) = status
-            .services
-            .iter()
-            .find(|s| s.name == self.config.service)
-        else {
+        let Some((_, service)) = self.daemon_view().await else {
             return;
         };
         let steered = service.generations.iter().find(|g| g.active).map(|g| g.id);

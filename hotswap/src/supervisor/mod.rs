@@ -95,7 +95,7 @@ const ORPHAN_REAP_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The longest any one conversation with the daemon may take: a stopped or wedged daemon
 /// fails the step that needed it, never the supervisor.
-const DAEMON_DEADLINE: Duration = Duration::from_secs(3);
+const DAEMON_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a generation killed with SIGKILL may take to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -1152,7 +1152,7 @@ impl Supervisor {
     /// Stops the service: an upgrade in flight gives up at its next step (undoing a generation
     /// not switched to yet) while every other live generation drains, all at once (one already
     /// draining is waited for); whatever the upgrade left live drains after it. Takes at most
-    /// the drain timeout and about 10 s of deadlines.
+    /// the drain timeout and about 20 s of deadlines.
     async fn stop_all(self: &Arc<Self>, log: Progress<'_>) {
         self.lock().stopping = true;
         self.stop.cancel();

@@ -104,17 +104,22 @@ impl Supervisor {
 
     /// Why a re-exec cannot happen now, if it cannot.
     pub(super) fn check_reexec(&self) -> Result<(), SupervisorError> {
-        let state = self.lock();
+        self.check_idle(&self.lock())
+    }
+
+    /// Refuses what needs the supervisor idle (an upgrade, a re-exec) while it stops or
+    /// upgrades.
+    pub(super) fn check_idle(&self, state: &State) -> Result<(), SupervisorError> {
         if state.stopping {
             return Err(SupervisorError::Stopping);
         }
-        if let Some(upgrade) = state.upgrade {
-            return Err(SupervisorError::UpgradeInProgress {
+        match state.upgrade {
+            Some(upgrade) => Err(SupervisorError::UpgradeInProgress {
                 service: self.config.service.clone(),
                 phase: upgrade.phase.name(),
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -32,15 +32,7 @@ impl Supervisor {
     pub(super) fn begin_upgrade(&self) -> Result<(Vec<String>, spec::FdPassing), SupervisorError> {
         let launch = {
             let mut state = self.lock();
-            if state.stopping {
-                return Err(SupervisorError::Stopping);
-            }
-            if let Some(upgrade) = state.upgrade {
-                return Err(SupervisorError::UpgradeInProgress {
-                    service: self.config.service.clone(),
-                    phase: upgrade.phase.name(),
-                });
-            }
+            self.check_idle(&state)?;
             state.upgrade = Some(UpgradeRecord {
                 old: state.active,
                 phase: UpgradePhase::Preparing { keeper: None },
@@ -219,21 +211,29 @@ impl Supervisor {
     /// Which of this service's generations the daemon steers to, if it can say (within its
     /// deadline) and its backend switches.
     pub(super) async fn daemon_active(&self) -> Option<u32> {
-        let Ok(Reply::Status(status)) = self.daemon(Request::Status).await else {
-            return None;
-        };
-        if !status.backend.capabilities.switch.yes() {
+        let (capabilities, service) = self.daemon_view().await?;
+        if !capabilities.switch.yes() {
             return None;
         }
-        let service = status
-            .services
-            .into_iter()
-            .find(|s| s.name == self.config.service)?;
         service
             .generations
             .into_iter()
             .find(|g| g.active)
             .map(|g| g.id)
+    }
+
+    /// What the daemon says of this service, with what its backend can do, if it answers.
+    pub(super) async fn daemon_view(
+        &self,
+    ) -> Option<(Capabilities, crate::registry::ServiceStatus)> {
+        let Ok(Reply::Status(status)) = self.daemon(Request::Status).await else {
+            return None;
+        };
+        let service = status
+            .services
+            .into_iter()
+            .find(|s| s.name == self.config.service)?;
+        Some((status.backend.capabilities, service))
     }
 
     /// `hotswap rollback`.
