@@ -276,48 +276,14 @@ fn nothing_leaked(env: &TestEnv, service: &RunningService, what: &str) {
 fn the_daemon_killed_at_each_step_of_an_upgrade_leaves_one_active_generation(backend: &str) {
     for step in [Step::Readiness, Step::Grace, Step::Drain] {
         let mut env = TestEnv::with_backend("sup-daemon-kill", backend);
-        let fixture = path(&activated_fixture());
         let grace = if matches!(step, Step::Grace) {
             "3s"
         } else {
             "50ms"
         };
-        // A first generation that takes its drain timeout to go.
-        let service = RunningService::start(
-            &env,
-            "web",
-            &[
-                "--listen",
-                "tcp://127.0.0.1:8080",
-                "--ready",
-                "delay:200ms",
-                "--grace",
-                grace,
-                "--drain-timeout",
-                "3s",
-                "--",
-                &fixture,
-                "--ignore-term",
-            ],
-        );
-        let mut upgrade = hotswap_command(&env);
-        upgrade.args(["upgrade", "web"]);
-        if matches!(step, Step::Readiness) {
-            upgrade.args(["--ready", "delay:2s"]);
-        }
-        let upgrade = upgrade
-            .args(["--", &fixture])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Into the step: readiness takes 2 s; grace starts ~200 ms in and lasts 3 s; the
-        // drain starts ~250 ms in and lasts 3 s.
-        std::thread::sleep(Duration::from_millis(match step {
-            Step::Readiness => 700,
-            Step::Grace => 1000,
-            Step::Drain => 1200,
-        }));
+        let (service, _) = slow_draining_service(&env, grace);
+        let (upgrade, into) = upgrade_into(&env, step);
+        std::thread::sleep(into);
         let phase = env.status()["supervisors"]["web"]["upgrade_phase"].clone();
         env.stop_daemon(Signal::SIGKILL);
         std::thread::sleep(Duration::from_millis(300));
@@ -331,6 +297,83 @@ fn the_daemon_killed_at_each_step_of_an_upgrade_leaves_one_active_generation(bac
         let active = one_active_generation(&env, &what);
         nothing_leaked(&env, &service, &what);
         println!("{what}\n -> generation {active} active");
+    }
+}
+
+/// `hotswap run` for the daemon-fault tests: a first generation that takes its whole drain
+/// timeout (3 s) to go, and the grace period `grace`.
+fn slow_draining_service(env: &TestEnv, grace: &str) -> (RunningService, Vec<String>) {
+    let args: Vec<String> = [
+        "--listen",
+        "tcp://127.0.0.1:8080",
+        "--ready",
+        "delay:200ms",
+        "--grace",
+        grace,
+        "--drain-timeout",
+        "3s",
+        "--",
+        &path(&activated_fixture()),
+        "--ignore-term",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let borrowed: Vec<&str> = args.iter().map(String::as_str).collect();
+    (RunningService::start(env, "web", &borrowed), args)
+}
+
+/// `hotswap upgrade web` in the background, into `step` after the returned wait; the new
+/// generation (the fixture again, without --ignore-term) readies in 2 s at `Step::Readiness`.
+fn upgrade_into(env: &TestEnv, step: Step) -> (std::process::Child, Duration) {
+    let mut upgrade = hotswap_command(env);
+    upgrade.args(["upgrade", "web"]);
+    if matches!(step, Step::Readiness) {
+        upgrade.args(["--ready", "delay:2s"]);
+    }
+    let child = upgrade
+        .args(["--", &path(&activated_fixture())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Readiness takes 2 s; grace starts ~200 ms in and lasts 3 s; the drain starts ~250 ms in
+    // and lasts 3 s.
+    let into = Duration::from_millis(match step {
+        Step::Readiness => 700,
+        Step::Grace => 1000,
+        Step::Drain => 1200,
+    });
+    (child, into)
+}
+
+fn the_supervisor_killed_at_each_step_of_an_upgrade_is_adopted_consistently(backend: &str) {
+    for step in [Step::Readiness, Step::Grace, Step::Drain] {
+        let env = TestEnv::with_backend("sup-kill-step", backend);
+        let grace = if matches!(step, Step::Grace) {
+            "3s"
+        } else {
+            "50ms"
+        };
+        let (mut service, args) = slow_draining_service(&env, grace);
+        let (upgrade, into) = upgrade_into(&env, step);
+        std::thread::sleep(into);
+        let phase = env.status()["supervisors"]["web"]["upgrade_phase"].clone();
+        service.kill();
+        let _ = upgrade.wait_with_output().unwrap();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let service = RunningService::start(&env, "web", &args);
+        let what = format!("{backend}, supervisor killed in {step:?} (phase {phase})");
+        let active = one_active_generation(&env, &what);
+        // Not switched to yet: undone; switched: finished.
+        let expected = if matches!(step, Step::Readiness) {
+            1
+        } else {
+            2
+        };
+        assert_eq!(active, expected, "{what}\n{}", service.log());
+        nothing_leaked(&env, &service, &what);
+        println!("{what} -> generation {active} active");
     }
 }
 
@@ -470,6 +513,7 @@ integration_tests::for_every_backend!(
     twenty_kills_of_the_supervisor_lose_nothing,
     twenty_self_upgrades_of_the_supervisor_lose_nothing,
     the_daemon_killed_at_each_step_of_an_upgrade_leaves_one_active_generation,
+    the_supervisor_killed_at_each_step_of_an_upgrade_is_adopted_consistently,
     a_stopped_daemon_wedges_nothing,
     servers_that_talk_to_their_notify_socket_all_their_life_upgrade_normally,
 );

@@ -215,7 +215,10 @@ pub(super) fn load(path: &Path) -> Result<Option<SavedRun>, RecordError> {
 /// Replaces the record.
 pub(super) fn store(path: &Path, run: &SavedRun) -> Result<(), PathError> {
     let json = serde_json::to_vec_pretty(run).expect("plain data serialises");
-    crate::files::replace_private(path, &json)
+    // Written at every step of every upgrade, on the supervisor's one thread: no fsync to stall
+    // it on a busy disk. The record must survive the supervisor's crash, which the page cache
+    // does; after a host crash its generations are gone anyway.
+    crate::files::replace_private(path, &json, crate::files::Survives::ProcessCrash)
 }
 
 /// Removes the record (a supervisor that stopped cleanly leaves nothing to adopt).
