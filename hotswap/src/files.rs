@@ -1,34 +1,29 @@
 //! Files only their owner may read, replaced whole: the one way hotswap writes state (the
 //! uds/reuseport backends' state files, a supervisor's record of its generations).
+//!
+//! Replacing a file can block for a long time on a busy disk: the replaced inode waits for its
+//! pages' writeback (measured: `rename` in `folio_wait_writeback` from `ext4_evict_inode`, for
+//! seconds, while the lifecycle tests ran on ext4). Writers that must not stall (a supervisor)
+//! call this off their runtime's thread.
 
 use std::{io, path::Path};
 
-/// What a replaced file must survive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Survives {
-    /// A crash of the writing process (the page cache keeps it): write and rename, no fsync.
-    /// For state that means nothing after a reboot anyway, written often, by a process that
-    /// must not stall on a busy disk (a supervisor's record: its generations die with the host).
-    ProcessCrash,
-    /// A crash of the host too: fsync before the rename.
-    HostCrash,
-}
-
 /// Writes `bytes` to `path` through a new file only its owner can read, renamed over the old
 /// one: a crash leaves one or the other whole, never a mix.
+/// `synced`: fsync before the rename (the replaced file's pages are then clean, too).
 pub(crate) fn replace_private(
     path: &Path,
     bytes: &[u8],
-    survives: Survives,
+    synced: bool,
 ) -> Result<(), crate::PathError> {
     let temporary = crate::with_suffix(path, ".new");
-    write_private(&temporary, bytes, survives)
+    write_private(&temporary, bytes, synced)
         .map_err(crate::PathError::at("writing", &temporary))?;
     std::fs::rename(&temporary, path).map_err(crate::PathError::at("replacing", path))
 }
 
 /// Writes `bytes` to a new file only its owner can read, never through a planted symlink.
-fn write_private(path: &Path, bytes: &[u8], survives: Survives) -> io::Result<()> {
+fn write_private(path: &Path, bytes: &[u8], synced: bool) -> io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -38,10 +33,10 @@ fn write_private(path: &Path, bytes: &[u8], survives: Survives) -> io::Result<()
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     file.write_all(bytes)?;
-    match survives {
-        Survives::HostCrash => file.sync_all(),
-        Survives::ProcessCrash => Ok(()),
+    if synced {
+        file.sync_all()?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -53,8 +48,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        replace_private(&path, b"one", Survives::HostCrash).unwrap();
-        replace_private(&path, b"two", Survives::ProcessCrash).unwrap();
+        replace_private(&path, b"one", true).unwrap();
+        replace_private(&path, b"two", false).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -67,7 +62,7 @@ mod tests {
         let path = dir.path().join("state.json");
         let target = dir.path().join("elsewhere");
         std::os::unix::fs::symlink(&target, crate::with_suffix(&path, ".new")).unwrap();
-        assert!(replace_private(&path, b"x", Survives::HostCrash).is_err());
+        assert!(replace_private(&path, b"x", true).is_err());
         assert!(!target.exists());
     }
 }

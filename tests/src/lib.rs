@@ -125,6 +125,24 @@ impl Drop for NetnsGuard {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
+/// Where test environments keep their control sockets and state: a tmpfs, as `/run` is where
+/// hotswap runs for real. On a disk the daemon's fsync of its state file and a supervisor's
+/// record replacements wait for writeback (measured here on ext4 with `discard`: the daemon in
+/// `ext4_fsync_nojournal` for seconds under the lifecycle tests, requests unanswered for 10 s).
+fn scratch_root() -> PathBuf {
+    let tmpfs = std::fs::read_to_string("/proc/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|l| {
+            l.split_whitespace().nth(1) == Some("/dev/shm")
+                && l.split_whitespace().nth(2) == Some("tmpfs")
+        })
+    });
+    if tmpfs {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// One test's private world: network namespace, pin dir, control socket, daemon.
 pub struct TestEnv {
     /// Scratch directory (holds the control socket).
@@ -146,7 +164,7 @@ impl TestEnv {
         let netns = NetnsGuard::enter();
         let dir = tempfile::Builder::new()
             .prefix(&format!("hotswap-{name}-"))
-            .tempdir()
+            .tempdir_in(scratch_root())
             .expect("tempdir");
         let unique = format!(
             "{name}-{}-{}",

@@ -178,11 +178,7 @@ pub(super) fn load<B: DeserializeOwned>(path: &Path) -> Result<StateFile<B>, Sta
 /// Writes `file` to `path`: a new file only its owner can read, renamed over the old one.
 pub(super) fn store<B: Serialize>(path: &Path, file: &StateFile<B>) -> Result<(), StateFileError> {
     let json = serde_json::to_vec_pretty(file).expect("plain data serialises");
-    Ok(crate::files::replace_private(
-        path,
-        &json,
-        crate::files::Survives::HostCrash,
-    )?)
+    Ok(crate::files::replace_private(path, &json, true)?)
 }
 
 /// A backend whose state lives in a state file.

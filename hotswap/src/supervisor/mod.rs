@@ -258,6 +258,8 @@ struct Supervisor {
     events: mpsc::UnboundedSender<(u32, u64, ExitInfo)>,
     /// Where the record of the generations goes (see `record`).
     record_path: PathBuf,
+    /// Writes it, off the runtime's thread.
+    recorder: record::Recorder,
     /// Cancelled when the supervisor stops: an upgrade in flight gives up at its next step.
     stop: CancellationToken,
     /// What a re-exec runs, and the lock it hands on.
@@ -289,8 +291,8 @@ impl Supervisor {
         }
     }
 
-    /// Writes the record down. A record that cannot be written (a full disk) costs only the
-    /// adoption after a crash, never the service: it is logged.
+    /// Writes the record down (on the recorder's thread). A record that cannot be written (a
+    /// full disk) costs only the adoption after a crash, never the service: it is logged.
     fn save(&self) {
         let saved = {
             let state = self.lock();
@@ -311,12 +313,7 @@ impl Supervisor {
                     .collect(),
             }
         };
-        if let Err(err) = record::store(&self.record_path, &saved) {
-            tracing::error!(
-                "writing the record of the generations (a supervisor restarted after a crash could not adopt them): {}",
-                error_chain(&err)
-            );
-        }
+        self.recorder.record(saved);
     }
 
     /// Moves the upgrade in flight to `phase` and writes it down.
@@ -1004,6 +1001,7 @@ pub async fn run(
         config,
         events: events_tx,
         record_path: record_path.clone(),
+        recorder: record::Recorder::new(record_path.clone()),
         stop: CancellationToken::new(),
         exec: reexec::ExecPlan::new(lock.as_raw_fd()),
         started_at: SystemTime::now(),
@@ -1052,6 +1050,7 @@ pub async fn run(
         };
         if started.is_err() || stop_asked {
             supervisor.stop_all(&log).await;
+            supervisor.recorder.flush(Duration::from_secs(5));
             record::remove(&record_path);
             return started.map(|_| ());
         }
@@ -1144,6 +1143,7 @@ async fn serve(
     let _ = crate::activation::notify("STOPPING=1");
     supervisor.stop_all(&log).await;
     let _ = std::fs::remove_file(&control_path);
+    supervisor.recorder.flush(Duration::from_secs(5));
     record::remove(&supervisor.record_path);
     Ok(())
 }

@@ -215,10 +215,81 @@ pub(super) fn load(path: &Path) -> Result<Option<SavedRun>, RecordError> {
 /// Replaces the record.
 pub(super) fn store(path: &Path, run: &SavedRun) -> Result<(), PathError> {
     let json = serde_json::to_vec_pretty(run).expect("plain data serialises");
-    // Written at every step of every upgrade, on the supervisor's one thread: no fsync to stall
-    // it on a busy disk. The record must survive the supervisor's crash, which the page cache
-    // does; after a host crash its generations are gone anyway.
-    crate::files::replace_private(path, &json, crate::files::Survives::ProcessCrash)
+    // No fsync: the record must survive the supervisor's crash, which the page cache does;
+    // after a host crash its generations are gone anyway.
+    crate::files::replace_private(path, &json, false)
+}
+
+/// Writes records on a thread of its own, the latest first: the supervisor's runtime never
+/// waits for the disk (see [`crate::files`]). A record handed over while one is being written
+/// replaces any still waiting.
+pub(super) struct Recorder {
+    shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
+}
+
+/// What the writer has to do.
+#[derive(Default)]
+pub(super) struct Pending {
+    next: Option<SavedRun>,
+    writing: bool,
+}
+
+impl Recorder {
+    /// A recorder writing to `path`.
+    pub(super) fn new(path: PathBuf) -> Self {
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(Pending::default()),
+            std::sync::Condvar::new(),
+        ));
+        let writer = std::sync::Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("record".into())
+            .spawn(move || loop {
+                let (slot, wake) = &*writer;
+                let run = {
+                    let mut pending = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    pending.writing = false;
+                    loop {
+                        if let Some(run) = pending.next.take() {
+                            pending.writing = true;
+                            break run;
+                        }
+                        pending = wake.wait(pending).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                if let Err(err) = store(&path, &run) {
+                    tracing::error!(
+                        "writing the record of the generations (a supervisor restarted after a crash could not adopt them): {}",
+                        crate::error_chain(&err)
+                    );
+                }
+            })
+            .expect("a thread for the record");
+        Self { shared }
+    }
+
+    /// Hands `run` to the writer.
+    pub(super) fn record(&self, run: SavedRun) {
+        let (slot, wake) = &*self.shared;
+        slot.lock().unwrap_or_else(|p| p.into_inner()).next = Some(run);
+        wake.notify_one();
+    }
+
+    /// Waits (up to `within`) until every record handed over is written: before a re-exec, and
+    /// before the record is removed at a clean stop.
+    pub(super) fn flush(&self, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let busy = {
+                let pending = self.shared.0.lock().unwrap_or_else(|p| p.into_inner());
+                pending.next.is_some() || pending.writing
+            };
+            if !busy || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// Removes the record (a supervisor that stopped cleanly leaves nothing to adopt).
@@ -285,6 +356,20 @@ mod tests {
         assert_eq!(load(&file).unwrap(), Some(sample()));
         remove(&file);
         assert_eq!(load(&file).unwrap(), None);
+    }
+
+    #[test]
+    fn the_recorder_writes_the_latest_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.run.json");
+        let recorder = Recorder::new(file.clone());
+        for restarts in 0..100 {
+            let mut run = sample();
+            run.restarts = restarts;
+            recorder.record(run);
+        }
+        recorder.flush(std::time::Duration::from_secs(10));
+        assert_eq!(load(&file).unwrap().unwrap().restarts, 99);
     }
 
     #[test]

@@ -55,6 +55,8 @@ impl Supervisor {
     pub(super) fn reexec(&self) -> Result<Infallible, SupervisorError> {
         self.check_reexec()?;
         self.save();
+        // The new image reads it: it must be written, whatever the disk.
+        self.recorder.flush(Duration::from_secs(30));
         let plan = &self.exec;
         let argv = plan
             .args
