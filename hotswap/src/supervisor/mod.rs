@@ -399,8 +399,15 @@ impl Supervisor {
         if let Some((socket, _)) = &notify {
             held.push(socket.as_fd());
         }
+        let starting = Instant::now();
         let keeper = Keeper::start(&held, self.config.service.as_str(), 0)?;
         drop(held);
+        if starting.elapsed() > Duration::from_secs(1) {
+            tracing::warn!(
+                "starting the new generation's keeper took {} ms",
+                starting.elapsed().as_millis()
+            );
+        }
         self.set_phase(UpgradePhase::Preparing {
             keeper: Some(ProcessId {
                 pid: keeper.pid(),
@@ -554,10 +561,7 @@ impl Supervisor {
     ) {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
-            let exit = tree::wait_exit(pidfd).await;
-            // Whatever the main process left behind in its group (workers that outlived it) is
-            // part of a generation that has ended.
-            end_tree(pid);
+            let exit = tree::wait_exit(pidfd, pid).await;
             // Receivers keep seeing this value after the sender is gone.
             let _ = exit_tx.send(Some(exit));
             let _ = supervisor.events.send((id, serial, exit));

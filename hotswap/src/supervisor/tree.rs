@@ -134,7 +134,11 @@ impl Supervisor {
 /// Waits until the process behind `pidfd` exits (its pidfd polls readable), and collects its
 /// exit status where it is this process's child — one it started, or started before a re-exec.
 /// A generation adopted after a crash is someone else's child: its status is unknown.
-pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd) -> ExitInfo {
+///
+/// `pid`'s process group is ended before the exit is collected: until then the zombie keeps
+/// the pid, so `killpg` cannot reach a process that reused it (a new keeper or generation
+/// leads a group with its own pid).
+pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd, pid: u32) -> ExitInfo {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     let unknown = ExitInfo {
         code: None,
@@ -145,12 +149,21 @@ pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd) -> ExitInfo {
         tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
     };
     let Ok(watched) = watched else {
-        // Cannot watch it: poll instead.
+        // The runtime cannot watch it: look every 50 ms instead (exit status unknown).
+        if let Ok(polled) = crate::socket::Pidfd::open(pid) {
+            while !polled.has_exited() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        end_tree(pid);
         return unknown;
     };
     if let Ok(mut guard) = watched.readable().await {
         guard.retain_ready();
     }
+    // Whatever the main process left behind in its group (workers that outlived it) is part
+    // of a generation that has ended.
+    end_tree(pid);
     match waitid(
         Id::PIDFd(watched.get_ref().as_fd()),
         WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
