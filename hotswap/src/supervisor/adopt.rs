@@ -8,12 +8,6 @@
 
 use super::*;
 
-/// How an adopted generation's process ended, when it is not known.
-const UNKNOWN_EXIT: ExitInfo = ExitInfo {
-    code: None,
-    signal: None,
-};
-
 fn system_time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
@@ -178,7 +172,7 @@ impl Supervisor {
                     "adopted generation {id}'s sockets (keeper {}); its process is gone",
                     saved.keeper.pid
                 ));
-                let _ = exit_tx.send(Some(UNKNOWN_EXIT));
+                let _ = exit_tx.send(Some(ExitInfo::UNKNOWN));
             }
         }
         self.adopted

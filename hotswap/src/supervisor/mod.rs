@@ -727,10 +727,7 @@ impl Supervisor {
         self.retire_async(
             id,
             GenerationState::Exited {
-                exit: exit.unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                }),
+                exit: exit.unwrap_or(ExitInfo::UNKNOWN),
             },
         )
         .await;
@@ -838,7 +835,6 @@ impl Supervisor {
             g.sockets.clear();
             g.notify = None;
             g.state = final_state;
-            g.keeper.end();
         }
         if state.previous == Some(id) {
             state.previous = None;
@@ -947,10 +943,7 @@ impl Supervisor {
                 Err(err) => {
                     tracing::error!("restarting generation {id}: {}", error_chain(&err));
                     // Count it as another death, so the next try comes after a longer wait.
-                    let exit = ExitInfo {
-                        code: None,
-                        signal: None,
-                    };
+                    let exit = ExitInfo::UNKNOWN;
                     let _ = exit_tx.send(Some(exit));
                     let _ = supervisor.events.send((id, serial, exit));
                 }

@@ -50,7 +50,7 @@ impl Supervisor {
             () = tokio::time::sleep(timeout) => Err(SupervisorError::NotReady { generation: id, timeout, mode, kept }),
             () = self.stop.cancelled() => Err(SupervisorError::Stopping),
             exit = exit.wait_for(Option::is_some) => {
-                let exit = exit.ok().and_then(|e| *e).unwrap_or(ExitInfo { code: None, signal: None });
+                let exit = exit.ok().and_then(|e| *e).unwrap_or(ExitInfo::UNKNOWN);
                 Err(SupervisorError::ExitedBeforeReady { generation: id, exit, kept })
             }
         };

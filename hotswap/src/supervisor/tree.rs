@@ -140,10 +140,6 @@ impl Supervisor {
 /// leads a group with its own pid).
 pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd, pid: u32) -> ExitInfo {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-    let unknown = ExitInfo {
-        code: None,
-        signal: None,
-    };
     // SAFETY: the pidfd lives as long as the AsyncFd that owns it.
     let watched = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
@@ -156,7 +152,7 @@ pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd, pid: u32) -> ExitInfo
             }
         }
         end_tree(pid);
-        return unknown;
+        return ExitInfo::UNKNOWN;
     };
     if let Ok(mut guard) = watched.readable().await {
         guard.retain_ready();
@@ -176,7 +172,7 @@ pub(super) async fn wait_exit(pidfd: crate::socket::Pidfd, pid: u32) -> ExitInfo
             code: None,
             signal: Some(signal as i32),
         },
-        _ => unknown,
+        _ => ExitInfo::UNKNOWN,
     }
 }
 

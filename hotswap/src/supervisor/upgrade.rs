@@ -157,7 +157,7 @@ impl Supervisor {
         let switched = Instant::now();
         let died = tokio::select! {
             exit = tokio::time::timeout(self.config.grace, exit.wait_for(Option::is_some)) => match exit {
-                Ok(Ok(exit)) => Some(exit.unwrap_or(ExitInfo { code: None, signal: None })),
+                Ok(Ok(exit)) => Some(exit.unwrap_or(ExitInfo::UNKNOWN)),
                 _ => None,
             },
             // Stopping: the new generation stays active; stopping drains them all.

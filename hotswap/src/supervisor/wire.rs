@@ -11,6 +11,14 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
 }
 
+impl ExitInfo {
+    /// How a process ended when that is not known (not our child, or not collected).
+    pub const UNKNOWN: Self = Self {
+        code: None,
+        signal: None,
+    };
+}
+
 impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.code, self.signal) {
