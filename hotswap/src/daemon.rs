@@ -358,7 +358,8 @@ async fn serve(
     stream: UnixStream,
     registry: Arc<Mutex<Registry>>,
 ) -> Result<(), crate::protocol::FrameError> {
-    let uid = stream.peer_cred()?.uid();
+    let peer = stream.peer_cred()?;
+    let uid = peer.uid();
     let mut connection = Connection::new(stream);
     // Probes routed for this connection end with it, however it ends.
     let mut probes = ProbesOf {
@@ -380,7 +381,7 @@ async fn serve(
                         Request::Probe { source, .. } => Some(*source),
                         _ => None,
                     };
-                    let result = handle(&mut lock(&registry), request);
+                    let result = handle(&mut lock(&registry), request, peer.pid());
                     if let (Some(source), Ok(_)) = (probe, &result) {
                         probes.sources.push(source);
                     }
@@ -462,6 +463,7 @@ async fn send_with_fd(
 fn handle(
     registry: &mut Registry,
     request: Request,
+    peer_pid: Option<i32>,
 ) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RegistryError> {
     let reply = match request {
         Request::Bind { service, binding } => {
@@ -518,7 +520,13 @@ fn handle(
         }
         Request::Status => Ok(Reply::Status(registry.status())),
         Request::Listener { service, protocol } => {
-            let fd = registry.listener(&service, protocol)?;
+            // The asker, so a socket it never registers is taken back once it is gone. A pid
+            // read at connect time can name a later process only if the asker exited before
+            // this: then the socket is taken back on that process's exit or the time limit.
+            let requester = peer_pid
+                .and_then(|pid| u32::try_from(pid).ok())
+                .and_then(|pid| crate::socket::Pidfd::open(pid).ok());
+            let fd = registry.listener(&service, protocol, requester)?;
             return Ok((
                 Reply::Listener {
                     attached: fd.is_some(),

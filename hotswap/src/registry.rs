@@ -925,14 +925,16 @@ impl Registry {
     }
 
     /// A socket for a new generation of `service` for `protocol` where the backend makes them,
-    /// or `None` when each generation brings its own.
+    /// or `None` when each generation brings its own; `requester` is who asked (see
+    /// [`Backend::listener`]).
     pub fn listener(
         &mut self,
         service: &ServiceName,
         protocol: Protocol,
+        requester: Option<crate::socket::Pidfd>,
     ) -> Result<Option<OwnedFd>, RegistryError> {
         let service = self.service(service)?;
-        Ok(self.backend.listener(service.id, protocol)?)
+        Ok(self.backend.listener(service.id, protocol, requester)?)
     }
 
     /// The backend's repairs of its own sockets (see [`Backend::upkeep`]), by service.
@@ -1206,7 +1208,12 @@ mod tests {
         ) -> Result<(), BackendError> {
             Ok(())
         }
-        fn listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+        fn listener(
+            &mut self,
+            _: u32,
+            _: Protocol,
+            _: Option<crate::socket::Pidfd>,
+        ) -> Result<Option<OwnedFd>, BackendError> {
             Ok(None)
         }
         fn admit(

@@ -274,10 +274,13 @@ pub trait Backend: Send {
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError>;
     /// A socket for a new generation of the service, for `protocol`, where the backend makes
     /// them ([`SocketSource::Backend`]); `None` where each generation brings its own.
+    /// `requester` is the process that asked (when the daemon could tell): a socket it never
+    /// registers is taken back once it is gone.
     fn listener(
         &mut self,
         service_id: u32,
         protocol: Protocol,
+        requester: Option<crate::socket::Pidfd>,
     ) -> Result<Option<OwnedFd>, BackendError>;
     /// Routes new `protocol` connections from exactly `source` to `socket`, ahead of every
     /// binding and uncounted: the supervisor's readiness probe reaches a generation that is

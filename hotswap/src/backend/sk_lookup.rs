@@ -967,7 +967,12 @@ impl Backend for SkLookupBackend {
         }
     }
 
-    fn listener(&mut self, _: u32, _: Protocol) -> Result<Option<OwnedFd>, BackendError> {
+    fn listener(
+        &mut self,
+        _: u32,
+        _: Protocol,
+        _: Option<crate::socket::Pidfd>,
+    ) -> Result<Option<OwnedFd>, BackendError> {
         // Each generation brings its own socket; the program steers to it.
         Ok(None)
     }

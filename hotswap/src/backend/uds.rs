@@ -352,6 +352,8 @@ impl Backend for UdsBackend {
         &mut self,
         service_id: u32,
         protocol: Protocol,
+        // Every generation shares the one socket: nothing to take back.
+        _requester: Option<crate::socket::Pidfd>,
     ) -> Result<Option<OwnedFd>, BackendError> {
         let key = (service_id, protocol);
         let Some(shared) = self.sockets.get(&key) else {

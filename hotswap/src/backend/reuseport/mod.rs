@@ -69,10 +69,16 @@ use crate::{
 pub const MAX_MEMBERS: usize = 2;
 
 /// How long a socket the daemon made for a generation may stay unregistered before the daemon
-/// takes it out of the group again (a supervisor that died between asking and registering).
-/// Longer than a supervisor's steps in between may take on a loaded host (seen: over 10 s in
-/// CI under two load tests at once, each a daemon call with a 10 s deadline).
+/// takes it out of the group again, when the daemon cannot tell whether the process that asked
+/// for it is still there (one made before the daemon restarted). One whose requester is known
+/// is taken out as soon as that process is gone (a supervisor that died between asking and
+/// registering), however long that took; a time limit there refused upgrades on a loaded host,
+/// where a supervisor's steps in between took over 30 s.
 const UNCLAIMED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The limit for a socket whose requester still lives but has not registered it: a supervisor
+/// that hangs must not hold a group's second slot for ever.
+const UNCLAIMED_BY_LIVE_REQUESTER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The reuseport backend refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +190,26 @@ struct Member {
     foreign: bool,
     /// When it joined, for taking an unregistered one out again.
     joined: Instant,
+    /// The process that asked the daemon for it, while it is unregistered (see
+    /// [`Member::abandoned`]).
+    requester: Option<Pidfd>,
+}
+
+impl Member {
+    /// Whether an unregistered member the daemon holds should be taken out of the group: its
+    /// requester is gone, or it has waited too long.
+    fn abandoned(&self) -> bool {
+        if self.socket.is_none() {
+            return false;
+        }
+        match &self.requester {
+            Some(requester) => {
+                requester.has_exited()
+                    || self.joined.elapsed() >= UNCLAIMED_BY_LIVE_REQUESTER_TIMEOUT
+            }
+            None => self.joined.elapsed() >= UNCLAIMED_TIMEOUT,
+        }
+    }
 }
 
 /// A service's group for one protocol.
@@ -403,6 +429,7 @@ impl ReuseportBackend {
                     socket: held,
                     foreign,
                     joined: Instant::now(),
+                    requester: None,
                 });
             }
             if let Ok(listed) = socket::taking_connections(protocol) {
@@ -459,6 +486,7 @@ impl ReuseportBackend {
         cookie: u64,
         socket: OwnedFd,
         foreign: bool,
+        requester: Option<Pidfd>,
     ) -> Result<(), ReuseportError> {
         let inode = socket::inode(socket.as_fd()).map_err(ReuseportError::Cookie)?;
         let Some(group) = self.group(service_id, protocol) else {
@@ -470,6 +498,7 @@ impl ReuseportBackend {
             socket: Some(socket),
             foreign,
             joined: Instant::now(),
+            requester,
         });
         // A new group has no program yet; an existing one keeps its own, whose indexes the new
         // member (at the end) does not move.
@@ -742,6 +771,7 @@ impl Backend for ReuseportBackend {
         &mut self,
         service_id: u32,
         protocol: Protocol,
+        requester: Option<Pidfd>,
     ) -> Result<Option<OwnedFd>, BackendError> {
         self.tidy();
         let Some(group) = self.group(service_id, protocol) else {
@@ -757,7 +787,7 @@ impl Backend for ReuseportBackend {
         let socket = socket::bound_socket(addr, protocol, true, false).map_err(bind_error(addr))?;
         let cookie = socket_cookie(socket.as_fd()).map_err(bind_error(addr))?;
         let copy = socket.try_clone().map_err(bind_error(addr))?;
-        self.joined(service_id, protocol, cookie, socket, false)?;
+        self.joined(service_id, protocol, cookie, socket, false, requester)?;
         Ok(Some(copy))
     }
 
@@ -854,7 +884,7 @@ impl Backend for ReuseportBackend {
         let copy = socket
             .try_clone_to_owned()
             .map_err(bind_error(group.addr()))?;
-        Ok(self.joined(service_id, protocol, cookie, copy, true)?)
+        Ok(self.joined(service_id, protocol, cookie, copy, true, None)?)
     }
 
     fn relisten(
@@ -885,7 +915,7 @@ impl Backend for ReuseportBackend {
             .map_err(BackendError::Relisten)?;
         // Who made it is no longer known once it left the model: treated as foreign, the
         // daemon never shuts it down (when let go it waits for the kernel's tables instead).
-        Ok(self.joined(service_id, protocol, cookie, copy, true)?)
+        Ok(self.joined(service_id, protocol, cookie, copy, true, None)?)
     }
 
     fn upkeep(&mut self) -> Vec<Repaired> {
@@ -912,11 +942,7 @@ impl ReuseportBackend {
             let unclaimed: Vec<u64> = self.groups[&(service_id, protocol)]
                 .members
                 .iter()
-                .filter(|m| {
-                    m.socket.is_some()
-                        && m.joined.elapsed() >= UNCLAIMED_TIMEOUT
-                        && !self.claimed(service_id, protocol, m.cookie)
-                })
+                .filter(|m| m.abandoned() && !self.claimed(service_id, protocol, m.cookie))
                 .map(|m| m.cookie)
                 .collect();
             let listed = if read_tables && self.groups[&(service_id, protocol)].has_let_go() {
@@ -1006,6 +1032,7 @@ mod tests {
                     socket: Some(UdpSocket::bind("127.0.0.1:0").unwrap().into()),
                     foreign: false,
                     joined: Instant::now(),
+                    requester: None,
                 })
                 .collect(),
             active: None,
@@ -1053,5 +1080,34 @@ mod tests {
         assert_eq!(g.index(8), Some(0));
         assert_eq!(g.probes, vec![("127.0.0.1:40001".parse().unwrap(), 8)]);
         assert_eq!(g.active, Some(8));
+    }
+
+    #[test]
+    fn an_unregistered_member_is_abandoned_when_its_requester_is_gone_not_before() {
+        let mut asker = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut g = group(&[1]);
+        g.members[0].requester = Some(Pidfd::open(asker.id()).unwrap());
+        // Long past the limit for a member nobody is known to have asked for.
+        g.members[0].joined = Instant::now() - UNCLAIMED_TIMEOUT * 2;
+        assert!(!g.members[0].abandoned(), "its requester still lives");
+        asker.kill().unwrap();
+        asker.wait().unwrap();
+        assert!(g.members[0].abandoned(), "its requester is gone");
+
+        let mut g = group(&[2]);
+        assert!(!g.members[0].abandoned(), "just made");
+        g.members[0].joined = Instant::now() - UNCLAIMED_TIMEOUT;
+        assert!(
+            g.members[0].abandoned(),
+            "nobody known asked, and the time is up"
+        );
+        g.members[0].socket = None;
+        assert!(
+            !g.members[0].abandoned(),
+            "let go: the kernel's tables decide"
+        );
     }
 }
