@@ -139,22 +139,31 @@ fn a_generation_that_does_not_use_its_socket_is_never_switched_to() {
     let env = TestEnv::with_daemon("own-socket");
     let _service = RunningService::fixture(&env, &[]);
     let before = get("127.0.0.1:8080");
-    let own_socket = "import os, socket\n\
+    // Each server says READY=1 only once it has done what the check must catch: readiness by
+    // delay raced a python start slower than the delay on a loaded machine.
+    let notify = "def ready():\n    \
+            a = os.environ['NOTIFY_SOCKET']\n    \
+            a = '\\0' + a[1:] if a.startswith('@') else a\n    \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', a)\n";
+    let own_socket = format!(
+        "import os, socket\n{notify}\
         os.close(3)\n\
         s = socket.socket()\n\
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
         s.bind(('127.0.0.1', 8080))\n\
         s.listen()\n\
-        while True:\n    s.accept()[0].close()\n";
+        ready()\n\
+        while True:\n    s.accept()[0].close()\n"
+    );
     let out = env.hotswap(&[
         "upgrade",
         "web",
         "--ready",
-        "delay:300ms",
+        "notify",
         "--",
         "python3",
         "-c",
-        own_socket,
+        &own_socket,
     ]);
     assert!(!out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -162,15 +171,10 @@ fn a_generation_that_does_not_use_its_socket_is_never_switched_to() {
         stderr.contains("listens on tcp 127.0.0.1:8080 with a socket of its own"),
         "{stderr}"
     );
+    let no_socket =
+        format!("import os, socket, time\n{notify}os.close(3)\nready()\ntime.sleep(60)\n");
     let out = env.hotswap(&[
-        "upgrade",
-        "web",
-        "--ready",
-        "delay:300ms",
-        "--",
-        "sh",
-        "-c",
-        "exec 3>&-; exec sleep 60",
+        "upgrade", "web", "--ready", "notify", "--", "python3", "-c", &no_socket,
     ]);
     assert!(!out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
