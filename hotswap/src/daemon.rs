@@ -7,13 +7,12 @@
 use std::{
     future::Future,
     io,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tokio::{
     io::unix::AsyncFd,
     net::{UnixListener, UnixStream},
@@ -60,8 +59,16 @@ pub struct DaemonConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Another daemon serves the control socket.
-    #[error("another hotswap daemon is already serving control socket {0}")]
-    SocketInUse(PathBuf),
+    #[error("another hotswap daemon{} is already serving control socket {}", crate::files::held_by(holder), socket.display())]
+    SocketInUse {
+        /// The control socket.
+        socket: PathBuf,
+        /// The pid holding its lock, when the kernel says.
+        holder: Option<u32>,
+    },
+    /// The control socket's directory is not hotswap's alone.
+    #[error("the control socket's directory cannot be used")]
+    SocketDir(#[from] crate::files::PrivateDirError),
     /// A file-system or socket operation failed.
     #[error(transparent)]
     Io(#[from] crate::PathError),
@@ -91,25 +98,16 @@ pub enum DaemonError {
 /// Takes `<socket>.lock`, so two daemons never fight over one socket path.
 fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
+        crate::files::private_dir(dir)?;
     }
     let lock_path = crate::with_suffix(socket, ".lock");
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        // Never follow a symlink someone planted where the lock goes.
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&lock_path)
-        .map_err(PathError::at("opening", &lock_path))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            DaemonError::SocketInUse(socket.to_owned())
-        } else {
-            PathError::at("locking", &lock_path)(errno.into()).into()
-        }
+    let file = crate::files::open_lock_file(&lock_path)?;
+    crate::files::lock_exclusive(file, &lock_path).map_err(|err| match err {
+        crate::files::LockError::Held { holder, .. } => DaemonError::SocketInUse {
+            socket: socket.to_owned(),
+            holder,
+        },
+        crate::files::LockError::Failed(err) => err.into(),
     })
 }
 
@@ -126,20 +124,8 @@ pub fn reuseport_state_path(socket: &Path) -> PathBuf {
 /// Binds the control socket, readable and writable by its owner (root) only.
 fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
     // We hold the lock, so a file left here is a dead daemon's.
-    match std::fs::remove_file(socket) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            return Err(PathError::at("removing stale", socket)(err).into())
-        }
-        _ => {}
-    }
-    // The umask closes the window between bind() and chmod().
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(socket);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(PathError::at("binding", socket))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(PathError::at("restricting", socket))?;
-    Ok(listener)
+    let listener = crate::files::bind_private_socket(socket)?;
+    UnixListener::from_std(listener).map_err(|err| PathError::at("serving", socket)(err).into())
 }
 
 /// Which backend the daemon uses.

@@ -103,7 +103,7 @@ fn probe_sk_lookup(bpffs_mounted: bool) -> Result<(), SkLookupError> {
     }
     let scratch =
         std::path::PathBuf::from(format!("/sys/fs/bpf/hotswap-doctor-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(crate::PathError::at("creating", &scratch))?;
+    crate::files::private_dir(&scratch)?;
     let result = sk_lookup::load_program(&scratch).map(drop);
     let _ = std::fs::remove_dir_all(&scratch);
     result

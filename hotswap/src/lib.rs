@@ -9,7 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod doctor;
-mod files;
+pub mod files;
 pub mod model;
 pub mod protocol;
 pub mod registry;

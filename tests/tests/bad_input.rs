@@ -260,6 +260,9 @@ fn a_second_daemon_is_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("already running on pin dir"), "{stderr}");
+    // The holder is named, so the operator knows which process to look at.
+    let holder = format!("(pid {})", env.daemon_pid().unwrap());
+    assert!(stderr.contains(&holder), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     // Same socket, another pin dir.
     let out = integration_tests::hotswap_command(&env)
@@ -273,6 +276,7 @@ fn a_second_daemon_is_refused() {
         stderr.contains("already serving control socket"),
         "{stderr}"
     );
+    assert!(stderr.contains(&holder), "{stderr}");
     assert!(
         !env.pin_dir.with_file_name("other").exists(),
         "the loser left state behind"

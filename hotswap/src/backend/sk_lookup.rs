@@ -28,7 +28,7 @@ use hotswap_common::{
     map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey,
     ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
 };
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use super::{
     Backend, BackendError, BackendInfo, Capabilities, PersistedState, SocketSource, Support,
@@ -78,8 +78,16 @@ pub enum SkLookupError {
     #[error("{0}")]
     VerifierRejected(VerifierRejection),
     /// Another daemon holds the state directory.
-    #[error("another hotswap daemon is already running on pin dir {0}")]
-    Locked(PathBuf),
+    #[error("another hotswap daemon{} is already running on pin dir {}", crate::files::held_by(holder), path.display())]
+    Locked {
+        /// The pin dir.
+        path: PathBuf,
+        /// The pid holding its lock, when the kernel says.
+        holder: Option<u32>,
+    },
+    /// The pin dir, or a directory on the way to it, is not hotswap's alone.
+    #[error("the pin dir cannot be used")]
+    PinDir(#[from] crate::files::PrivateDirError),
     /// A file-system or socket operation failed.
     #[error(transparent)]
     Io(#[from] crate::PathError),
@@ -163,8 +171,11 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), SkLookupError> {
             Some("bpf"),
             sys_bpf,
             Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            // As systemd mounts it: root's alone, not the kernel's default 1777.
+            Some("mode=0700"),
         )
         .map_err(SkLookupError::MountBpffs)?;
     }
@@ -247,14 +258,14 @@ impl SkLookupBackend {
     /// steering never stops.
     pub fn open(pin_dir: &Path, netns: u64) -> Result<Self, SkLookupError> {
         ensure_bpffs(pin_dir)?;
-        std::fs::create_dir_all(pin_dir).map_err(PathError::at("creating", pin_dir))?;
+        crate::files::private_dir(pin_dir)?;
         let dir = File::open(pin_dir).map_err(PathError::at("opening", pin_dir))?;
-        let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            if errno == nix::errno::Errno::EWOULDBLOCK {
-                SkLookupError::Locked(pin_dir.to_owned())
-            } else {
-                PathError::at("locking", pin_dir)(errno.into()).into()
-            }
+        let lock = crate::files::lock_exclusive(dir, pin_dir).map_err(|err| match err {
+            crate::files::LockError::Held { holder, .. } => SkLookupError::Locked {
+                path: pin_dir.to_owned(),
+                holder,
+            },
+            crate::files::LockError::Failed(err) => err.into(),
         })?;
 
         let link_path = pin_dir.join("link");

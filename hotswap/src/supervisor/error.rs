@@ -39,8 +39,19 @@ pub enum SupervisorError {
     #[error(transparent)]
     Io(#[from] crate::PathError),
     /// Another supervisor runs the service.
-    #[error("service {0} is already run by another `hotswap run`")]
-    AlreadyRunning(ServiceName),
+    #[error(
+        "service {service} is already run by another `hotswap run`{}",
+        crate::files::held_by(holder)
+    )]
+    AlreadyRunning {
+        /// The service.
+        service: ServiceName,
+        /// The pid holding its lock, when the kernel says.
+        holder: Option<u32>,
+    },
+    /// The directory for the service's control socket and lock is not hotswap's alone.
+    #[error("the supervisor's state directory cannot be used")]
+    StateDir(#[from] crate::files::PrivateDirError),
     /// No supervisor runs the service.
     #[error("service {0} is not run by `hotswap run` (start it with `hotswap run {0} --listen … -- COMMAND`)")]
     NotRunning(ServiceName),

@@ -44,7 +44,7 @@ use std::{
 use tokio::time::Instant;
 
 use nix::{
-    fcntl::{Flock, FlockArg},
+    fcntl::Flock,
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
@@ -971,7 +971,7 @@ pub async fn run(
     }
     let control_path = supervisor_socket(&config.daemon_socket, &config.service);
     if let Some(dir) = control_path.parent() {
-        std::fs::create_dir_all(dir).map_err(PathError::at("creating", dir))?;
+        crate::files::private_dir(dir)?;
     }
     let lock = reexec::take_lock(&control_path.with_extension("lock"), &config.service)?;
     let record_path = record::path(&control_path);
@@ -1091,14 +1091,10 @@ async fn serve(
     // Tell systemd, when it started us with Type=notify (again after a re-exec: harmless).
     let _ = crate::activation::notify("READY=1");
 
-    let _ = std::fs::remove_file(&control_path);
-    let listener = {
-        // The umask closes the window between bind() and chmod().
-        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-        let bound = UnixListener::bind(&control_path);
-        nix::sys::stat::umask(old);
-        bound.map_err(PathError::at("binding", &control_path))?
-    };
+    // We hold the service's lock, so a socket left here is a dead supervisor's.
+    let listener = crate::files::bind_private_socket(&control_path).and_then(|bound| {
+        UnixListener::from_std(bound).map_err(PathError::at("serving", &control_path))
+    })?;
     tracing::info!(
         "service {service} running; control socket {}",
         control_path.display()

@@ -157,7 +157,7 @@ pub(super) fn take_lock(
     lock_path: &Path,
     service: &ServiceName,
 ) -> Result<Flock<File>, SupervisorError> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     let handed_on = std::env::var(LOCK_FD_VARIABLE)
         .ok()
         .and_then(|fd| fd.parse::<RawFd>().ok())
@@ -177,18 +177,16 @@ pub(super) fn take_lock(
             // file (same device and inode); nothing else in this process owns it.
             unsafe { File::from_raw_fd(fd) }
         }
-        None => std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(lock_path)
-            .map_err(PathError::at("opening", lock_path))?,
+        None => crate::files::open_lock_file(lock_path)?,
     };
     // Locking an open file description that holds the lock already succeeds.
-    let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SupervisorError::AlreadyRunning(service.clone()))?;
+    let lock = crate::files::lock_exclusive(file, lock_path).map_err(|err| match err {
+        crate::files::LockError::Held { holder, .. } => SupervisorError::AlreadyRunning {
+            service: service.clone(),
+            holder,
+        },
+        crate::files::LockError::Failed(err) => err.into(),
+    })?;
     debug_assert!(lock.as_raw_fd() >= 0);
     Ok(lock)
 }
