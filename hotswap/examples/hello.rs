@@ -11,11 +11,11 @@
 //! `Connection: close` on their next response), and exits when no connection is left.
 
 use std::{
+    mem::MaybeUninit,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
 use hotswap::activation::{drain_signal, generation, notify_ready, notify_stopping, Listeners};
@@ -62,6 +62,21 @@ async fn serve(stream: TcpStream, body: Arc<String>, draining: Arc<AtomicBool>) 
         if write.write_all(response.as_bytes()).await.is_err() || close {
             return;
         }
+    }
+}
+
+/// Answers the datagrams queued on `udp` now and does not wait for more: on a socket shared
+/// with the next generation (the uds backend) what arrives later is the next generation's, and
+/// waiting for a quiet moment there would keep us alive as long as clients keep sending.
+fn answer_queued(udp: &tokio::net::UdpSocket, body: &str) {
+    let socket = socket2::SockRef::from(udp);
+    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+    // tokio's sockets are non-blocking, so this returns WouldBlock once the queue is empty
+    // (tokio's own try_recv_from would trust its cached readiness instead of asking the kernel).
+    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+        // SAFETY: recv_from initialised the first `n` bytes.
+        let datagram = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+        let _ = socket.send_to(&udp_answer(body, datagram), &peer);
     }
 }
 
@@ -128,12 +143,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     draining.store(true, Ordering::Relaxed);
     drop(tcp);
     if let Some(udp) = udp {
-        // Datagrams already queued for us are ours to answer.
-        while let Ok(Ok((n, peer))) =
-            tokio::time::timeout(Duration::from_millis(50), udp.recv_from(&mut datagram)).await
-        {
-            let _ = udp.send_to(&udp_answer(&body, &datagram[..n]), peer).await;
-        }
+        answer_queued(&udp, &body);
     }
     drop(alive);
     let _ = all_done.changed().await;
