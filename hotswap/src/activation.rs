@@ -247,14 +247,55 @@ pub enum ServiceListenerError {
     /// The daemon answered something unexpected.
     #[error("unexpected reply from the daemon")]
     UnexpectedReply,
+    /// The thread that asked the daemon for the socket panicked or was cancelled.
+    #[error("asking the daemon for the socket did not finish")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// A listening socket for `service`, registered with the daemon as a new generation of this
 /// process, whichever backend the daemon runs: in sk_lookup this process gets a socket of its
 /// own (bound to the service's address with a kernel-chosen port) and hotswap steers to it; in
-/// reuseport it gets a new member of the service's group, in uds the daemon's shared socket. With `activate`, the generation also becomes the
-/// active one. Returns the socket and the generation id.
+/// reuseport it gets a new member of the service's group, in uds the daemon's shared socket.
+/// With `activate`, the generation also becomes the active one. Returns the socket and the
+/// generation id.
+///
+/// Blocks; it may be called from anywhere, async code included (inside a runtime it talks to
+/// the daemon from a thread of its own). Async code can `.await`
+/// [`service_listener_async`] instead.
 pub fn service_listener(
+    daemon_socket: &std::path::Path,
+    service: &crate::model::ServiceName,
+    protocol: crate::model::Protocol,
+    label: Option<String>,
+    activate: bool,
+) -> Result<(OwnedFd, u32), ServiceListenerError> {
+    let run = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| ServiceListenerError::Socket { protocol, source })?
+            .block_on(service_listener_async(
+                daemon_socket,
+                service,
+                protocol,
+                label,
+                activate,
+            ))
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return run();
+    }
+    // A runtime cannot be started from within one.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(run)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// [`service_listener`] for async code.
+pub async fn service_listener_async(
     daemon_socket: &std::path::Path,
     service: &crate::model::ServiceName,
     protocol: crate::model::Protocol,
@@ -269,23 +310,23 @@ pub fn service_listener(
         protocol::{Reply, Request},
     };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ServiceListenerError::Socket { protocol, source })?;
-    let Reply::Status(status) =
-        runtime.block_on(client::request(daemon_socket, &Request::Status))?
-    else {
+    let Reply::Status(status) = client::request(daemon_socket, &Request::Status).await? else {
         return Err(ServiceListenerError::UnexpectedReply);
     };
     let fd = if status.backend.capabilities.sockets == SocketSource::Backend {
-        // The backend makes generations' sockets (a shared one, or a new group member).
-        client::listener(
-            daemon_socket,
-            service,
-            protocol,
-            std::time::Duration::from_secs(10),
-        )?
+        // The backend makes generations' sockets (a shared one, or a new group member); the
+        // exchange is a blocking one (one recvmsg for the frame and its descriptor).
+        let (socket, service_name) = (daemon_socket.to_owned(), service.clone());
+        tokio::task::spawn_blocking(move || {
+            client::listener(
+                &socket,
+                &service_name,
+                protocol,
+                std::time::Duration::from_secs(10),
+            )
+        })
+        .await
+        .map_err(ServiceListenerError::Interrupted)??
         .ok_or(ServiceListenerError::UnexpectedReply)?
     } else {
         let binding = status
@@ -316,7 +357,7 @@ pub fn service_listener(
         label,
         activate,
     };
-    match runtime.block_on(client::request(daemon_socket, &register))? {
+    match client::request(daemon_socket, &register).await? {
         Reply::Registered { generation, .. } => Ok((fd, generation)),
         _ => Err(ServiceListenerError::UnexpectedReply),
     }

@@ -158,7 +158,14 @@ impl fmt::Display for Protocol {
 /// (`::ffff:127.0.0.1/128`) is the IPv4 prefix it maps (`127.0.0.1/32`): one address, one
 /// spelling.
 pub fn parse_prefix(s: &str) -> Result<IpNet, ParseError> {
-    let mut net: IpNet = s.parse().map_err(|_| ParseError::Prefix(s.to_owned()))?;
+    let net: IpNet = s.parse().map_err(|_| ParseError::Prefix(s.to_owned()))?;
+    normalise_prefix(net)
+}
+
+/// A prefix in its one spelling (see [`parse_prefix`]), or why it has none. Every prefix that
+/// enters hotswap — typed, or over the wire — goes through here, so each binding is one that
+/// `status` shows and `unbind` removes as it was given.
+pub fn normalise_prefix(mut net: IpNet) -> Result<IpNet, ParseError> {
     if let IpNet::V6(v6) = net {
         if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
             net = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).expect("at most 32 bits");
@@ -189,6 +196,35 @@ pub fn parse_port(s: &str) -> Result<u16, ParseError> {
     s.parse().map_err(|_| ParseError::Port(s.to_owned()))
 }
 
+/// `text` cut to at most [`hotswap_common::MAX_LABEL`] bytes on a character boundary, to be a
+/// label (a command line made into one, say).
+pub fn label_from(text: &str) -> String {
+    let mut end = text.len().min(hotswap_common::MAX_LABEL);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// `text` as it may reach a terminal: control characters (escape sequences, newlines, BEL…)
+/// written as `\u{1b}`, so a label, a command line or a server's `STATUS=` can neither
+/// forge lines nor drive the terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Checks a generation label's length.
 pub fn check_label(label: &str) -> Result<(), ParseError> {
     if label.len() > hotswap_common::MAX_LABEL {
@@ -197,8 +233,10 @@ pub fn check_label(label: &str) -> Result<(), ParseError> {
     Ok(())
 }
 
-/// (protocol, prefix, port): the address space a binding claims for a service.
+/// (protocol, prefix, port): the address space a binding claims for a service. Deserialising
+/// normalises the prefix as the command line does (and refuses host bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "WireBinding")]
 pub struct Binding {
     /// TCP or UDP.
     pub protocol: Protocol,
@@ -206,6 +244,26 @@ pub struct Binding {
     pub prefix: IpNet,
     /// Destination port, 0 for every port.
     pub port: u16,
+}
+
+/// A [`Binding`] as it arrives, before its prefix is normalised.
+#[derive(Deserialize)]
+struct WireBinding {
+    protocol: Protocol,
+    prefix: IpNet,
+    port: u16,
+}
+
+impl TryFrom<WireBinding> for Binding {
+    type Error = ParseError;
+
+    fn try_from(wire: WireBinding) -> Result<Self, ParseError> {
+        Ok(Self {
+            protocol: wire.protocol,
+            prefix: normalise_prefix(wire.prefix)?,
+            port: wire.port,
+        })
+    }
 }
 
 impl Binding {
@@ -372,5 +430,43 @@ mod tests {
         assert_eq!(&data.addr[10..13], &[0xff, 0xff, 192]);
         assert_eq!(data.family, FAMILY_IPV4);
         assert_eq!(data.port, [0, 80]);
+    }
+
+    #[test]
+    fn labels_made_from_text_are_cut_on_a_character_boundary() {
+        let command = format!("{} grüße", "x".repeat(60));
+        let label = label_from(&command);
+        assert_eq!(label, format!("{} gr", "x".repeat(60)));
+        assert!(check_label(&label).is_ok());
+        assert_eq!(label_from("short"), "short");
+        assert_eq!(label_from(&"ü".repeat(40)).len(), 64);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal_and_nothing_else() {
+        assert_eq!(printable("grüße v2 \"quoted\""), "grüße v2 \"quoted\"");
+        assert_eq!(
+            printable("\u{1b}[2Jfake\nline\u{7}"),
+            "\\u{1b}[2Jfake\\u{a}line\\u{7}"
+        );
+    }
+
+    #[test]
+    fn bindings_from_the_wire_are_normalised_as_typed_ones_are() {
+        let wire = |prefix: &str| {
+            serde_json::from_str::<Binding>(&format!(
+                r#"{{"protocol":"tcp","prefix":"{prefix}","port":80}}"#
+            ))
+        };
+        assert_eq!(
+            wire("::ffff:127.0.0.1/128").unwrap().prefix,
+            parse_prefix("127.0.0.1/32").unwrap()
+        );
+        let err = wire("192.0.2.1/24").unwrap_err().to_string();
+        assert!(err.contains("192.0.2.0/24"), "{err}");
+        assert_eq!(
+            wire("10.0.0.0/8").unwrap().prefix,
+            parse_prefix("10.0.0.0/8").unwrap()
+        );
     }
 }

@@ -35,6 +35,36 @@ fn listener_from_the_library(backend: &str) {
         "{status}"
     );
     assert_eq!(status["services"][0]["generations"][0]["label"], "library");
+    // From async code: the blocking call (which used to start a runtime inside the caller's
+    // and panic) and the async one.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (blocking_fd, blocking) = runtime.block_on(async {
+        hotswap::activation::service_listener(&env.socket, &service, Protocol::Tcp, None, false)
+            .unwrap()
+    });
+    assert_eq!(blocking, 2);
+    // reuseport takes two members at a time: let generation 2 go first.
+    drop(blocking_fd);
+    integration_tests::wait_until("generation 2 is let go", || {
+        env.status()["services"][0]["generations"]
+            .as_array()
+            .is_some_and(|g| g.len() == 1)
+    });
+    let (_awaited_fd, awaited) = runtime.block_on(async {
+        hotswap::activation::service_listener_async(
+            &env.socket,
+            &service,
+            Protocol::Tcp,
+            None,
+            false,
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(awaited, 3);
 }
 
 #[test]

@@ -285,3 +285,44 @@ fn a_second_daemon_is_refused() {
     assert_eq!(env.status(), before);
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "one");
 }
+
+/// What a label (or any text from a process) holds reaches the terminal escaped: an escape
+/// sequence in it is shown, not obeyed, and cannot forge a line of `status`.
+#[test]
+fn labels_reach_the_terminal_escaped() {
+    let env = TestEnv::with_daemon("label-escape");
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let server = Server::start("tcp", "127.0.0.1:0", "one");
+    env.register("web", &server, &["--label", "\u{1b}[2Jv2\ngen 9 active"]);
+    let text = env.ok(&["status"]);
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains(r"\u{1b}[2Jv2\u{a}gen 9 active"), "{text}");
+    // The JSON keeps the label as it was given.
+    assert_eq!(
+        env.status()["services"][0]["generations"][0]["label"],
+        "\u{1b}[2Jv2\ngen 9 active"
+    );
+}
+
+/// A reader that goes away early (`hotswap status | head -1`) ends the output quietly: no
+/// panic, exit 0.
+#[test]
+fn a_closed_stdout_ends_the_output_quietly() {
+    let env = TestEnv::with_daemon("closed-stdout");
+    for port in 8000..8020 {
+        env.ok(&["bind", "web", "tcp", "127.0.0.1/32", &port.to_string()]);
+    }
+    for args in [&["status"][..], &["status", "--json"], &["metrics"]] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = Command::new(integration_tests::hotswap_bin())
+            .args(args)
+            .env("HOTSWAP_SOCKET", &env.socket)
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}: {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

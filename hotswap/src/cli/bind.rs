@@ -44,7 +44,7 @@ pub fn run(socket: &Path, args: Args, bind: bool) -> anyhow::Result<()> {
     match super::request(socket, &request)? {
         Reply::Done => {
             let verb = if bind { "bound" } else { "unbound" };
-            println!(
+            outln!(
                 "{verb} {binding} {} service {}",
                 if bind { "to" } else { "from" },
                 args.service

@@ -16,17 +16,17 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let report = doctor::examine();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    print!("{}", doctor::render(&report));
+    out!("{}", doctor::render(&report));
     if args.verifier_log {
         match &report.verifier_log {
-            Some(log) => print!("\nverifier log:\n{log}"),
+            Some(log) => out!("\nverifier log:\n{log}"),
             None if report.sk_lookup_supported => {
-                println!("\nverifier log: none, the verifier accepted the program")
+                outln!("\nverifier log: none, the verifier accepted the program")
             }
-            None => println!("\nverifier log: none, the program did not reach the verifier"),
+            None => outln!("\nverifier log: none, the program did not reach the verifier"),
         }
     }
     Ok(())

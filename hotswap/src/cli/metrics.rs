@@ -16,15 +16,19 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     match super::request(socket, &Request::Metrics)? {
         Reply::Metrics { services } => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&services)?);
+                outln!("{}", serde_json::to_string_pretty(&services)?);
                 return Ok(());
             }
-            println!(
+            outln!(
                 "{:<20} {:>12} {:>12} {:>12} {:>8}",
-                "SERVICE", "LOOKUPS", "STEERED", "NO-SOCKET", "ERRORS"
+                "SERVICE",
+                "LOOKUPS",
+                "STEERED",
+                "NO-SOCKET",
+                "ERRORS"
             );
             for m in services {
-                println!(
+                outln!(
                     "{:<20} {:>12} {:>12} {:>12} {:>8}",
                     m.service.as_str(),
                     m.lookups,

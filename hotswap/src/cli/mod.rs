@@ -1,6 +1,22 @@
 //! The `hotswap` command line: one module per verb. Noun commands (`status`, `metrics`) never
 //! change state; verbs do.
 
+/// `print!` that does not panic when standard output is gone: a reader that went away
+/// (`hotswap status | head -1`) is not an error, so the rest of the output is dropped quietly.
+/// Any other write error is returned (with `?`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))?
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 mod bind;
 mod daemon;
 mod doctor;
@@ -129,6 +145,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
         Command::Doctor(args) => doctor::run(args),
+    }
+}
+
+/// Writes to standard output for [`out!`]; a closed pipe is success (see there).
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => anyhow::Context::context(result, "writing to standard output"),
     }
 }
 

@@ -39,7 +39,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         let answer = supervisor::request(socket, service, &SupervisorRequest::Reexec, &mut |_| {})
             .await?;
         if let SupervisorMessage::Done { message, .. } = answer {
-            println!("{service}: {message}");
+            outln!("{service}: {message}");
         }
         // The new image answers once it has adopted every generation.
         let deadline = Instant::now() + ANSWER_WITHIN;
@@ -65,7 +65,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        println!(
+        outln!(
             "{service}: supervisor pid {} runs {}; generations kept: {}",
             after.pid,
             after.binary,

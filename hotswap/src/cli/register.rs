@@ -37,7 +37,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     match super::request(socket, &request)? {
         // The id alone on stdout, so scripts can capture it.
         Reply::Registered { generation, .. } => {
-            println!("{generation}");
+            outln!("{generation}");
             Ok(())
         }
         reply => Err(super::unexpected(reply)),

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use crate::{
-    model::ServiceName,
+    model::{printable, ServiceName},
     protocol::{Reply, Request},
     registry::StatusReport,
     supervisor::{self, GenerationState, SupervisorMessage, SupervisorReport, SupervisorRequest},
@@ -32,14 +32,14 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
                     "daemon_error": crate::error_chain(&err),
                     "supervisors": supervisors,
                 });
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                outln!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 let mut out = String::new();
                 for (name, supervisor) in &supervisors {
                     let _ = writeln!(out, "service {name}");
                     render_lifecycle(&mut out, supervisor);
                 }
-                print!("{out}");
+                out!("{out}");
             }
             return Err(err.into());
         }
@@ -49,9 +49,9 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["supervisors"] = serde_json::to_value(&supervisors)?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!("{}", render(&report, &supervisors));
+        out!("{}", render(&report, &supervisors));
     }
     Ok(())
 }
@@ -139,7 +139,7 @@ fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
             timings.push(format!("{} restarts", g.restarts));
         }
         if let Some(status) = &g.notify_status {
-            timings.push(format!("says: {status}"));
+            timings.push(format!("says: {}", printable(status)));
         }
         let _ = writeln!(
             out,
@@ -148,7 +148,7 @@ fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
             state,
             g.pid.map_or("-".to_owned(), |p| p.to_string()),
             timings.join(", "),
-            g.command.join(" ")
+            printable(&g.command.join(" "))
         );
     }
 }
@@ -228,10 +228,10 @@ pub fn render(report: &StatusReport, supervisors: &BTreeMap<String, SupervisorRe
                         g.id.to_string(),
                         if g.active { "*" } else { "" },
                         g.pid.to_string(),
-                        g.label.as_deref().unwrap_or(""),
+                        printable(g.label.as_deref().unwrap_or("")),
                     )
                 } else {
-                    (String::new(), "", String::new(), "")
+                    (String::new(), "", String::new(), "".into())
                 };
                 let address = socket.local_addr.map_or("-".to_owned(), |a| a.to_string());
                 let address = if socket.listening {

@@ -24,17 +24,20 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     match super::request(socket, &request)? {
         Reply::Switched { previous } => {
             match previous {
-                Some(previous) if previous != args.generation => println!(
+                Some(previous) if previous != args.generation => outln!(
                     "service {}: generation {previous} -> {}",
-                    args.service, args.generation
+                    args.service,
+                    args.generation
                 ),
-                Some(_) => println!(
+                Some(_) => outln!(
                     "service {}: generation {} was active already",
-                    args.service, args.generation
+                    args.service,
+                    args.generation
                 ),
-                None => println!(
+                None => outln!(
                     "service {}: generation {} active",
-                    args.service, args.generation
+                    args.service,
+                    args.generation
                 ),
             }
             Ok(())

@@ -48,11 +48,12 @@ fn talk(socket: &Path, service: &ServiceName, request: SupervisorRequest) -> any
         service,
         &request,
         &mut |line| {
-            println!("{prefix}: {line}");
+            // Progress that cannot be shown is no reason to stop waiting for the outcome.
+            let _ = super::write_stdout(format_args!("{prefix}: {line}\n"));
         },
     ))?;
     if let SupervisorMessage::Done { message, .. } = result {
-        println!("{prefix}: {message}");
+        outln!("{prefix}: {message}");
     }
     Ok(())
 }
