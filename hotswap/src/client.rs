@@ -30,9 +30,12 @@ pub enum ClientError {
     /// The conversation failed.
     #[error("talking to the daemon failed")]
     Frame(#[from] FrameError),
-    /// The daemon refused the request; the text is its reason.
+    /// The daemon refused the request: its code and reason.
     #[error("{0}")]
-    Refused(String),
+    Refused(crate::protocol::WireError),
+    /// The daemon answered with a reply that does not answer the request.
+    #[error("unexpected reply from the daemon: {0:?}")]
+    UnexpectedReply(Box<Reply>),
     /// The daemon did not answer in time (stopped, or wedged).
     #[error("the daemon did not answer within {}", humantime::format_duration(*.0))]
     NoAnswer(std::time::Duration),
@@ -67,9 +70,23 @@ pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ClientEr
         .await
         .map_err(|source| connect_error(socket, source))?;
     let mut connection = Connection::new(stream);
-    connection.send(request).await?;
-    let response: Response = connection.receive().await?;
-    response.map_err(ClientError::Refused)
+    exchange(&mut connection, request)
+        .await?
+        .map_err(ClientError::Refused)
+}
+
+/// Sends `request` and reads the answer. A daemon that refuses a peer answers without reading
+/// the request and closes, so a send that fails may still have an answer waiting: that answer
+/// says more than the broken pipe.
+async fn exchange(
+    connection: &mut Connection<UnixStream>,
+    request: &Request,
+) -> Result<Response, FrameError> {
+    let sent = connection.send(request).await;
+    match (sent, connection.receive::<Response>().await) {
+        (_, Ok(response)) => Ok(response),
+        (Err(err), Err(_)) | (Ok(()), Err(err)) => Err(err),
+    }
 }
 
 /// A readiness probe's route, held open: while it lives, new TCP connections from its source go
@@ -89,19 +106,17 @@ pub async fn probe_route(
         .await
         .map_err(|source| connect_error(socket, source))?;
     let mut connection = Connection::new(stream);
-    connection
-        .send(&Request::Probe {
-            service: service.clone(),
-            generation,
-            source,
-        })
-        .await?;
-    let response: Response = connection.receive().await?;
+    let request = Request::Probe {
+        service: service.clone(),
+        generation,
+        source,
+    };
+    let response = exchange(&mut connection, &request).await?;
     match response.map_err(ClientError::Refused)? {
         Reply::Done => Ok(ProbeRoute {
             _connection: connection,
         }),
-        other => Err(ClientError::Refused(format!("unexpected reply {other:?}"))),
+        other => Err(ClientError::UnexpectedReply(Box::new(other))),
     }
 }
 
@@ -152,7 +167,8 @@ fn listener_exchange(
         protocol,
     };
     let frame = crate::protocol::encode_frame(&request)?;
-    stream.write_all(&frame).map_err(FrameError::Io)?;
+    // As in `exchange`: a refusal may be waiting even when the write failed.
+    let written = stream.write_all(&frame);
 
     // One recvmsg for the first bytes and the descriptor that rides on them.
     let mut buf = vec![0u8; 64 * 1024];
@@ -164,8 +180,13 @@ fn listener_exchange(
             &mut iov,
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| FrameError::Io(e.into()))?;
+        );
+        let msg = match (msg, written) {
+            (Ok(msg), _) if msg.bytes > 0 => msg,
+            (_, Err(err)) => return Err(FrameError::Io(err).into()),
+            (Ok(msg), Ok(())) => msg,
+            (Err(err), Ok(())) => return Err(FrameError::Io(err.into()).into()),
+        };
         let fd = msg
             .cmsgs()
             .map_err(|e| FrameError::Io(e.into()))?
@@ -190,10 +211,10 @@ fn listener_exchange(
         }
         body.extend_from_slice(&more[..n]);
     }
-    let response: Response = serde_json::from_slice(&body[..len]).map_err(FrameError::Json)?;
+    let response: Response = crate::protocol::decode(&body[..len])?;
     match response.map_err(ClientError::Refused)? {
         crate::protocol::Reply::Listener { attached: true } => Ok(fd),
         crate::protocol::Reply::Listener { attached: false } => Ok(None),
-        other => Err(ClientError::Refused(format!("unexpected reply {other:?}"))),
+        other => Err(ClientError::UnexpectedReply(Box::new(other))),
     }
 }

@@ -18,7 +18,10 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
 use crate::{
+    admission::{AcceptBackoff, Admission, Limits, Refusal, Ticket, MAX_REQUEST_FRAME},
     backend::{
         reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
@@ -26,7 +29,7 @@ use crate::{
         Backend, BackendError,
     },
     error_chain,
-    protocol::{Connection, Reply, Request, Response},
+    protocol::{Connection, ErrorCode, Reply, Request, Response, WireError},
     registry::{Registry, RegistryError},
     socket::netns_inode,
     PathError,
@@ -42,6 +45,10 @@ const REAP_INTERVAL: Duration = Duration::from_millis(100);
 /// every active generation's): one a process shut down listens again within this.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(5);
 
+/// How long a stopping daemon lets its control connections finish the request each is
+/// handling (and send its answer) before it exits anyway.
+const ANSWER_BEFORE_EXIT: Duration = Duration::from_secs(5);
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -53,6 +60,8 @@ pub struct DaemonConfig {
     pub debug_ebpf: bool,
     /// Which backend to use.
     pub backend: BackendChoice,
+    /// What the control socket allows each peer.
+    pub limits: Limits,
 }
 
 /// The daemon could not start or failed.
@@ -271,19 +280,49 @@ pub async fn run(
     // Tell systemd (Type=notify) that the control socket answers: units ordered after this
     // one can run `hotswap run` now.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // The accept loop owns the count of connections per peer; connections report their end.
+    let mut admission = Admission::new(config.limits);
+    let mut backoff = AcceptBackoff::default();
+    let connections = TaskTracker::new();
+    let stopping = CancellationToken::new();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            uid = admission.ended() => admission.release(uid),
+            accepted = async { backoff.ready().await; listener.accept().await } => match accepted {
                 Ok((stream, _)) => {
-                    let registry = Arc::clone(&registry);
-                    tokio::spawn(async move {
-                        if let Err(err) = serve(stream, registry).await {
-                            tracing::debug!("control connection: {}", error_chain(&err));
+                    let failures = backoff.succeeded();
+                    if failures > 0 {
+                        tracing::info!("accepting control connections works again, after {failures} failed attempts");
+                    }
+                    match admit(&mut admission, &stream) {
+                        Ok((peer, ticket)) => {
+                            let connection = ControlConnection {
+                                registry: Arc::clone(&registry),
+                                peer,
+                                _ticket: ticket,
+                                idle: admission.limits().idle,
+                                stopping: stopping.clone(),
+                            };
+                            connections.spawn(async move {
+                                if let Err(err) = connection.serve(stream).await {
+                                    tracing::debug!("control connection: {}", error_chain(&err));
+                                }
+                            });
                         }
-                    });
+                        Err(refusal) => refuse(&stream, &refusal),
+                    }
                 }
-                Err(err) => tracing::warn!("accepting a control connection: {err}"),
+                Err(err) => {
+                    // The pending connection stays queued, so the next accept would fail the
+                    // same way at once: pause, and say so once per streak.
+                    let (wait, first) = backoff.failed();
+                    if first {
+                        tracing::warn!("accepting a control connection failed: {err}; retrying with back-off (up to {})", humantime::format_duration(AcceptBackoff::LAST));
+                    } else {
+                        tracing::debug!("accepting a control connection failed: {err}; next try in {}", humantime::format_duration(wait));
+                    }
+                }
             },
             _ = upkeep_timer.tick() => {
                 let mut registry = lock(&registry);
@@ -306,13 +345,28 @@ pub async fn run(
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping; what the kernel or the generations hold stays in place");
+    // No new connection (a client now finds no daemon, rather than a socket that never
+    // answers); each open one finishes the request it is handling and answers it.
+    let _ = std::fs::remove_file(&config.socket);
+    drop(listener);
+    stopping.cancel();
+    connections.close();
+    if tokio::time::timeout(ANSWER_BEFORE_EXIT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} control connections were still answering after {}; exiting anyway",
+            connections.len(),
+            humantime::format_duration(ANSWER_BEFORE_EXIT)
+        );
+    }
     if let Some(logger) = logger {
         logger.abort();
         if let Err(err) = lock(&registry).set_debug_log(false) {
             tracing::warn!("turning eBPF debug logging off: {}", error_chain(&err));
         }
     }
-    let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }
 
@@ -340,34 +394,85 @@ fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, Dae
     }))
 }
 
-async fn serve(
-    stream: UnixStream,
+/// Admits a new control connection from its peer's credentials (`SO_PEERCRED`), before a byte
+/// of its request is read.
+fn admit(
+    admission: &mut Admission,
+    stream: &UnixStream,
+) -> Result<(tokio::net::unix::UCred, Ticket), Refusal> {
+    let peer = stream.peer_cred().map_err(|_| Refusal::NoCredentials)?;
+    let ticket = admission.admit(peer.uid())?;
+    Ok((peer, ticket))
+}
+
+/// Tells a refused peer why, without reading what it sent, and closes the connection. The
+/// answer is one small frame into an empty socket buffer: it is written at once or not at all.
+fn refuse(stream: &UnixStream, refusal: &Refusal) {
+    tracing::debug!("refused a control connection: {refusal}");
+    let response: Response = Err(WireError::new(refusal.code(), refusal));
+    if let Ok(frame) = crate::protocol::encode_frame(&response) {
+        let _ = stream.try_write(&frame);
+    }
+}
+
+/// One admitted control connection: requests in, answers out, until the peer closes it, it
+/// stays idle too long, or the daemon stops.
+struct ControlConnection {
     registry: Arc<Mutex<Registry>>,
-) -> Result<(), crate::protocol::FrameError> {
-    let peer = stream.peer_cred()?;
-    let uid = peer.uid();
-    let mut connection = Connection::new(stream);
-    // Probes routed for this connection end with it, however it ends.
-    let mut probes = ProbesOf {
-        registry: &registry,
-        sources: Vec::new(),
-    };
-    while let Some(bytes) = connection.receive_bytes().await? {
-        let mut attached = None;
-        let response: Response = if uid != 0 {
-            Err(format!(
-                "permission denied: uid {uid} may not control hotswap (only root may)"
-            ))
-        } else {
-            match serde_json::from_slice::<Request>(&bytes) {
-                Err(err) => Err(format!("malformed request: {err}")),
+    peer: tokio::net::unix::UCred,
+    /// Counts the connection against its peer's uid while it lives.
+    _ticket: Ticket,
+    idle: Duration,
+    stopping: CancellationToken,
+}
+
+impl ControlConnection {
+    async fn serve(self, stream: UnixStream) -> Result<(), crate::protocol::FrameError> {
+        let mut connection = Connection::with_max_frame(stream, MAX_REQUEST_FRAME);
+        // Probes routed for this connection end with it, however it ends.
+        let mut probes = ProbesOf {
+            registry: &self.registry,
+            sources: Vec::new(),
+        };
+        loop {
+            // A connection that holds a probe route stays open on purpose: the route lives
+            // as long as it does.
+            let idle = idle_limit(self.idle, probes.sources.is_empty());
+            let bytes = tokio::select! {
+                // A request already here is answered even when the daemon is stopping.
+                biased;
+                received = connection.receive_bytes() => match received? {
+                    Some(bytes) => bytes,
+                    None => return Ok(()),
+                },
+                () = self.stopping.cancelled() => return Ok(()),
+                () = idle => {
+                    tracing::debug!("closing a control connection idle for {}", humantime::format_duration(self.idle));
+                    return Ok(());
+                }
+            };
+            let mut attached = None;
+            let response: Response = match crate::protocol::decode::<Request>(&bytes) {
+                Err(crate::protocol::FrameError::VersionMismatch { theirs, ours }) => {
+                    Err(WireError {
+                        code: ErrorCode::VersionMismatch,
+                        message: format!(
+                            "the client speaks control protocol version {}, this daemon {ours} (run one build of hotswap for the daemon, the supervisors and the command line)",
+                            theirs.map_or("0 (unversioned)".to_owned(), |v| v.to_string())
+                        ),
+                    })
+                }
+                Err(err) => Err(WireError {
+                    code: ErrorCode::MalformedRequest,
+                    message: format!("malformed request: {}", error_chain(&err)),
+                }),
                 Ok(request) => {
                     tracing::debug!(?request, "request");
                     let probe = match &request {
                         Request::Probe { source, .. } => Some(*source),
                         _ => None,
                     };
-                    let result = handle(&mut lock(&registry), request, peer.pid());
+                    let result = handle(&mut lock(&self.registry), request, self.peer.pid());
                     if let (Some(source), Ok(_)) = (probe, &result) {
                         probes.sources.push(source);
                     }
@@ -376,20 +481,36 @@ async fn serve(
                             attached = fd;
                             Ok(reply)
                         }
-                        Err(err) => Err(error_chain(&err)),
+                        Err(err) => Err(WireError::new(err.code(), &err)),
                     }
                 }
-            }
-        };
-        match attached {
-            Some(fd) => {
-                use std::os::fd::AsFd as _;
-                send_with_fd(connection.stream(), &response, fd.as_fd()).await?
-            }
-            None => connection.send(&response).await?,
+            };
+            drop(bytes);
+            // A peer that does not read its answers holds the connection no longer than an
+            // idle one.
+            let sent = async {
+                match attached {
+                    Some(fd) => {
+                        use std::os::fd::AsFd as _;
+                        send_with_fd(connection.stream(), &response, fd.as_fd()).await
+                    }
+                    None => connection.send(&response).await,
+                }
+            };
+            tokio::time::timeout(self.idle, sent)
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         }
     }
-    Ok(())
+}
+
+/// Completes after `limit` when `armed`, never otherwise.
+async fn idle_limit(limit: Duration, armed: bool) {
+    if armed {
+        tokio::time::sleep(limit).await;
+    } else {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The probe sources one control connection routed; dropping it stops routing them.

@@ -1,6 +1,6 @@
 //! The control protocol: serde types in length-delimited JSON frames over the control socket.
 
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -10,7 +10,8 @@ use crate::{
     registry::{ServiceMetricsReport, StatusReport},
 };
 
-/// Largest frame either side accepts.
+/// Largest frame a client accepts (a status report of many services is large). A server reads
+/// requests with a far smaller cap ([`crate::admission::MAX_REQUEST_FRAME`]).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// A request to the daemon.
@@ -117,8 +118,79 @@ pub enum Reply {
     },
 }
 
-/// The daemon's answer: a reply, or the reason (whole cause chain, one line) it refused.
-pub type Response = Result<Reply, String>;
+/// The version of the control protocol this build speaks. Every frame carries it (see
+/// [`Envelope`]); a frame of another version is refused, saying which versions met.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The daemon's answer: a reply, or why it refused.
+pub type Response = Result<Reply, WireError>;
+
+/// Why the daemon refused a request: a stable [`ErrorCode`] for programs to match, and the
+/// whole cause chain on one line for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    /// What kind of refusal.
+    pub code: ErrorCode,
+    /// The reason, for people.
+    pub message: String,
+}
+
+impl WireError {
+    /// A refusal of kind `code` for `err`, with its whole cause chain.
+    pub fn new(code: ErrorCode, err: &(dyn std::error::Error + 'static)) -> Self {
+        Self {
+            code,
+            message: crate::error_chain(err),
+        }
+    }
+}
+
+/// The kinds of refusal; their names on the wire (`snake_case`) never change meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The peer may not do this (only root may control hotswap).
+    PermissionDenied,
+    /// The daemon serves as many connections as it may (in all, or from this user): retry.
+    Busy,
+    /// The frame was not a request of this protocol version.
+    MalformedRequest,
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// No service of that name.
+    UnknownService,
+    /// No live generation of that id.
+    UnknownGeneration,
+    /// The binding belongs to a service already.
+    AlreadyBound,
+    /// The service has no such binding.
+    NotBound,
+    /// A value in the request cannot be used (a prefix, a label, a socket, a process).
+    InvalidRequest,
+    /// A limit is reached (service ids).
+    LimitReached,
+    /// The backend in use cannot do this.
+    Unsupported,
+    /// The backend (kernel, state file) failed.
+    Failed,
+}
+
+/// What every frame holds: the protocol version, and the message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u32,
+    /// The message.
+    pub body: T,
+}
+
+/// Only the version of a frame, read before the rest so that a frame of another version (or
+/// of a build before versions) is told apart from a malformed one.
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: Option<u32>,
+}
 
 /// Why talking over the control socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +201,39 @@ pub enum FrameError {
     /// A frame was not valid JSON for the expected type.
     #[error("malformed message")]
     Json(#[from] serde_json::Error),
+    /// The peer speaks another version of the protocol (`None`: a build from before versions).
+    #[error("the peer speaks control protocol version {}, this hotswap {ours} (run one build of hotswap for the daemon, the supervisors and the command line)", theirs.map_or("0 (unversioned)".to_owned(), |v| v.to_string()))]
+    VersionMismatch {
+        /// The peer's version.
+        theirs: Option<u32>,
+        /// [`PROTOCOL_VERSION`].
+        ours: u32,
+    },
     /// The peer closed the connection.
     #[error("the peer closed the connection")]
     Closed,
+}
+
+/// Decodes one frame's body: checks its version, then reads the message.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let version = serde_json::from_slice::<VersionOnly>(bytes)
+        .ok()
+        .and_then(|v| v.version);
+    if version != Some(PROTOCOL_VERSION) {
+        return Err(FrameError::VersionMismatch {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(serde_json::from_slice::<Envelope<T>>(bytes)?.body)
+}
+
+/// Encodes `message` as one frame's body.
+fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    Ok(serde_json::to_vec(&Envelope {
+        version: PROTOCOL_VERSION,
+        body: message,
+    })?)
 }
 
 /// A control-socket connection speaking length-delimited JSON.
@@ -140,10 +242,16 @@ pub struct Connection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// Wraps a stream.
+    /// Wraps a stream; frames up to [`MAX_FRAME`].
     pub fn new(stream: S) -> Self {
+        Self::with_max_frame(stream, MAX_FRAME)
+    }
+
+    /// Wraps a stream; a frame announcing more than `max_frame` bytes fails
+    /// [`Connection::receive_bytes`] as soon as its length is read, before its body is.
+    pub fn with_max_frame(stream: S, max_frame: usize) -> Self {
         let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(MAX_FRAME)
+            .max_frame_length(max_frame)
             .new_codec();
         Self {
             framed: Framed::new(stream, codec),
@@ -152,10 +260,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends one message.
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), FrameError> {
-        let bytes = serde_json::to_vec(message)?;
-        self.framed
-            .send(tokio_util::bytes::Bytes::from(bytes))
-            .await?;
+        use tokio::io::AsyncWriteExt as _;
+        // Written past the codec, whose cap is for what we read: a server that takes 64 KiB
+        // requests still answers with a status report of any size.
+        let frame = encode_frame(message)?;
+        let stream = self.framed.get_mut();
+        stream.write_all(&frame).await?;
+        stream.flush().await?;
         Ok(())
     }
 
@@ -164,7 +275,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.get_ref()
     }
 
-    /// Receives one frame's bytes; `None` when the peer closed the connection cleanly.
+    /// Receives one frame's bytes (for [`decode`]); `None` when the peer closed the connection
+    /// cleanly.
     pub async fn receive_bytes(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         match self.framed.next().await {
             None => Ok(None),
@@ -175,13 +287,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Receives one message.
     pub async fn receive<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
         let bytes = self.receive_bytes().await?.ok_or(FrameError::Closed)?;
-        Ok(serde_json::from_slice(&bytes)?)
+        decode(&bytes)
     }
 }
 
 /// Encodes `message` as one length-delimited frame.
 pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let json = serde_json::to_vec(message)?;
+    let json = encode(message)?;
     let mut frame = (json.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&json);
     Ok(frame)
@@ -223,9 +335,46 @@ mod tests {
             a.send(request).await.unwrap();
             assert_eq!(&b.receive::<Request>().await.unwrap(), request);
         }
-        let response: Response = Err("unknown service \"x\"".into());
+        let response: Response = Err(WireError {
+            code: ErrorCode::UnknownService,
+            message: "unknown service \"x\"".into(),
+        });
         b.send(&response).await.unwrap();
         assert_eq!(a.receive::<Response>().await.unwrap(), response);
+        let json = String::from_utf8(encode(&response).unwrap()).unwrap();
+        assert!(
+            json.contains(r#""version":1"#) && json.contains(r#""code":"unknown_service""#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn a_frame_of_another_version_says_which_versions_met() {
+        for (frame, theirs) in [
+            (r#"{"verb":"status"}"#, None),
+            (r#"{"version":99,"body":{"verb":"status"}}"#, Some(99)),
+        ] {
+            let err = decode::<Request>(frame.as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, FrameError::VersionMismatch { theirs: t, ours: PROTOCOL_VERSION } if t == theirs),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(text.contains("this hotswap 1"), "{text}");
+        }
+        let err = decode::<Request>(br#"{"version":1,"body":{"verb":"fly"}}"#).unwrap_err();
+        assert!(matches!(err, FrameError::Json(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_longer_than_the_cap_fails_before_its_body_is_read() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut b = Connection::with_max_frame(b, 1024);
+        use tokio::io::AsyncWriteExt as _;
+        // 1 GiB announced; the duplex holds 64 bytes, so reading the body would hang.
+        a.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+        let err = b.receive_bytes().await.unwrap_err();
+        assert!(matches!(err, FrameError::Io(_)), "{err:?}");
     }
 
     #[test]

@@ -129,6 +129,32 @@ pub enum RegistryError {
     Backend(#[from] BackendError),
 }
 
+impl RegistryError {
+    /// The refusal's code on the wire.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            Self::UnknownService(_) => ErrorCode::UnknownService,
+            Self::UnknownGeneration { .. } | Self::GenerationGone { .. } => {
+                ErrorCode::UnknownGeneration
+            }
+            Self::AlreadyBound { .. } => ErrorCode::AlreadyBound,
+            Self::NotBound { .. } => ErrorCode::NotBound,
+            Self::NothingToProbe { .. }
+            | Self::WrongProtocol { .. }
+            | Self::WrongFamily { .. }
+            | Self::NoSockets
+            | Self::TwoSockets(_)
+            | Self::AlreadyRegistered { .. }
+            | Self::Parse(_)
+            | Self::Socket(_) => ErrorCode::InvalidRequest,
+            Self::TooManyServices => ErrorCode::LimitReached,
+            Self::Unsupported { .. } => ErrorCode::Unsupported,
+            Self::Backend(_) => ErrorCode::Failed,
+        }
+    }
+}
+
 /// A live generation: a process and the listening socket it registered.
 ///
 /// The daemon keeps no duplicate of the socket: the process owns it. A duplicate would keep a
@@ -641,6 +667,21 @@ impl Registry {
         }
         self.backend.remove_binding(&binding)?;
         self.bindings.remove(&binding);
+        self.forget_if_empty(service)
+    }
+
+    /// Forgets `name` once nothing is left of it — no binding, no generation — so that its id
+    /// serves the next new service: ids are few ([`MAX_SERVICES`] - 1) and pinned across
+    /// restarts, and were never given back before. A new service's counters start at zero.
+    fn forget_if_empty(&mut self, name: &ServiceName) -> Result<(), RegistryError> {
+        let Some(service) = self.services.get(name) else {
+            return Ok(());
+        };
+        if !service.generations.is_empty() || self.bindings.values().any(|owner| owner == name) {
+            return Ok(());
+        }
+        self.backend.forget_service(service.id)?;
+        self.services.remove(name);
         Ok(())
     }
 
@@ -890,7 +931,7 @@ impl Registry {
             }
         })?;
         let_go(self.backend.as_mut(), service, generation, &gone)?;
-        Ok(())
+        self.forget_if_empty(service_name)
     }
 
     /// Lets go of generations whose process exited or no longer holds a registered socket.
@@ -919,6 +960,13 @@ impl Registry {
                     was_active,
                     process_exited: generation.pidfd.has_exited(),
                 });
+            }
+        }
+        let emptied: std::collections::BTreeSet<ServiceName> =
+            reaped.iter().map(|r| r.service.clone()).collect();
+        for name in emptied {
+            if let Err(err) = self.forget_if_empty(&name) {
+                tracing::warn!("forgetting service {name}, which has nothing left: {err}");
             }
         }
         reaped
@@ -1270,6 +1318,43 @@ mod tests {
             vec![tcp_binding(80)]
         );
         assert_eq!(fake.0.lock().unwrap().bindings.len(), 1);
+    }
+
+    #[test]
+    fn a_service_with_nothing_left_gives_its_id_back() {
+        let (mut registry, fake) = registry();
+        // Every id used and given back, twice over: the limit counts services that exist, not
+        // services that ever were.
+        for round in 0..2u16 {
+            for n in 1..MAX_SERVICES {
+                let name: ServiceName = format!("s{n}").parse().unwrap();
+                registry
+                    .bind(&name, tcp_binding(round * 10_000 + 1))
+                    .unwrap();
+                registry
+                    .unbind(&name, tcp_binding(round * 10_000 + 1))
+                    .unwrap();
+            }
+        }
+        assert!(registry.status().services.is_empty());
+        assert!(fake.0.lock().unwrap().services.is_empty());
+        // A service with a generation but no binding stays until the generation is gone.
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+        let generation = registry
+            .register(
+                &web(),
+                std::process::id(),
+                &[socket.as_raw_fd()],
+                None,
+                true,
+            )
+            .unwrap();
+        registry.unbind(&web(), tcp_binding(80)).unwrap();
+        assert_eq!(registry.status().services.len(), 1);
+        registry.forget(&web(), generation).unwrap();
+        assert!(registry.status().services.is_empty());
+        assert!(fake.0.lock().unwrap().services.is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::{
 use hotswap::{
     backend::{BackendInfo, Capabilities, SocketSource, Support},
     model::{Binding, ServiceName},
-    protocol::{Connection, Reply, Request, Response},
+    protocol::{Connection, ErrorCode, Reply, Request, Response, WireError},
     registry::{GenerationStatus, ServiceStatus, StatusReport},
     supervisor::{
         self,
@@ -128,10 +128,11 @@ async fn answer(fake: &Mutex<Fake>, request: Request) -> Option<Response> {
                     return None;
                 }
                 Some(SwitchFault::LoseRequest) => return None,
-                Some(SwitchFault::Hang) => Err(String::new()),
-                None if !fake.generations.contains_key(&generation) => {
-                    Err(format!("no generation {generation}"))
-                }
+                Some(SwitchFault::Hang) => Err(None),
+                None if !fake.generations.contains_key(&generation) => Err(Some(WireError {
+                    code: ErrorCode::UnknownGeneration,
+                    message: format!("no generation {generation}"),
+                })),
                 None => Ok(Reply::Switched {
                     previous: fake.active.replace(generation),
                 }),
@@ -144,11 +145,16 @@ async fn answer(fake: &Mutex<Fake>, request: Request) -> Option<Response> {
                 }
                 Ok(Reply::Done)
             }
-            other => Err(format!("the fake daemon does not do {other:?}")),
+            other => Err(Some(WireError {
+                code: ErrorCode::Unsupported,
+                message: format!("the fake daemon does not do {other:?}"),
+            })),
         };
+        // `Err(None)`: hang.
         match response {
-            Err(text) if text.is_empty() => None,
-            response => Some(response),
+            Ok(reply) => Some(Ok(reply)),
+            Err(Some(err)) => Some(Err(err)),
+            Err(None) => None,
         }
     };
     match hang {

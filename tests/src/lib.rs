@@ -155,6 +155,8 @@ pub struct TestEnv {
     daemon_log: PathBuf,
     /// `--backend` for the daemon; `None` for its default (auto).
     pub backend: Option<String>,
+    /// More arguments for `hotswap daemon`.
+    pub daemon_args: Vec<String>,
     _netns: NetnsGuard,
 }
 
@@ -179,6 +181,7 @@ impl TestEnv {
             pin_dir,
             daemon: None,
             backend: None,
+            daemon_args: Vec::new(),
             _netns: netns,
         }
     }
@@ -210,6 +213,7 @@ impl TestEnv {
         if let Some(backend) = &self.backend {
             cmd.args(["--backend", backend]);
         }
+        cmd.args(&self.daemon_args);
         cmd
     }
 

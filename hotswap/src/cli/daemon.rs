@@ -5,7 +5,11 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::Context as _;
 use tracing_subscriber::EnvFilter;
 
-use crate::daemon::{self, BackendChoice, DaemonConfig};
+use crate::{
+    admission::Limits,
+    daemon::{self, BackendChoice, DaemonConfig},
+    supervisor::spec::parse_duration,
+};
 
 /// [--pin-dir PATH] [--debug-ebpf].
 #[derive(Debug, clap::Args)]
@@ -23,6 +27,24 @@ pub struct Args {
     /// address handed to every generation; auto: the first of these that works here.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// Control connections served at once, from everyone; more are refused until one ends.
+    #[arg(long, default_value_t = Limits::default().total, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+    /// Control connections served at once from one user (uid).
+    #[arg(long, default_value_t = Limits::default().per_uid, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections_per_user: u32,
+    /// A control connection that sends no request for this long is closed (one that holds a
+    /// readiness probe's route stays open).
+    #[arg(long, default_value = "60s", value_parser = parse_idle_timeout)]
+    idle_timeout: std::time::Duration,
+}
+
+/// A duration, bounded as every duration is, and not zero (that would close every connection
+/// before its first request).
+fn parse_idle_timeout(text: &str) -> anyhow::Result<std::time::Duration> {
+    let idle = parse_duration(text)?;
+    anyhow::ensure!(!idle.is_zero(), "the idle timeout must be longer than 0");
+    Ok(idle)
 }
 
 pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
@@ -43,6 +65,11 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         debug_ebpf: args.debug_ebpf,
         backend: args.backend,
+        limits: Limits {
+            total: args.max_connections,
+            per_uid: args.max_connections_per_user,
+            idle: args.idle_timeout,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

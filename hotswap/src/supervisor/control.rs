@@ -3,13 +3,22 @@
 use super::*;
 
 impl Supervisor {
+    /// Serves one admitted connection: one request, waited for at most `idle`.
     pub(super) async fn serve_control(
         self: Arc<Self>,
         stream: UnixStream,
+        idle: Duration,
     ) -> Result<(), FrameError> {
-        let uid = stream.peer_cred()?.uid();
-        let connection = Arc::new(tokio::sync::Mutex::new(Connection::new(stream)));
-        let request: SupervisorRequest = match connection.lock().await.receive().await {
+        let connection = Arc::new(tokio::sync::Mutex::new(Connection::with_max_frame(
+            stream,
+            crate::admission::MAX_REQUEST_FRAME,
+        )));
+        let received = tokio::time::timeout(idle, async {
+            connection.lock().await.receive::<SupervisorRequest>().await
+        })
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+        let request: SupervisorRequest = match received {
             Ok(r) => r,
             Err(err) => {
                 let done = SupervisorMessage::Done {
@@ -19,15 +28,6 @@ impl Supervisor {
                 return connection.lock().await.send(&done).await;
             }
         };
-        if uid != 0 {
-            let done = SupervisorMessage::Done {
-                ok: false,
-                message: format!(
-                    "permission denied: uid {uid} may not control hotswap (only root may)"
-                ),
-            };
-            return connection.lock().await.send(&done).await;
-        }
         let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<String>();
         let progress = move |line: String| {
             tracing::info!("{line}");

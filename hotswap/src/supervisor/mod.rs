@@ -72,6 +72,7 @@ pub use wire::{
 };
 
 use crate::{
+    admission::{AcceptBackoff, Admission, Limits, Refusal},
     backend::{Capabilities, Support},
     client::{self, ClientError},
     error_chain,
@@ -414,11 +415,7 @@ impl Supervisor {
                 start_time: keeper.start_time(),
             }),
         });
-        let label: String = command
-            .join(" ")
-            .chars()
-            .take(hotswap_common::MAX_LABEL)
-            .collect();
+        let label = crate::model::label_from(&command.join(" "));
         let registered = self
             .daemon(Request::Register {
                 service: self.config.service.clone(),
@@ -1100,6 +1097,9 @@ async fn serve(
         control_path.display()
     );
     let reconciler = Arc::new(tokio::sync::Semaphore::new(1));
+    // The same admission as the daemon's control socket: root only, checked before reading.
+    let mut admission = Admission::new(Limits::default());
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -1119,16 +1119,38 @@ async fn serve(
                 let Err(err) = supervisor.reexec();
                 tracing::warn!("re-executing the supervisor: {}", error_chain(&err));
             }
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    let supervisor = Arc::clone(&supervisor);
-                    tokio::spawn(async move {
-                        if let Err(err) = supervisor.serve_control(stream).await {
-                            tracing::debug!("control connection: {}", error_chain(&err));
+            uid = admission.ended() => admission.release(uid),
+            accepted = async { backoff.ready().await; listener.accept().await } => match accepted {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    let admitted = stream
+                        .peer_cred()
+                        .map_err(|_| Refusal::NoCredentials)
+                        .and_then(|peer| admission.admit(peer.uid()));
+                    match admitted {
+                        Ok(ticket) => {
+                            let (supervisor, idle) = (Arc::clone(&supervisor), admission.limits().idle);
+                            tokio::spawn(async move {
+                                if let Err(err) = supervisor.serve_control(stream, idle).await {
+                                    tracing::debug!("control connection: {}", error_chain(&err));
+                                }
+                                drop(ticket);
+                            });
                         }
-                    });
+                        Err(refusal) => {
+                            let done = SupervisorMessage::Done { ok: false, message: refusal.to_string() };
+                            if let Ok(frame) = crate::protocol::encode_frame(&done) {
+                                let _ = stream.try_write(&frame);
+                            }
+                        }
+                    }
                 }
-            }
+                Err(err) => {
+                    if backoff.failed().1 {
+                        tracing::warn!("accepting a control connection failed: {err}; retrying with back-off");
+                    }
+                }
+            },
         }
     }
 

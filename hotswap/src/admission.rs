@@ -1,0 +1,287 @@
+//! Admission to a control socket: who may connect, how much each peer may hold, and how the
+//! accept loop behaves when the process runs out of descriptors.
+//!
+//! Whatever a local peer sends, the daemon's memory stays bounded: a peer is authorised from
+//! its `SO_PEERCRED` before a byte of its request is read, a request frame is at most
+//! [`MAX_REQUEST_FRAME`], each uid holds at most [`Limits::per_uid`] connections (and all
+//! together [`Limits::total`]), and a connection idle for [`Limits::idle`] is closed.
+//! The accept loop's one piece of state, the count of connections per uid, has one owner: the
+//! loop itself; a connection's end comes back to it as a message ([`Admission::ended`]).
+
+use std::{collections::HashMap, time::Duration};
+
+use tokio::{sync::mpsc, time::Instant};
+
+/// Largest request frame the daemon reads; every request fits in a fraction of it.
+pub const MAX_REQUEST_FRAME: usize = 64 * 1024;
+
+/// What the control socket allows each peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, from everyone.
+    pub total: u32,
+    /// Connections open at once from one uid.
+    pub per_uid: u32,
+    /// A connection that sends no request for this long (and holds no probe route) is closed.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            total: 256,
+            per_uid: 64,
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a peer was turned away before its request was read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The kernel did not say who the peer is (it may be gone already).
+    #[error("permission denied: the peer's credentials (SO_PEERCRED) could not be read")]
+    NoCredentials,
+    /// The peer's uid may not use the control socket.
+    #[error("permission denied: uid {uid} may not control hotswap (only root may)")]
+    NotAllowed {
+        /// The peer's uid.
+        uid: u32,
+    },
+    /// The peer's uid holds as many connections as it may.
+    #[error("uid {uid} already holds {limit} control connections, as many as one user may; close some (idle ones are closed after {})", humantime::format_duration(*idle))]
+    TooManyFromUid {
+        /// The peer's uid.
+        uid: u32,
+        /// [`Limits::per_uid`].
+        limit: u32,
+        /// [`Limits::idle`].
+        idle: Duration,
+    },
+    /// The daemon holds as many connections as it may.
+    #[error(
+        "the daemon already holds {limit} control connections, as many as it takes; try again"
+    )]
+    TooMany {
+        /// [`Limits::total`].
+        limit: u32,
+    },
+}
+
+impl Refusal {
+    /// The refusal's code on the wire.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            Self::NoCredentials | Self::NotAllowed { .. } => {
+                crate::protocol::ErrorCode::PermissionDenied
+            }
+            Self::TooManyFromUid { .. } | Self::TooMany { .. } => crate::protocol::ErrorCode::Busy,
+        }
+    }
+}
+
+/// A connection's admission: while it lives, the connection counts against its uid. Dropping
+/// it tells the accept loop the connection ended.
+#[derive(Debug)]
+pub struct Ticket {
+    uid: u32,
+    ended: mpsc::UnboundedSender<u32>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let _ = self.ended.send(self.uid);
+    }
+}
+
+/// The accept loop's count of open connections per uid.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    open: HashMap<u32, u32>,
+    total: u32,
+    ended_tx: mpsc::UnboundedSender<u32>,
+    ended_rx: mpsc::UnboundedReceiver<u32>,
+}
+
+impl Admission {
+    /// No connection open yet.
+    pub fn new(limits: Limits) -> Self {
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        Self {
+            limits,
+            open: HashMap::new(),
+            total: 0,
+            ended_tx,
+            ended_rx,
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Admits a connection from `uid`, or says why not. Only root may control hotswap.
+    pub fn admit(&mut self, uid: u32) -> Result<Ticket, Refusal> {
+        if uid != 0 {
+            return Err(Refusal::NotAllowed { uid });
+        }
+        if self.total >= self.limits.total {
+            return Err(Refusal::TooMany {
+                limit: self.limits.total,
+            });
+        }
+        let open = self.open.entry(uid).or_default();
+        if *open >= self.limits.per_uid {
+            return Err(Refusal::TooManyFromUid {
+                uid,
+                limit: self.limits.per_uid,
+                idle: self.limits.idle,
+            });
+        }
+        *open += 1;
+        self.total += 1;
+        Ok(Ticket {
+            uid,
+            ended: self.ended_tx.clone(),
+        })
+    }
+
+    /// The next connection that ended (to be passed to [`Admission::release`]); for the accept
+    /// loop's `select!`.
+    pub async fn ended(&mut self) -> u32 {
+        self.ended_rx
+            .recv()
+            .await
+            .expect("the admission holds a sender itself")
+    }
+
+    /// Counts a connection of `uid` as ended.
+    pub fn release(&mut self, uid: u32) {
+        if let Some(open) = self.open.get_mut(&uid) {
+            *open -= 1;
+            self.total -= 1;
+            if *open == 0 {
+                self.open.remove(&uid);
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> u32 {
+        self.total
+    }
+}
+
+/// When accepting fails (EMFILE, ENFILE, ENOBUFS…), the pending connection stays queued and the
+/// next accept fails the same way at once: without a pause the loop spins and floods the log.
+/// Waits double from [`AcceptBackoff::FIRST`] to [`AcceptBackoff::LAST`]; a success resets them.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    /// The first wait.
+    pub const FIRST: Duration = Duration::from_millis(10);
+    /// The longest wait.
+    pub const LAST: Duration = Duration::from_secs(1);
+
+    /// Waits until the next accept may be tried. Cancel-safe: the deadline is kept, so being
+    /// polled again in a `select!` does not restart the wait.
+    pub async fn ready(&self) {
+        if let Some(at) = self.next_try {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    /// An accept failed: returns how long the loop pauses, and whether this failure starts a
+    /// streak (worth a log line; the ones after it are not).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        let wait = Self::FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::LAST);
+        self.failures = self.failures.saturating_add(1);
+        self.next_try = Some(Instant::now() + wait);
+        (wait, self.failures == 1)
+    }
+
+    /// An accept succeeded: returns how many failed before it.
+    pub fn succeeded(&mut self) -> u32 {
+        self.next_try = None;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            total: 3,
+            per_uid: 2,
+            idle: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn only_root_is_admitted() {
+        let mut admission = Admission::new(limits());
+        assert_eq!(
+            admission.admit(65534).unwrap_err(),
+            Refusal::NotAllowed { uid: 65534 }
+        );
+        assert_eq!(admission.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_uid_holds_at_most_its_share_and_gets_it_back_when_a_connection_ends() {
+        let mut admission = Admission::new(limits());
+        let first = admission.admit(0).unwrap();
+        let _second = admission.admit(0).unwrap();
+        let refusal = admission.admit(0).unwrap_err();
+        assert!(matches!(
+            refusal,
+            Refusal::TooManyFromUid {
+                uid: 0,
+                limit: 2,
+                ..
+            }
+        ));
+        assert!(
+            refusal
+                .to_string()
+                .contains("idle ones are closed after 1s"),
+            "{refusal}"
+        );
+        drop(first);
+        let uid = admission.ended().await;
+        admission.release(uid);
+        assert_eq!(admission.open(), 1);
+        admission.admit(0).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_back_off_doubling_up_to_a_second_and_reset_on_success() {
+        let mut backoff = AcceptBackoff::default();
+        let start = Instant::now();
+        backoff.ready().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        let waits: Vec<(Duration, bool)> = (0..10).map(|_| backoff.failed()).collect();
+        assert_eq!(waits[0], (Duration::from_millis(10), true));
+        assert_eq!(waits[1], (Duration::from_millis(20), false));
+        assert_eq!(waits[6], (Duration::from_millis(640), false));
+        assert_eq!(waits[7], (Duration::from_secs(1), false));
+        assert_eq!(waits[9], (Duration::from_secs(1), false));
+        backoff.ready().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(backoff.succeeded(), 10);
+        let before = Instant::now();
+        backoff.ready().await;
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        assert_eq!(backoff.failed(), (Duration::from_millis(10), true));
+    }
+}
