@@ -386,8 +386,21 @@ fn activate_all(
     generation: u32,
     sockets: &[(Protocol, OwnedFd)],
 ) -> Result<(), RegistryError> {
+    // The intent is recorded before the kernel changes: a record that fails to be written
+    // changes nothing, and a daemon that dies between the two leaves a record that adoption
+    // carries out (it steers the kernel to what is recorded). The other order left the
+    // kernel steering to a generation the record, and so `status`, did not name.
+    let before = service.record;
+    for (protocol, _) in sockets {
+        service.set_active(*protocol, generation);
+    }
+    if let Err(err) = backend.save_service(service.id, &service.record, false) {
+        service.record = before;
+        return Err(err.into());
+    }
     for (done, (protocol, fd)) in sockets.iter().enumerate() {
         if let Err(err) = backend.activate(service.id, *protocol, fd.as_fd()) {
+            service.record = before;
             // Undo: the earlier protocols go back to their previous generation's socket, or to
             // none.
             for (protocol, _) in &sockets[..done] {
@@ -402,11 +415,15 @@ fn activate_all(
                     None => backend.deactivate(service.id, *protocol),
                 };
             }
+            if let Err(undo) = backend.save_service(service.id, &service.record, false) {
+                // Adoption will steer to what the record names; say so now.
+                tracing::warn!(
+                    "restoring the record of service id {} after a failed switch: {undo}",
+                    service.id
+                );
+            }
             return Err(err.into());
         }
-    }
-    for (protocol, _) in sockets {
-        service.set_active(*protocol, generation);
     }
     Ok(())
 }
@@ -562,6 +579,29 @@ impl Registry {
                     ));
                     registry.backend.deactivate(service.id, protocol)?;
                     service.set_active(protocol, 0);
+                } else if active != 0 {
+                    // The kernel is made to steer to what the record names: the record is
+                    // written before every switch, so it is the intent of the last one,
+                    // which may not have reached the kernel before a daemon died.
+                    let socket = service
+                        .generations
+                        .get(&active)
+                        .and_then(Generation::retake)
+                        .and_then(|all| all.into_iter().find(|(p, _)| *p == protocol));
+                    let steered = match &socket {
+                        Some((_, fd)) => registry
+                            .backend
+                            .activate(service.id, protocol, fd.as_fd())
+                            .map_err(|err| err.to_string()),
+                        None => Err("its socket could not be taken again".to_owned()),
+                    };
+                    if let Err(why) = steered {
+                        notes.push(format!(
+                            "service {name}: steering {protocol} to generation {active} again failed ({why}); it has no active {protocol} socket"
+                        ));
+                        registry.backend.deactivate(service.id, protocol)?;
+                        service.set_active(protocol, 0);
+                    }
                 }
             }
             registry
@@ -806,13 +846,6 @@ impl Registry {
                 let _ = self.backend.forget_generation(&key);
                 return Err(err);
             }
-            if let Err(err) = self
-                .backend
-                .save_service(service_id, &service.record, false)
-            {
-                // The switch happened; only the record of it did not. Adoption repairs it.
-                tracing::warn!("recording the active generation of {service_name}: {err}");
-            }
         }
         service.generations.insert(generation_id, generation);
         Ok(generation_id)
@@ -848,13 +881,6 @@ impl Registry {
             .map(|p| service.active(p))
             .filter(|&g| g != 0);
         activate_all(self.backend.as_mut(), service, generation, &sockets)?;
-        drop(sockets);
-        if let Err(err) = self
-            .backend
-            .save_service(service.id, &service.record, false)
-        {
-            tracing::warn!("recording the active generation of {service_name}: {err}");
-        }
         Ok(previous)
     }
 
@@ -1135,6 +1161,8 @@ mod tests {
         active: HashMap<(u32, Protocol), u64>,
         /// Make `activate` fail, as a full or broken map would.
         fail_activate: bool,
+        /// Make `save_service` fail (`strace -e inject=bpf:error=EIO` on a real map).
+        fail_save_service: bool,
     }
 
     #[derive(Clone, Default)]
@@ -1219,6 +1247,13 @@ mod tests {
             record: &ServiceRecord,
             _: bool,
         ) -> Result<(), BackendError> {
+            if self.0.lock().unwrap().fail_save_service {
+                return Err(crate::backend::sk_lookup::SkLookupError::Map {
+                    map: "fake",
+                    source: aya::maps::MapError::KeyNotFound,
+                }
+                .into());
+            }
             self.0.lock().unwrap().services.insert(id, *record);
             Ok(())
         }
@@ -1472,6 +1507,50 @@ mod tests {
         let before = registry.status();
         assert!(registry.switch(&web(), second).is_err());
         assert_eq!(registry.status(), before);
+    }
+
+    #[test]
+    fn the_record_and_the_kernel_never_disagree_on_the_active_generation() {
+        let (mut registry, fake) = registry();
+        registry.bind(&web(), tcp_binding(80)).unwrap();
+        let me = std::process::id();
+        let one = TcpListener::bind("127.0.0.1:0").unwrap();
+        let two = TcpListener::bind("127.0.0.1:0").unwrap();
+        registry
+            .register(&web(), me, &[one.as_raw_fd()], None, true)
+            .unwrap();
+        let second = registry
+            .register(&web(), me, &[two.as_raw_fd()], None, false)
+            .unwrap();
+        let active = |fake: &FakeBackend| {
+            fake.0
+                .lock()
+                .unwrap()
+                .active
+                .get(&(1, Protocol::Tcp))
+                .copied()
+        };
+        let cookie = |l: &TcpListener| socket_cookie(l.as_fd()).unwrap();
+        // The record of a switch cannot be written: the switch is refused and the kernel still
+        // steers to generation 1 (it went on to generation 2, while status said 1).
+        fake.0.lock().unwrap().fail_save_service = true;
+        let before = registry.status();
+        assert!(registry.switch(&web(), second).is_err());
+        assert_eq!(registry.status(), before);
+        assert_eq!(active(&fake), Some(cookie(&one)));
+        fake.0.lock().unwrap().fail_save_service = false;
+        // A daemon that died between the record and the map update: the record names 2, the
+        // kernel still 1. The next daemon steers to what the record names.
+        registry.switch(&web(), second).unwrap();
+        fake.0
+            .lock()
+            .unwrap()
+            .active
+            .insert((1, Protocol::Tcp), cookie(&one));
+        let (adopted, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        assert_eq!(active(&fake), Some(cookie(&two)));
+        let generations = &adopted.status().services[0].generations;
+        assert!(generations.iter().any(|g| g.id == second && g.active));
     }
 
     #[test]
