@@ -1168,6 +1168,15 @@ mod tests {
     #[derive(Clone, Default)]
     struct FakeBackend(Arc<Mutex<FakeKernel>>);
 
+    /// What a broken or full kernel map answers.
+    fn broken_map() -> BackendError {
+        crate::backend::sk_lookup::SkLookupError::Map {
+            map: "fake",
+            source: aya::maps::MapError::KeyNotFound,
+        }
+        .into()
+    }
+
     impl Backend for FakeBackend {
         fn info(&self) -> BackendInfo {
             BackendInfo {
@@ -1216,11 +1225,7 @@ mod tests {
             socket: BorrowedFd<'_>,
         ) -> Result<(), BackendError> {
             if self.0.lock().unwrap().fail_activate {
-                return Err(crate::backend::sk_lookup::SkLookupError::Map {
-                    map: "fake",
-                    source: aya::maps::MapError::KeyNotFound,
-                }
-                .into());
+                return Err(broken_map());
             }
             let cookie = socket_cookie(socket).unwrap();
             self.0
@@ -1248,11 +1253,7 @@ mod tests {
             _: bool,
         ) -> Result<(), BackendError> {
             if self.0.lock().unwrap().fail_save_service {
-                return Err(crate::backend::sk_lookup::SkLookupError::Map {
-                    map: "fake",
-                    source: aya::maps::MapError::KeyNotFound,
-                }
-                .into());
+                return Err(broken_map());
             }
             self.0.lock().unwrap().services.insert(id, *record);
             Ok(())

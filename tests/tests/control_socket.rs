@@ -64,6 +64,13 @@ fn exchange(stream: &mut UnixStream, request: &Request) -> Response {
     hotswap::protocol::decode(&body).unwrap()
 }
 
+/// A frame around `json` as it is, for what a well-behaved client would never send.
+fn raw_frame(json: &[u8]) -> Vec<u8> {
+    let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(json);
+    bytes
+}
+
 fn connect(env: &TestEnv) -> UnixStream {
     let stream = UnixStream::connect(&env.socket).unwrap();
     stream.set_read_timeout(Some(patience())).unwrap();
@@ -374,9 +381,7 @@ fn peers_of_another_protocol_version_say_which_versions_met() {
         ),
     ] {
         let mut stream = connect(&env);
-        let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(frame.as_bytes());
-        stream.write_all(&bytes).unwrap();
+        stream.write_all(&raw_frame(frame.as_bytes())).unwrap();
         let answer: Response =
             hotswap::protocol::decode(&read_frame(&mut stream).unwrap()).unwrap();
         let err = answer.unwrap_err();
@@ -396,9 +401,7 @@ fn peers_of_another_protocol_version_say_which_versions_met() {
         let (mut stream, _) = listener.accept().unwrap();
         let _ = read_frame(&mut stream);
         let frame = br#"{"version":99,"body":{"Ok":{"reply":"done"}}}"#;
-        let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(frame);
-        stream.write_all(&bytes).unwrap();
+        stream.write_all(&raw_frame(frame)).unwrap();
     });
     let out = Command::new(integration_tests::hotswap_bin())
         .args(["switch", "web", "1"])
@@ -452,9 +455,7 @@ fn refusals_carry_stable_codes() {
     };
     assert_eq!(code(&mut stream, &register), ErrorCode::InvalidRequest);
     let frame = br#"{"version":1,"body":{"verb":"fly"}}"#;
-    let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
-    bytes.extend_from_slice(frame);
-    stream.write_all(&bytes).unwrap();
+    stream.write_all(&raw_frame(frame)).unwrap();
     let answer: Response = hotswap::protocol::decode(&read_frame(&mut stream).unwrap()).unwrap();
     assert_eq!(answer.unwrap_err().code, ErrorCode::MalformedRequest);
 }
