@@ -11,6 +11,8 @@ pub mod client;
 pub mod daemon;
 pub mod doctor;
 pub mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod model;
 pub mod protocol;
 pub mod registry;

@@ -459,3 +459,53 @@ fn refusals_carry_stable_codes() {
     let answer: Response = hotswap::protocol::decode(&read_frame(&mut stream).unwrap()).unwrap();
     assert_eq!(answer.unwrap_err().code, ErrorCode::MalformedRequest);
 }
+
+/// The black-box half of the fuzz run: 20,000 mangled request frames (and now and then a
+/// length prefix that lies) sent to a live daemon in this test's namespace. It answers every
+/// frame that arrives whole, closes connections whose framing is broken, stays up, keeps its
+/// memory bounded, and answers `status` afterwards.
+#[test]
+fn a_live_daemon_takes_twenty_thousand_mangled_frames() {
+    use hotswap::fuzz::{mangle, seeds, Rng};
+    let env = TestEnv::with_daemon("fuzz");
+    let pid = env.daemon_pid().unwrap();
+    let rss_before = reset_peak_memory(pid);
+    let (seeds, mut rng) = (seeds(), Rng::new(0xb1ac_b0c5));
+    let (mut answered, mut closed) = (0u32, 0u32);
+    let mut stream = connect(&env);
+    stream.set_read_timeout(Some(patience())).unwrap();
+    for i in 0..20_000 {
+        let body = mangle(&seeds, &mut rng);
+        let mut frame = raw_frame(&body);
+        let lies = rng.below(50) == 0;
+        if lies {
+            // A length that does not match what follows: too long, or past any cap.
+            let len = [body.len() as u32 + 1 + rng.below(100) as u32, u32::MAX][rng.below(2)];
+            frame[..4].copy_from_slice(&len.to_be_bytes());
+        }
+        let sent = stream.write_all(&frame);
+        if lies {
+            // The daemon waits for the rest or closes at once; either way this connection is
+            // done.
+            drop(std::mem::replace(&mut stream, connect(&env)));
+            closed += 1;
+            continue;
+        }
+        sent.unwrap_or_else(|err| panic!("frame {i}: {err}\n{}", env.daemon_log()));
+        let reply = read_frame(&mut stream)
+            .unwrap_or_else(|| panic!("no answer to frame {i}: {body:?}\n{}", env.daemon_log()));
+        let _: Response = hotswap::protocol::decode(&reply)
+            .unwrap_or_else(|err| panic!("frame {i}: the answer does not decode: {err}"));
+        answered += 1;
+    }
+    drop(stream);
+    let (_, peak) = memory_kib(pid);
+    println!(
+        "fuzz: {answered} frames answered, {closed} connections with lying lengths; daemon memory {rss_before} KiB -> at most {peak} KiB"
+    );
+    assert!(
+        peak < rss_before + 16 * 1024,
+        "{rss_before} KiB -> {peak} KiB"
+    );
+    env.status();
+}

@@ -7,6 +7,8 @@
 //! shared socket per service address, handed to every generation). What differs between them
 //! is said by [`Capabilities`], which clients ask for instead of guessing.
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod reuseport;
 pub mod sk_lookup;
 mod state_file;
