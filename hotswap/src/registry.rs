@@ -150,7 +150,7 @@ impl RegistryError {
             | Self::Socket(_) => ErrorCode::InvalidRequest,
             Self::TooManyServices => ErrorCode::LimitReached,
             Self::Unsupported { .. } => ErrorCode::Unsupported,
-            Self::Backend(_) => ErrorCode::Failed,
+            Self::Backend(err) => err.code(),
         }
     }
 }

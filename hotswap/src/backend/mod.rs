@@ -43,6 +43,18 @@ pub enum BackendError {
     Uds(#[from] uds::UdsError),
 }
 
+impl BackendError {
+    /// The refusal's code on the wire; the sk_lookup backend refuses nothing a request could
+    /// change, so its errors are failures.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            Self::SkLookup(_) | Self::Relisten(_) => crate::protocol::ErrorCode::Failed,
+            Self::Reuseport(err) => err.code(),
+            Self::Uds(err) => err.code(),
+        }
+    }
+}
+
 /// What a backend can do. The registry refuses what a backend cannot do from this, and
 /// clients (the supervisor, `hotswap::activation`) read it from `status` instead of inferring
 /// anything from a backend's name.

@@ -64,6 +64,19 @@ pub enum UdsError {
     State(#[from] StateFileError),
 }
 
+impl UdsError {
+    /// The refusal's code on the wire: what the backend cannot or will not do is a refusal,
+    /// what went wrong doing it a failure.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            Self::OneBindingPerProtocol { .. } | Self::NotShared(_) => ErrorCode::InvalidRequest,
+            Self::Unsupported(_) => ErrorCode::Unsupported,
+            Self::Bind { .. } | Self::State(_) => ErrorCode::Failed,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SavedBinding {
     service_id: u32,

@@ -149,6 +149,24 @@ pub enum ReuseportError {
     State(#[from] StateFileError),
 }
 
+impl ReuseportError {
+    /// The refusal's code on the wire (see [`crate::backend::uds::UdsError::code`]).
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            Self::OneBindingPerProtocol { .. }
+            | Self::Foreign { .. }
+            | Self::NotMember { .. }
+            | Self::UnknownSocket => ErrorCode::InvalidRequest,
+            Self::GroupFull { .. } | Self::TooManyProbes { .. } => ErrorCode::LimitReached,
+            Self::Unsupported(_) => ErrorCode::Unsupported,
+            Self::Bind { .. } | Self::Cookie(_) | Self::Attach { .. } | Self::State(_) => {
+                ErrorCode::Failed
+            }
+        }
+    }
+}
+
 /// Why a socket the daemon did not make cannot join a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ForeignRefusal {
