@@ -691,10 +691,7 @@ mod tests {
     fn a_hundred_thousand_mangled_requests_are_answered_without_a_panic() {
         let netns = crate::socket::netns_inode(Path::new("/proc/thread-self/ns/net")).unwrap();
         let (mut registry, _) = Registry::adopt(Box::new(FakeBackend::default()), netns).unwrap();
-        let seed = std::env::var("HOTSWAP_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5eed);
+        let seed = crate::fuzz::seed(0x5eed);
         let (seeds, mut rng) = (seeds(), Rng::new(seed));
         let mut decoded = 0;
         for i in 0..100_000 {

@@ -466,11 +466,11 @@ fn refusals_carry_stable_codes() {
 /// memory bounded, and answers `status` afterwards.
 #[test]
 fn a_live_daemon_takes_twenty_thousand_mangled_frames() {
-    use hotswap::fuzz::{mangle, seeds, Rng};
+    use hotswap::fuzz::{mangle, seed, seeds, Rng};
     let env = TestEnv::with_daemon("fuzz");
     let pid = env.daemon_pid().unwrap();
     let rss_before = reset_peak_memory(pid);
-    let (seeds, mut rng) = (seeds(), Rng::new(0xb1ac_b0c5));
+    let (seeds, mut rng) = (seeds(), Rng::new(seed(0xb1ac_b0c5)));
     let (mut answered, mut closed) = (0u32, 0u32);
     let mut stream = connect(&env);
     stream.set_read_timeout(Some(patience())).unwrap();
