@@ -89,16 +89,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         Request::Status,
         Request::Metrics,
     ];
-    requests
-        .iter()
-        .map(|body| {
-            serde_json::to_vec(&Envelope {
-                version: PROTOCOL_VERSION,
-                body,
-            })
-            .expect("requests serialise")
-        })
-        .collect()
+    framed(&requests)
 }
 
 /// Frame bodies of every request a supervisor takes, well formed, to mangle.
@@ -128,6 +119,11 @@ pub fn supervisor_seeds() -> Vec<Vec<u8>> {
         SupervisorRequest::Reexec,
         SupervisorRequest::Status,
     ];
+    framed(&requests)
+}
+
+/// Each of `requests` as a frame body of this protocol version.
+fn framed<T: serde::Serialize>(requests: &[T]) -> Vec<Vec<u8>> {
     requests
         .iter()
         .map(|body| {
