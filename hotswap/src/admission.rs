@@ -8,9 +8,13 @@
 //! The accept loop's one piece of state, the count of connections per uid, has one owner: the
 //! loop itself; a connection's end comes back to it as a message ([`Admission::ended`]).
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, io, time::Duration};
 
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    net::{unix::UCred, UnixStream},
+    sync::mpsc,
+    time::Instant,
+};
 
 /// Largest request frame the daemon reads; every request fits in a fraction of it.
 pub const MAX_REQUEST_FRAME: usize = 64 * 1024;
@@ -148,6 +152,14 @@ impl Admission {
         })
     }
 
+    /// Admits the peer of a new connection from its credentials (`SO_PEERCRED`), before a byte
+    /// of what it sent is read.
+    pub fn admit_peer(&mut self, stream: &UnixStream) -> Result<(UCred, Ticket), Refusal> {
+        let peer = stream.peer_cred().map_err(|_| Refusal::NoCredentials)?;
+        let ticket = self.admit(peer.uid())?;
+        Ok((peer, ticket))
+    }
+
     /// The next connection that ended (to be passed to [`Admission::release`]); for the accept
     /// loop's `select!`.
     pub async fn ended(&mut self) -> u32 {
@@ -171,6 +183,16 @@ impl Admission {
     /// Connections open now.
     pub fn open(&self) -> u32 {
         self.total
+    }
+}
+
+/// Tells a refused peer why — `answer` is the refusal as the socket's protocol spells it —
+/// without reading what it sent; dropping the stream then closes the connection. One small
+/// frame into an empty socket buffer is written at once or not at all.
+pub fn refuse<T: serde::Serialize>(stream: &UnixStream, refusal: &Refusal, answer: &T) {
+    tracing::debug!("refused a control connection: {refusal}");
+    if let Ok(frame) = crate::protocol::encode_frame(answer) {
+        let _ = stream.try_write(&frame);
     }
 }
 
@@ -212,6 +234,37 @@ impl AcceptBackoff {
     pub fn succeeded(&mut self) -> u32 {
         self.next_try = None;
         std::mem::take(&mut self.failures)
+    }
+
+    /// Takes what `accept` returned: the stream, resetting the back-off (and saying so after a
+    /// failed streak); or, on a failure, pauses the next try and logs the streak's first.
+    pub fn accepted<A>(&mut self, result: io::Result<(UnixStream, A)>) -> Option<UnixStream> {
+        match result {
+            Ok((stream, _)) => {
+                let failures = self.succeeded();
+                if failures > 0 {
+                    tracing::info!(
+                        "accepting control connections works again, after {failures} failed attempts"
+                    );
+                }
+                Some(stream)
+            }
+            Err(err) => {
+                let (wait, first) = self.failed();
+                if first {
+                    tracing::warn!(
+                        "accepting a control connection failed: {err}; retrying with back-off (up to {})",
+                        humantime::format_duration(Self::LAST)
+                    );
+                } else {
+                    tracing::debug!(
+                        "accepting a control connection failed: {err}; next try in {}",
+                        humantime::format_duration(wait)
+                    );
+                }
+                None
+            }
+        }
     }
 }
 

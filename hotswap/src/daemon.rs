@@ -21,7 +21,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::{AcceptBackoff, Admission, Limits, Refusal, Ticket, MAX_REQUEST_FRAME},
+    admission::{refuse, AcceptBackoff, Admission, Limits, Ticket, MAX_REQUEST_FRAME},
     backend::{
         reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
@@ -289,41 +289,29 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             uid = admission.ended() => admission.release(uid),
-            accepted = async { backoff.ready().await; listener.accept().await } => match accepted {
-                Ok((stream, _)) => {
-                    let failures = backoff.succeeded();
-                    if failures > 0 {
-                        tracing::info!("accepting control connections works again, after {failures} failed attempts");
+            accepted = async { backoff.ready().await; listener.accept().await } => {
+                let Some(stream) = backoff.accepted(accepted) else { continue };
+                match admission.admit_peer(&stream) {
+                    Ok((peer, ticket)) => {
+                        let connection = ControlConnection {
+                            registry: Arc::clone(&registry),
+                            peer,
+                            _ticket: ticket,
+                            idle: admission.limits().idle,
+                            stopping: stopping.clone(),
+                        };
+                        connections.spawn(async move {
+                            if let Err(err) = connection.serve(stream).await {
+                                tracing::debug!("control connection: {}", error_chain(&err));
+                            }
+                        });
                     }
-                    match admit(&mut admission, &stream) {
-                        Ok((peer, ticket)) => {
-                            let connection = ControlConnection {
-                                registry: Arc::clone(&registry),
-                                peer,
-                                _ticket: ticket,
-                                idle: admission.limits().idle,
-                                stopping: stopping.clone(),
-                            };
-                            connections.spawn(async move {
-                                if let Err(err) = connection.serve(stream).await {
-                                    tracing::debug!("control connection: {}", error_chain(&err));
-                                }
-                            });
-                        }
-                        Err(refusal) => refuse(&stream, &refusal),
+                    Err(refusal) => {
+                        let response: Response = Err(WireError::new(refusal.code(), &refusal));
+                        refuse(&stream, &refusal, &response);
                     }
                 }
-                Err(err) => {
-                    // The pending connection stays queued, so the next accept would fail the
-                    // same way at once: pause, and say so once per streak.
-                    let (wait, first) = backoff.failed();
-                    if first {
-                        tracing::warn!("accepting a control connection failed: {err}; retrying with back-off (up to {})", humantime::format_duration(AcceptBackoff::LAST));
-                    } else {
-                        tracing::debug!("accepting a control connection failed: {err}; next try in {}", humantime::format_duration(wait));
-                    }
-                }
-            },
+            }
             _ = upkeep_timer.tick() => {
                 let mut registry = lock(&registry);
                 for (service, repaired) in registry.upkeep() {
@@ -392,27 +380,6 @@ fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, Dae
             guard.clear_ready();
         }
     }))
-}
-
-/// Admits a new control connection from its peer's credentials (`SO_PEERCRED`), before a byte
-/// of its request is read.
-fn admit(
-    admission: &mut Admission,
-    stream: &UnixStream,
-) -> Result<(tokio::net::unix::UCred, Ticket), Refusal> {
-    let peer = stream.peer_cred().map_err(|_| Refusal::NoCredentials)?;
-    let ticket = admission.admit(peer.uid())?;
-    Ok((peer, ticket))
-}
-
-/// Tells a refused peer why, without reading what it sent, and closes the connection. The
-/// answer is one small frame into an empty socket buffer: it is written at once or not at all.
-fn refuse(stream: &UnixStream, refusal: &Refusal) {
-    tracing::debug!("refused a control connection: {refusal}");
-    let response: Response = Err(WireError::new(refusal.code(), refusal));
-    if let Ok(frame) = crate::protocol::encode_frame(&response) {
-        let _ = stream.try_write(&frame);
-    }
 }
 
 /// One admitted control connection: requests in, answers out, until the peer closes it, it
@@ -498,7 +465,7 @@ fn answer(registry: &mut Registry, bytes: &[u8], peer_pid: Option<i32>) -> Answe
                     code: ErrorCode::VersionMismatch,
                     message: format!(
                         "the client speaks control protocol version {}, this daemon {ours} (run one build of hotswap for the daemon, the supervisors and the command line)",
-                        theirs.map_or("0 (unversioned)".to_owned(), |v| v.to_string())
+                        crate::protocol::version_name(theirs)
                     ),
                 },
                 err => WireError {

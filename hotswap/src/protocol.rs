@@ -202,7 +202,7 @@ pub enum FrameError {
     #[error("malformed message")]
     Json(#[from] serde_json::Error),
     /// The peer speaks another version of the protocol (`None`: a build from before versions).
-    #[error("the peer speaks control protocol version {}, this hotswap {ours} (run one build of hotswap for the daemon, the supervisors and the command line)", theirs.map_or("0 (unversioned)".to_owned(), |v| v.to_string()))]
+    #[error("the peer speaks control protocol version {}, this hotswap {ours} (run one build of hotswap for the daemon, the supervisors and the command line)", version_name(*theirs))]
     VersionMismatch {
         /// The peer's version.
         theirs: Option<u32>,
@@ -212,6 +212,12 @@ pub enum FrameError {
     /// The peer closed the connection.
     #[error("the peer closed the connection")]
     Closed,
+}
+
+/// A version as a frame named it, for messages: a frame without one is from a build before
+/// versions.
+pub fn version_name(version: Option<u32>) -> String {
+    version.map_or("0 (unversioned)".to_owned(), |v| v.to_string())
 }
 
 /// Decodes one frame's body: checks its version, then reads the message.

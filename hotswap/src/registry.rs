@@ -1157,6 +1157,20 @@ mod tests {
         (registry, fake)
     }
 
+    /// The cookie of the socket the fake kernel steers service 1's TCP to.
+    fn active(fake: &FakeBackend) -> Option<u64> {
+        fake.0
+            .lock()
+            .unwrap()
+            .active
+            .get(&(1, Protocol::Tcp))
+            .copied()
+    }
+
+    fn cookie(listener: &TcpListener) -> u64 {
+        socket_cookie(listener.as_fd()).unwrap()
+    }
+
     fn web() -> ServiceName {
         "web".parse().unwrap()
     }
@@ -1265,15 +1279,6 @@ mod tests {
             matches!(err, RegistryError::AlreadyRegistered { generation: 2, .. }),
             "{err}"
         );
-        let active = |fake: &FakeBackend| {
-            fake.0
-                .lock()
-                .unwrap()
-                .active
-                .get(&(1, Protocol::Tcp))
-                .copied()
-        };
-        let cookie = |l: &TcpListener| socket_cookie(l.as_fd()).unwrap();
         assert_eq!(active(&fake), Some(cookie(&one)));
 
         assert_eq!(registry.switch(&web(), 2).unwrap(), Some(1));
@@ -1359,15 +1364,6 @@ mod tests {
         let second = registry
             .register(&web(), me, &[two.as_raw_fd()], None, false)
             .unwrap();
-        let active = |fake: &FakeBackend| {
-            fake.0
-                .lock()
-                .unwrap()
-                .active
-                .get(&(1, Protocol::Tcp))
-                .copied()
-        };
-        let cookie = |l: &TcpListener| socket_cookie(l.as_fd()).unwrap();
         // The record of a switch cannot be written: the switch is refused and the kernel still
         // steers to generation 1 (it went on to generation 2, while status said 1).
         fake.0.lock().unwrap().fail_save_service = true;

@@ -72,7 +72,7 @@ pub use wire::{
 };
 
 use crate::{
-    admission::{AcceptBackoff, Admission, Limits, Refusal},
+    admission::{refuse, AcceptBackoff, Admission, Limits},
     backend::{Capabilities, Support},
     client::{self, ClientError},
     error_chain,
@@ -1120,37 +1120,24 @@ async fn serve(
                 tracing::warn!("re-executing the supervisor: {}", error_chain(&err));
             }
             uid = admission.ended() => admission.release(uid),
-            accepted = async { backoff.ready().await; listener.accept().await } => match accepted {
-                Ok((stream, _)) => {
-                    backoff.succeeded();
-                    let admitted = stream
-                        .peer_cred()
-                        .map_err(|_| Refusal::NoCredentials)
-                        .and_then(|peer| admission.admit(peer.uid()));
-                    match admitted {
-                        Ok(ticket) => {
-                            let (supervisor, idle) = (Arc::clone(&supervisor), admission.limits().idle);
-                            tokio::spawn(async move {
-                                if let Err(err) = supervisor.serve_control(stream, idle).await {
-                                    tracing::debug!("control connection: {}", error_chain(&err));
-                                }
-                                drop(ticket);
-                            });
-                        }
-                        Err(refusal) => {
-                            let done = SupervisorMessage::Done { ok: false, message: refusal.to_string() };
-                            if let Ok(frame) = crate::protocol::encode_frame(&done) {
-                                let _ = stream.try_write(&frame);
+            accepted = async { backoff.ready().await; listener.accept().await } => {
+                let Some(stream) = backoff.accepted(accepted) else { continue };
+                match admission.admit_peer(&stream) {
+                    Ok((_, ticket)) => {
+                        let (supervisor, idle) = (Arc::clone(&supervisor), admission.limits().idle);
+                        tokio::spawn(async move {
+                            if let Err(err) = supervisor.serve_control(stream, idle).await {
+                                tracing::debug!("control connection: {}", error_chain(&err));
                             }
-                        }
+                            drop(ticket);
+                        });
+                    }
+                    Err(refusal) => {
+                        let done = SupervisorMessage::Done { ok: false, message: refusal.to_string() };
+                        refuse(&stream, &refusal, &done);
                     }
                 }
-                Err(err) => {
-                    if backoff.failed().1 {
-                        tracing::warn!("accepting a control connection failed: {err}; retrying with back-off");
-                    }
-                }
-            },
+            }
         }
     }
 
