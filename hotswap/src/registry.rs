@@ -237,6 +237,15 @@ struct Service {
 }
 
 impl Service {
+    /// `generation`'s socket for `protocol`, taken again from its process, if it still has it.
+    fn socket_of(&self, generation: u32, protocol: Protocol) -> Option<OwnedFd> {
+        self.generations
+            .get(&generation)
+            .and_then(Generation::retake)?
+            .into_iter()
+            .find_map(|(p, fd)| (p == protocol).then_some(fd))
+    }
+
     fn active(&self, protocol: Protocol) -> u32 {
         match protocol {
             Protocol::Tcp => self.record.active_tcp,
@@ -404,14 +413,9 @@ fn activate_all(
             // Undo: the earlier protocols go back to their previous generation's socket, or to
             // none.
             for (protocol, _) in &sockets[..done] {
-                let previous = service.active(*protocol);
-                let restored = service
-                    .generations
-                    .get(&previous)
-                    .and_then(Generation::retake)
-                    .and_then(|all| all.into_iter().find(|(p, _)| p == protocol));
+                let restored = service.socket_of(service.active(*protocol), *protocol);
                 let _ = match restored {
-                    Some((_, fd)) => backend.activate(service.id, *protocol, fd.as_fd()),
+                    Some(fd) => backend.activate(service.id, *protocol, fd.as_fd()),
                     None => backend.deactivate(service.id, *protocol),
                 };
             }
@@ -583,13 +587,8 @@ impl Registry {
                     // The kernel is made to steer to what the record names: the record is
                     // written before every switch, so it is the intent of the last one,
                     // which may not have reached the kernel before a daemon died.
-                    let socket = service
-                        .generations
-                        .get(&active)
-                        .and_then(Generation::retake)
-                        .and_then(|all| all.into_iter().find(|(p, _)| *p == protocol));
-                    let steered = match &socket {
-                        Some((_, fd)) => registry
+                    let steered = match service.socket_of(active, protocol) {
+                        Some(fd) => registry
                             .backend
                             .activate(service.id, protocol, fd.as_fd())
                             .map_err(|err| err.to_string()),

@@ -272,7 +272,8 @@ pub trait Backend: Send {
         record: &ServiceRecord,
         is_new: bool,
     ) -> Result<(), BackendError>;
-    /// Forgets a service that has nothing left (only used to undo a half-made service).
+    /// Forgets a service that has nothing left: no binding, no generation (a half-made one
+    /// being undone, or one whose last binding and generation are gone).
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError>;
     /// Creates or updates a generation's record.
     fn save_generation(
