@@ -194,8 +194,11 @@ pub const BENCH_PEERS: &[(&str, &str)] = &[
 ];
 
 /// The real servers `tests/tests/servers.rs` runs under hotswap (nginx and HAProxy come with
-/// the bench's peers).
+/// the bench's peers), and the interpreter the tests' small helper programs run on (a
+/// `READY=1` sender, the control-socket flood client); `setpriv` and `prlimit` are
+/// util-linux's, which Debian always has.
 pub const TESTED_SERVERS: &[(&str, &str)] = &[
+    ("python3-minimal", "/usr/bin/python3"),
     ("uwsgi-core", "/usr/bin/uwsgi"),
     (
         "uwsgi-plugin-python3",
