@@ -40,6 +40,10 @@ pub mod map_names {
     pub const PROBES: &str = "HS_PROBES";
     /// `HashMap<GenerationKey, GenerationRecord>`. Only user space reads it.
     pub const GENERATIONS: &str = "HS_GENERATIONS";
+    /// `HashMap<u32, OwnerRecord>`: service id → who owns it besides root. Only user space
+    /// reads it. A map of its own, so state pinned before owners existed is adopted as it is
+    /// (this map is made empty beside it).
+    pub const OWNERS: &str = "HS_OWNERS";
 }
 
 /// Index in the config map: non-zero turns on the program's aya-log debug lines.
@@ -184,6 +188,23 @@ impl ServiceRecord {
     }
 }
 
+/// [`OwnerRecord::has`] bit: `uid` is set.
+pub const OWNER_HAS_UID: u32 = 1;
+/// [`OwnerRecord::has`] bit: `gid` is set.
+pub const OWNER_HAS_GID: u32 = 2;
+
+/// Who owns a service besides root.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRecord {
+    /// The owning uid, where `has & OWNER_HAS_UID`.
+    pub uid: u32,
+    /// The owning gid, where `has & OWNER_HAS_GID`.
+    pub gid: u32,
+    /// Which of the two are set.
+    pub has: u32,
+}
+
 /// Key of the generations map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -247,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for ProbeKey {}
     unsafe impl aya::Pod for ServiceMetrics {}
     unsafe impl aya::Pod for ServiceRecord {}
+    unsafe impl aya::Pod for OwnerRecord {}
     unsafe impl aya::Pod for GenerationKey {}
     unsafe impl aya::Pod for GenerationRecord {}
 }

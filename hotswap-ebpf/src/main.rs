@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use hotswap_common::{
-    BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey, ServiceMetrics,
+    BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey, ServiceMetrics,
     ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, CONFIG_PROBES,
     FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS, MAX_PROBES, MAX_SERVICES,
 };
@@ -62,6 +62,9 @@ static SERVICES: HashMap<u32, ServiceRecord> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[map(name = "HS_GENERATIONS")]
 static GENERATIONS: HashMap<GenerationKey, GenerationRecord> = HashMap::pinned(MAX_GENERATIONS, 0);
+
+#[map(name = "HS_OWNERS")]
+static OWNERS: HashMap<u32, OwnerRecord> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[sk_lookup]
 pub fn hotswap_steer(ctx: SkLookupContext) -> u32 {

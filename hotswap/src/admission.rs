@@ -10,8 +10,10 @@
 
 use std::{collections::HashMap, io, time::Duration};
 
+use crate::access::Peer;
+
 use tokio::{
-    net::{unix::UCred, UnixStream},
+    net::UnixStream,
     sync::mpsc,
     time::Instant,
 };
@@ -46,11 +48,13 @@ pub enum Refusal {
     /// The kernel did not say who the peer is (it may be gone already).
     #[error("permission denied: the peer's credentials (SO_PEERCRED) could not be read")]
     NoCredentials,
-    /// The peer's uid may not use the control socket.
-    #[error("permission denied: uid {uid} may not control hotswap (only root may)")]
+    /// The peer may not use the control socket.
+    #[error("permission denied: {} may not use this control socket (only {} may)", crate::access::user_name(*uid), allowed.who())]
     NotAllowed {
         /// The peer's uid.
         uid: u32,
+        /// Who may.
+        allowed: Allowed,
     },
     /// The peer's uid holds as many connections as it may.
     #[error("uid {uid} already holds {limit} control connections, as many as one user may; close some (idle ones are closed after {})", humantime::format_duration(*idle))]
@@ -84,6 +88,42 @@ impl Refusal {
     }
 }
 
+/// Who may connect to a control socket at all (what each may do once connected is
+/// [`crate::access`]'s to say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    /// Root only.
+    Root,
+    /// Root and this uid: a supervisor's socket, for the operator who runs it.
+    RootAndUser(u32),
+    /// Root and the members of this group: the daemon's socket with `--socket-group`.
+    RootAndGroup(u32),
+}
+
+impl Allowed {
+    /// Whether `peer` may connect.
+    pub fn admits(&self, peer: &Peer) -> bool {
+        peer.is_root()
+            || match *self {
+                Self::Root => false,
+                Self::RootAndUser(uid) => peer.uid == uid,
+                Self::RootAndGroup(gid) => peer.in_group(gid),
+            }
+    }
+
+    /// Who may connect, for a refusal.
+    pub fn who(&self) -> String {
+        match *self {
+            Self::Root => "root".to_owned(),
+            Self::RootAndUser(uid) => format!("root and {}", crate::access::user_name(uid)),
+            Self::RootAndGroup(gid) => format!(
+                "root and members of group {}",
+                crate::access::group_name(gid)
+            ),
+        }
+    }
+}
+
 /// A connection's admission: while it lives, the connection counts against its uid. Dropping
 /// it tells the accept loop the connection ended.
 #[derive(Debug)]
@@ -102,6 +142,7 @@ impl Drop for Ticket {
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
+    allowed: Allowed,
     open: HashMap<u32, u32>,
     total: u32,
     ended_tx: mpsc::UnboundedSender<u32>,
@@ -110,10 +151,11 @@ pub struct Admission {
 
 impl Admission {
     /// No connection open yet.
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, allowed: Allowed) -> Self {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         Self {
             limits,
+            allowed,
             open: HashMap::new(),
             total: 0,
             ended_tx,
@@ -126,10 +168,14 @@ impl Admission {
         self.limits
     }
 
-    /// Admits a connection from `uid`, or says why not. Only root may control hotswap.
-    pub fn admit(&mut self, uid: u32) -> Result<Ticket, Refusal> {
-        if uid != 0 {
-            return Err(Refusal::NotAllowed { uid });
+    /// Admits a connection from `peer`, or says why not.
+    pub fn admit(&mut self, peer: &Peer) -> Result<Ticket, Refusal> {
+        let uid = peer.uid;
+        if !self.allowed.admits(peer) {
+            return Err(Refusal::NotAllowed {
+                uid,
+                allowed: self.allowed,
+            });
         }
         if self.total >= self.limits.total {
             return Err(Refusal::TooMany {
@@ -152,11 +198,11 @@ impl Admission {
         })
     }
 
-    /// Admits the peer of a new connection from its credentials (`SO_PEERCRED`), before a byte
-    /// of what it sent is read.
-    pub fn admit_peer(&mut self, stream: &UnixStream) -> Result<(UCred, Ticket), Refusal> {
-        let peer = stream.peer_cred().map_err(|_| Refusal::NoCredentials)?;
-        let ticket = self.admit(peer.uid())?;
+    /// Admits the peer of a new connection from its credentials (`SO_PEERCRED`,
+    /// `SO_PEERGROUPS`), before a byte of what it sent is read.
+    pub fn admit_peer(&mut self, stream: &UnixStream) -> Result<(Peer, Ticket), Refusal> {
+        let peer = Peer::of(stream).map_err(|_| Refusal::NoCredentials)?;
+        let ticket = self.admit(&peer)?;
         Ok((peer, ticket))
     }
 
@@ -280,22 +326,52 @@ mod tests {
         }
     }
 
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            pid: None,
+        }
+    }
+
+    fn root() -> Peer {
+        peer(0, 0, &[])
+    }
+
     #[test]
-    fn only_root_is_admitted() {
-        let mut admission = Admission::new(limits());
+    fn only_root_and_whom_the_socket_names_are_admitted() {
+        let nobody = peer(65534, 65534, &[64000]);
+        let mut admission = Admission::new(limits(), Allowed::Root);
         assert_eq!(
-            admission.admit(65534).unwrap_err(),
-            Refusal::NotAllowed { uid: 65534 }
+            admission.admit(&nobody).unwrap_err(),
+            Refusal::NotAllowed {
+                uid: 65534,
+                allowed: Allowed::Root
+            }
         );
         assert_eq!(admission.open(), 0);
+        let mut admission = Admission::new(limits(), Allowed::RootAndGroup(64000));
+        admission.admit(&nobody).unwrap();
+        let refusal = admission.admit(&peer(64001, 64001, &[])).unwrap_err();
+        assert!(
+            refusal
+                .to_string()
+                .contains("(only root and members of group gid 64000 may)"),
+            "{refusal}"
+        );
+        let mut admission = Admission::new(limits(), Allowed::RootAndUser(64001));
+        admission.admit(&peer(64001, 1, &[])).unwrap();
+        admission.admit(&root()).unwrap();
+        assert!(admission.admit(&nobody).is_err());
     }
 
     #[tokio::test]
     async fn a_uid_holds_at_most_its_share_and_gets_it_back_when_a_connection_ends() {
-        let mut admission = Admission::new(limits());
-        let first = admission.admit(0).unwrap();
-        let _second = admission.admit(0).unwrap();
-        let refusal = admission.admit(0).unwrap_err();
+        let mut admission = Admission::new(limits(), Allowed::Root);
+        let first = admission.admit(&root()).unwrap();
+        let _second = admission.admit(&root()).unwrap();
+        let refusal = admission.admit(&root()).unwrap_err();
         assert!(matches!(
             refusal,
             Refusal::TooManyFromUid {
@@ -314,7 +390,7 @@ mod tests {
         let uid = admission.ended().await;
         admission.release(uid);
         assert_eq!(admission.open(), 1);
-        admission.admit(0).unwrap();
+        admission.admit(&root()).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,7 +21,9 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::{refuse, AcceptBackoff, Admission, Limits, Ticket, MAX_REQUEST_FRAME},
+    access::{self, Action, Peer},
+    model::ServiceName,
+    admission::{refuse, AcceptBackoff, Admission, Allowed, Limits, Ticket, MAX_REQUEST_FRAME},
     backend::{
         reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
         sk_lookup::{default_pin_dir, SkLookupBackend, SkLookupError, Unavailable, NETNS_PATH},
@@ -62,6 +64,9 @@ pub struct DaemonConfig {
     pub backend: BackendChoice,
     /// What the control socket allows each peer.
     pub limits: Limits,
+    /// A group whose members may connect to the control socket too (operators who are not
+    /// root; each request is then authorised against its service's owner).
+    pub socket_group: Option<u32>,
 }
 
 /// The daemon could not start or failed.
@@ -104,10 +109,17 @@ pub enum DaemonError {
     Logger(#[from] aya_log::Error),
 }
 
-/// Takes `<socket>.lock`, so two daemons never fight over one socket path.
-fn lock_socket_path(socket: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
+/// Takes `<socket>.lock`, so two daemons never fight over one socket path. With a socket
+/// group, its members may pass through the socket's directory (to the socket only).
+fn lock_socket_path(
+    socket: &Path,
+    socket_group: Option<u32>,
+) -> Result<Flock<std::fs::File>, DaemonError> {
     if let Some(dir) = socket.parent() {
-        crate::files::private_dir(dir)?;
+        match socket_group {
+            Some(gid) => crate::files::shared_dir(dir, gid)?,
+            None => crate::files::private_dir(dir)?,
+        }
     }
     let lock_path = crate::with_suffix(socket, ".lock");
     let file = crate::files::open_lock_file(&lock_path)?;
@@ -130,10 +142,14 @@ pub fn reuseport_state_path(socket: &Path) -> PathBuf {
     crate::with_suffix(socket, ".reuseport-state.json")
 }
 
-/// Binds the control socket, readable and writable by its owner (root) only.
-fn bind_control_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the control socket, readable and writable by its owner (root) only, and by the
+/// socket group's members where there is one.
+fn bind_control_socket(
+    socket: &Path,
+    socket_group: Option<u32>,
+) -> Result<UnixListener, DaemonError> {
     // We hold the lock, so a file left here is a dead daemon's.
-    let listener = crate::files::bind_private_socket(socket)?;
+    let listener = crate::files::bind_socket(socket, socket_group)?;
     UnixListener::from_std(listener).map_err(|err| PathError::at("serving", socket)(err).into())
 }
 
@@ -243,7 +259,7 @@ pub async fn run(
         Some(dir) => dir.clone(),
         None => default_pin_dir().map_err(PathError::at("reading", ns_path))?,
     };
-    let _socket_lock = lock_socket_path(&config.socket)?;
+    let _socket_lock = lock_socket_path(&config.socket, config.socket_group)?;
     let backend = choose_backend(
         config.backend,
         &pin_dir,
@@ -270,7 +286,7 @@ pub async fn run(
         _ => None,
     };
 
-    let listener = bind_control_socket(&config.socket)?;
+    let listener = bind_control_socket(&config.socket, config.socket_group)?;
     tracing::info!("listening on {}", config.socket.display());
     let registry = Arc::new(Mutex::new(registry));
     let mut reap_timer = tokio::time::interval(REAP_INTERVAL);
@@ -281,7 +297,11 @@ pub async fn run(
     // one can run `hotswap run` now.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     // The accept loop owns the count of connections per peer; connections report their end.
-    let mut admission = Admission::new(config.limits);
+    let allowed = match config.socket_group {
+        Some(gid) => Allowed::RootAndGroup(gid),
+        None => Allowed::Root,
+    };
+    let mut admission = Admission::new(config.limits, allowed);
     let mut backoff = AcceptBackoff::default();
     let connections = TaskTracker::new();
     let stopping = CancellationToken::new();
@@ -386,7 +406,7 @@ fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, Dae
 /// stays idle too long, or the daemon stops.
 struct ControlConnection {
     registry: Arc<Mutex<Registry>>,
-    peer: tokio::net::unix::UCred,
+    peer: Peer,
     /// Counts the connection against its peer's uid while it lives.
     _ticket: Ticket,
     idle: Duration,
@@ -422,7 +442,7 @@ impl ControlConnection {
                 response,
                 attached,
                 probe,
-            } = answer(&mut lock(&self.registry), &bytes, self.peer.pid());
+            } = answer(&mut lock(&self.registry), &bytes, &self.peer);
             if let Some(source) = probe {
                 probes.sources.push(source);
             }
@@ -454,9 +474,9 @@ struct Answer {
     probe: Option<std::net::SocketAddr>,
 }
 
-/// Decodes one request frame and carries it out: everything the daemon does with what a peer
-/// sends, and so what the fuzz run drives.
-fn answer(registry: &mut Registry, bytes: &[u8], peer_pid: Option<i32>) -> Answer {
+/// Decodes one request frame and carries it out for `peer`: everything the daemon does with
+/// what a peer sends, and so what the fuzz run drives.
+fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer) -> Answer {
     let request = match crate::protocol::decode::<Request>(bytes) {
         Ok(request) => request,
         Err(err) => {
@@ -485,7 +505,7 @@ fn answer(registry: &mut Registry, bytes: &[u8], peer_pid: Option<i32>) -> Answe
         Request::Probe { source, .. } => Some(*source),
         _ => None,
     };
-    match handle(registry, request, peer_pid) {
+    match handle(registry, request, peer) {
         Ok((reply, attached)) => Answer {
             response: Ok(reply),
             attached,
@@ -561,21 +581,46 @@ async fn send_with_fd(
     Ok(())
 }
 
-/// Carries out one request; the reply may come with a descriptor to attach.
+/// Carries out one request for `peer`, once [`crate::access`] says it may; the reply may come
+/// with a descriptor to attach.
 fn handle(
     registry: &mut Registry,
     request: Request,
-    peer_pid: Option<i32>,
+    peer: &Peer,
 ) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RegistryError> {
+    let may = |registry: &Registry, service: &ServiceName, action| {
+        access::authorise(peer, service, registry.owner(service), action)
+    };
     let reply = match request {
-        Request::Bind { service, binding } => {
-            registry.bind(&service, binding)?;
-            tracing::info!("bound {binding} to service {service}");
+        Request::Bind {
+            service,
+            binding,
+            owner,
+        } => {
+            if owner.is_some() {
+                may(registry, &service, Action::SetOwner)?;
+            }
+            may(registry, &service, Action::Bind(&binding))?;
+            let existed = registry.owner(&service).is_some();
+            registry.bind(&service, binding, owner)?;
+            if existed {
+                if let Some(owner) = owner {
+                    registry.set_owner(&service, owner)?;
+                }
+            }
+            tracing::info!("bound {binding} to service {service} (uid {})", peer.uid);
+            Ok(Reply::Done)
+        }
+        Request::Chown { service, owner } => {
+            may(registry, &service, Action::SetOwner)?;
+            registry.set_owner(&service, owner)?;
+            tracing::info!("service {service} is managed by {}", owner.who_may());
             Ok(Reply::Done)
         }
         Request::Unbind { service, binding } => {
+            may(registry, &service, Action::Change)?;
             registry.unbind(&service, binding)?;
-            tracing::info!("unbound {binding} from service {service}");
+            tracing::info!("unbound {binding} from service {service} (uid {})", peer.uid);
             Ok(Reply::Done)
         }
         Request::Register {
@@ -585,7 +630,10 @@ fn handle(
             label,
             activate,
         } => {
-            let generation = registry.register(&service, pid, &fds, label, activate)?;
+            may(registry, &service, Action::Change)?;
+            let runs_as = (!peer.is_root()).then_some(peer.uid);
+            let generation =
+                registry.register_as(&service, pid, &fds, label, activate, runs_as)?;
             tracing::info!(
                 "registered generation {generation} of service {service} (pid {pid} fds {fds:?}){}",
                 if activate { ", active" } else { "" }
@@ -599,6 +647,7 @@ fn handle(
             service,
             generation,
         } => {
+            may(registry, &service, Action::Change)?;
             let previous = registry.switch(&service, generation)?;
             tracing::info!("switched service {service} to generation {generation}");
             Ok(Reply::Switched { previous })
@@ -607,6 +656,7 @@ fn handle(
             service,
             generation,
         } => {
+            may(registry, &service, Action::Change)?;
             registry.forget(&service, generation)?;
             tracing::info!("forgot generation {generation} of service {service}");
             Ok(Reply::Done)
@@ -616,16 +666,23 @@ fn handle(
             generation,
             source,
         } => {
+            may(registry, &service, Action::Change)?;
             registry.probe(&service, generation, source)?;
             tracing::debug!("probing generation {generation} of service {service} from {source}");
             Ok(Reply::Done)
         }
-        Request::Status => Ok(Reply::Status(registry.status())),
+        Request::Status => {
+            let mut status = registry.status();
+            status.services.retain(|s| s.owner.admits(peer));
+            Ok(Reply::Status(status))
+        }
         Request::Listener { service, protocol } => {
+            may(registry, &service, Action::Change)?;
             // The asker, so a socket it never registers is taken back once it is gone. A pid
             // read at connect time can name a later process only if the asker exited before
             // this: then the socket is taken back on that process's exit or the time limit.
-            let requester = peer_pid
+            let requester = peer
+                .pid
                 .and_then(|pid| u32::try_from(pid).ok())
                 .and_then(|pid| crate::socket::Pidfd::open(pid).ok());
             let fd = registry.listener(&service, protocol, requester)?;
@@ -636,9 +693,15 @@ fn handle(
                 fd,
             ));
         }
-        Request::Metrics => Ok(Reply::Metrics {
-            services: registry.metrics()?,
-        }),
+        Request::Metrics => {
+            let mut services = registry.metrics()?;
+            services.retain(|m| {
+                registry
+                    .owner(&m.service)
+                    .is_some_and(|owner| owner.admits(peer))
+            });
+            Ok(Reply::Metrics { services })
+        }
     };
     reply.map(|reply| (reply, None))
 }
@@ -660,17 +723,23 @@ mod tests {
         let (mut registry, _) = Registry::adopt(Box::new(FakeBackend::default()), netns).unwrap();
         let seed = crate::fuzz::seed(0x5eed);
         let (seeds, mut rng) = (seeds(), Rng::new(seed));
+        let root = Peer {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            pid: Some(std::process::id() as i32),
+        };
         let mut decoded = 0;
         for i in 0..100_000 {
             let input = mangle(&seeds, &mut rng);
             decoded += u32::from(crate::protocol::decode::<Request>(&input).is_ok());
-            let answer = answer(&mut registry, &input, Some(std::process::id() as i32));
+            let answer = answer(&mut registry, &input, &root);
             crate::protocol::encode_frame(&answer.response)
                 .unwrap_or_else(|err| panic!("seed {seed} input {i}: {err}"));
         }
         // A share of the inputs decodes, so the handler is driven, not only the decoder.
         assert!(decoded > 20_000, "only {decoded} inputs decoded");
         let frame = crate::protocol::encode_frame(&Request::Status).unwrap();
-        assert!(answer(&mut registry, &frame[4..], None).response.is_ok());
+        assert!(answer(&mut registry, &frame[4..], &root).response.is_ok());
     }
 }

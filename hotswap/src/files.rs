@@ -99,6 +99,19 @@ pub fn private_dir(path: &Path) -> Result<(), PrivateDirError> {
     Ok(())
 }
 
+/// [`private_dir`], through which the members of group `gid` may reach the files they are let
+/// to (mode 0710, the group `gid`): they can neither list it nor create, remove or replace
+/// anything in it. The daemon's control socket lives in such a directory when it has a socket
+/// group; everything else there stays 0600.
+pub fn shared_dir(path: &Path, gid: u32) -> Result<(), PrivateDirError> {
+    private_dir(path)?;
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+        .map_err(|e| crate::PathError::at("giving its group", path)(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o710))
+        .map_err(crate::PathError::at("opening to its group", path))?;
+    Ok(())
+}
+
 fn check_component(
     path: &Path,
     metadata: &std::fs::Metadata,
@@ -125,7 +138,9 @@ fn check_component(
                 ours,
             });
         }
-        if mode & 0o077 != 0 {
+        // 0710 is left as it is: group search alone lets the daemon's socket group reach the
+        // control socket (see `shared_dir`), and lists, creates or replaces nothing.
+        if mode & 0o077 != 0 && mode != 0o710 {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
                 .map_err(crate::PathError::at("restricting", path))?;
         }
@@ -228,6 +243,15 @@ fn holder_in(locks: &str, file: &str) -> Option<u32> {
 pub fn bind_private_socket(
     path: &Path,
 ) -> Result<std::os::unix::net::UnixListener, crate::PathError> {
+    bind_socket(path, None)
+}
+
+/// [`bind_private_socket`], or with `group` one the members of that group may connect to too
+/// (0660): the daemon's socket for operators who are not root.
+pub fn bind_socket(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<std::os::unix::net::UnixListener, crate::PathError> {
     let temporary = crate::with_suffix(path, &format!(".{}.new", std::process::id()));
     match std::fs::remove_file(&temporary) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => {
@@ -237,8 +261,14 @@ pub fn bind_private_socket(
     }
     let listener = std::os::unix::net::UnixListener::bind(&temporary)
         .map_err(crate::PathError::at("binding", &temporary))?;
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
         .map_err(crate::PathError::at("restricting", &temporary))
+        .and_then(|()| match group {
+            Some(gid) => nix::unistd::chown(&temporary, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| crate::PathError::at("giving its group", &temporary)(e.into())),
+            None => Ok(()),
+        })
         .and_then(|()| {
             std::fs::rename(&temporary, path).map_err(crate::PathError::at("placing", path))
         });

@@ -53,10 +53,22 @@ pub fn seeds() -> Vec<Vec<u8>> {
         Request::Bind {
             service: service.clone(),
             binding: binding(Protocol::Tcp, "127.0.0.1/32", 8080),
+            owner: None,
         },
         Request::Bind {
             service: "api".parse().expect("a valid name"),
             binding: binding(Protocol::Udp, "::/0", 0),
+            owner: Some(crate::access::Owner {
+                uid: Some(65534),
+                gid: Some(64000),
+            }),
+        },
+        Request::Chown {
+            service: service.clone(),
+            owner: crate::access::Owner {
+                uid: None,
+                gid: Some(64000),
+            },
         },
         Request::Unbind {
             service: service.clone(),

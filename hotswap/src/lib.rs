@@ -4,6 +4,7 @@
 //! The library holds everything; the `hotswap` binary only parses arguments.
 
 pub mod activation;
+pub mod access;
 pub mod admission;
 pub mod backend;
 pub mod cli;

@@ -6,6 +6,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::{
+    access::Owner,
     model::{Binding, Protocol, ServiceName},
     registry::{ServiceMetricsReport, StatusReport},
 };
@@ -24,6 +25,16 @@ pub enum Request {
         service: ServiceName,
         /// Binding.
         binding: Binding,
+        /// The owner a new service gets (root only); `None` leaves it as it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
+    },
+    /// Give a service an owner, or (nothing set) make it root's alone. Root only.
+    Chown {
+        /// Service.
+        service: ServiceName,
+        /// The new owner.
+        owner: Owner,
     },
     /// Stop steering a binding.
     Unbind {
@@ -150,7 +161,8 @@ impl WireError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// The peer may not do this (only root may control hotswap).
+    /// The peer may not do this: it is not root, nor the service's owner, or what it asks is
+    /// beyond what an owner may (the message says who may).
     PermissionDenied,
     /// The daemon serves as many connections as it may (in all, or from this user): retry.
     Busy,
@@ -322,6 +334,14 @@ mod tests {
                     prefix: parse_prefix("127.0.0.1/32").unwrap(),
                     port: 8080,
                 },
+                owner: Some(Owner {
+                    uid: None,
+                    gid: Some(64000),
+                }),
+            },
+            Request::Chown {
+                service: "web".parse().unwrap(),
+                owner: Owner::default(),
             },
             Request::Register {
                 service: "web".parse().unwrap(),

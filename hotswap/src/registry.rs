@@ -13,6 +13,7 @@ use hotswap_common::{GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL, 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    access::{AccessError, Owner},
     backend::{Backend, BackendError, BackendInfo, Feature, Lack, Repaired, Support},
     model::{check_bindable, check_label, Binding, ParseError, Protocol, ServiceName},
     socket::{
@@ -127,6 +128,9 @@ pub enum RegistryError {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The caller may not do this.
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 impl RegistryError {
@@ -151,6 +155,8 @@ impl RegistryError {
             Self::TooManyServices => ErrorCode::LimitReached,
             Self::Unsupported { .. } => ErrorCode::Unsupported,
             Self::Backend(err) => err.code(),
+            Self::Access(AccessError::Unreadable { .. }) => ErrorCode::Failed,
+            Self::Access(_) => ErrorCode::PermissionDenied,
         }
     }
 }
@@ -231,6 +237,8 @@ impl Generation {
 struct Service {
     id: u32,
     record: ServiceRecord,
+    /// Who may change it besides root.
+    owner: Owner,
     generations: BTreeMap<u32, Generation>,
     /// Sockets found shut down and listening again, since the daemon started.
     relistened: u64,
@@ -304,6 +312,9 @@ pub struct ServiceStatus {
     pub name: ServiceName,
     /// Id in the kernel maps.
     pub id: u32,
+    /// Who may change it besides root.
+    #[serde(default, skip_serializing_if = "Owner::is_none")]
+    pub owner: Owner,
     /// Its bindings.
     pub bindings: Vec<Binding>,
     /// Its live generations, oldest first.
@@ -492,10 +503,23 @@ impl Registry {
                 Service {
                     id,
                     record,
+                    owner: Owner::default(),
                     generations: BTreeMap::new(),
                     relistened: 0,
                 },
             );
+        }
+        for (id, owner) in state.owners {
+            match names.get(&id) {
+                Some(name) => {
+                    if let Some(service) = registry.services.get_mut(name) {
+                        service.owner = owner.into();
+                    }
+                }
+                None => registry
+                    .backend
+                    .save_owner(id, &hotswap_common::OwnerRecord::default())?,
+            }
         }
         for (binding, id) in state.bindings {
             match names.get(&id) {
@@ -648,8 +672,30 @@ impl Registry {
             .ok_or(RegistryError::TooManyServices)
     }
 
-    /// Steers `binding` to `service`, creating the service when it is new.
-    pub fn bind(&mut self, service: &ServiceName, binding: Binding) -> Result<(), RegistryError> {
+    /// Who owns `service` besides root; `None` when there is no such service.
+    pub fn owner(&self, service: &ServiceName) -> Option<Owner> {
+        self.services.get(service).map(|s| s.owner)
+    }
+
+    /// Gives `service` the owner `owner` (nothing set: root's alone).
+    pub fn set_owner(&mut self, name: &ServiceName, owner: Owner) -> Result<(), RegistryError> {
+        let id = self.service(name)?.id;
+        self.backend.save_owner(id, &owner.into())?;
+        if let Some(service) = self.services.get_mut(name) {
+            service.owner = owner;
+        }
+        Ok(())
+    }
+
+    /// Steers `binding` to `service`, creating the service when it is new; a new service gets
+    /// `owner` (set before the binding steers anything, and undone with the service when the
+    /// binding fails).
+    pub fn bind(
+        &mut self,
+        service: &ServiceName,
+        binding: Binding,
+        owner: Option<Owner>,
+    ) -> Result<(), RegistryError> {
         check_bindable(&binding.prefix)?;
         // One address, or every address of a family (0.0.0.0/0, ::/0: a socket bound to the
         // unspecified address), on one port: what one socket can be bound to.
@@ -672,11 +718,19 @@ impl Registry {
                 let id = self.free_service_id()?;
                 let record = ServiceRecord::new(service.as_str().as_bytes(), 1, 0, 0);
                 self.backend.save_service(id, &record, true)?;
+                let owner = owner.unwrap_or_default();
+                if !owner.is_none() {
+                    if let Err(err) = self.backend.save_owner(id, &owner.into()) {
+                        let _ = self.backend.forget_service(id);
+                        return Err(err.into());
+                    }
+                }
                 self.services.insert(
                     service.clone(),
                     Service {
                         id,
                         record,
+                        owner,
                         generations: BTreeMap::new(),
                         relistened: 0,
                     },
@@ -735,6 +789,21 @@ impl Registry {
         label: Option<String>,
         activate: bool,
     ) -> Result<u32, RegistryError> {
+        self.register_as(service_name, pid, fds, label, activate, None)
+    }
+
+    /// [`Registry::register`] for a caller that is not root: process `pid` must run as
+    /// `runs_as` (every one of its uids), so that an owner's generations are only their own
+    /// processes' sockets.
+    pub fn register_as(
+        &mut self,
+        service_name: &ServiceName,
+        pid: u32,
+        fds: &[RawFd],
+        label: Option<String>,
+        activate: bool,
+        runs_as: Option<u32>,
+    ) -> Result<u32, RegistryError> {
         let label = label.filter(|l| !l.is_empty());
         if let Some(label) = &label {
             check_label(label)?;
@@ -745,6 +814,9 @@ impl Registry {
         let service = self.service(service_name)?;
         let service_id = service.id;
         let pidfd = Pidfd::open(pid)?;
+        if let Some(uid) = runs_as {
+            crate::access::check_process(uid, pid, &pidfd)?;
+        }
         let mut taken = Vec::new();
         for &fd in fds {
             let socket = take_socket(&pidfd, pid, fd, self.netns)?;
@@ -1077,6 +1149,7 @@ impl Registry {
             .map(|(name, service)| ServiceStatus {
                 name: name.clone(),
                 id: service.id,
+                owner: service.owner,
                 bindings: self
                     .bindings
                     .iter()
@@ -1185,10 +1258,10 @@ mod tests {
     #[test]
     fn bind_creates_services_and_refuses_conflicts() {
         let (mut registry, fake) = registry();
-        registry.bind(&web(), tcp_binding(80)).unwrap();
-        registry.bind(&web(), tcp_binding(81)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
+        registry.bind(&web(), tcp_binding(81), None).unwrap();
         let other: ServiceName = "other".parse().unwrap();
-        let err = registry.bind(&other, tcp_binding(80)).unwrap_err();
+        let err = registry.bind(&other, tcp_binding(80), None).unwrap_err();
         assert!(matches!(err, RegistryError::AlreadyBound { .. }), "{err}");
         assert_eq!(
             fake.0.lock().unwrap().services.len(),
@@ -1206,6 +1279,36 @@ mod tests {
     }
 
     #[test]
+    fn owners_are_kept_across_adoption_and_go_with_their_service() {
+        let (mut registry, fake) = registry();
+        let group = Owner {
+            uid: None,
+            gid: Some(64000),
+        };
+        registry.bind(&web(), tcp_binding(80), Some(group)).unwrap();
+        let api: ServiceName = "api".parse().unwrap();
+        registry.bind(&api, tcp_binding(81), None).unwrap();
+        assert_eq!(registry.owner(&web()), Some(group));
+        assert_eq!(registry.owner(&api), Some(Owner::default()));
+        let (mut adopted, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        assert_eq!(adopted.owner(&web()), Some(group));
+        assert_eq!(adopted.status().services[1].owner, group);
+        let user = Owner {
+            uid: Some(64100),
+            gid: None,
+        };
+        adopted.set_owner(&api, user).unwrap();
+        adopted.set_owner(&web(), Owner::default()).unwrap();
+        assert_eq!(fake.0.lock().unwrap().owners.len(), 1);
+        // The last binding gone, the service goes, and its owner with it: a new service of the
+        // same name is root's until root says otherwise.
+        adopted.unbind(&api, tcp_binding(81)).unwrap();
+        assert!(fake.0.lock().unwrap().owners.is_empty());
+        adopted.bind(&api, tcp_binding(81), None).unwrap();
+        assert_eq!(adopted.owner(&api), Some(Owner::default()));
+    }
+
+    #[test]
     fn a_service_with_nothing_left_gives_its_id_back() {
         let (mut registry, fake) = registry();
         // Every id used and given back, twice over: the limit counts services that exist, not
@@ -1213,8 +1316,7 @@ mod tests {
         for round in 0..2u16 {
             for n in 1..MAX_SERVICES {
                 let name: ServiceName = format!("s{n}").parse().unwrap();
-                registry
-                    .bind(&name, tcp_binding(round * 10_000 + 1))
+                registry.bind(&name, tcp_binding(round * 10_000 + 1), None)
                     .unwrap();
                 registry
                     .unbind(&name, tcp_binding(round * 10_000 + 1))
@@ -1224,7 +1326,7 @@ mod tests {
         assert!(registry.status().services.is_empty());
         assert!(fake.0.lock().unwrap().services.is_empty());
         // A service with a generation but no binding stays until the generation is gone.
-        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
         let socket = TcpListener::bind("127.0.0.1:0").unwrap();
         let generation = registry
             .register(
@@ -1253,7 +1355,7 @@ mod tests {
             .register(&web(), me, &[one.as_raw_fd()], None, false)
             .unwrap_err();
         assert!(matches!(err, RegistryError::UnknownService(_)), "{err}");
-        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
         let err = registry
             .register(&web(), me, &[udp.as_raw_fd()], None, false)
             .unwrap_err();
@@ -1325,7 +1427,7 @@ mod tests {
     #[test]
     fn failed_activation_registers_nothing() {
         let (mut registry, fake) = registry();
-        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
         let before = registry.status();
         fake.0.lock().unwrap().fail_activate = true;
         let one = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1353,7 +1455,7 @@ mod tests {
     #[test]
     fn the_record_and_the_kernel_never_disagree_on_the_active_generation() {
         let (mut registry, fake) = registry();
-        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
         let me = std::process::id();
         let one = TcpListener::bind("127.0.0.1:0").unwrap();
         let two = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1393,7 +1495,7 @@ mod tests {
             prefix: parse_prefix("::1/128").unwrap(),
             port: 80,
         };
-        registry.bind(&web(), six).unwrap();
+        registry.bind(&web(), six, None).unwrap();
         let me = std::process::id();
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let err = registry
@@ -1410,12 +1512,12 @@ mod tests {
     #[test]
     fn one_generation_one_socket_per_protocol() {
         let (mut registry, fake) = registry();
-        registry.bind(&web(), tcp_binding(80)).unwrap();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
         let udp_binding = Binding {
             protocol: Protocol::Udp,
             ..tcp_binding(80)
         };
-        registry.bind(&web(), udp_binding).unwrap();
+        registry.bind(&web(), udp_binding, None).unwrap();
         let me = std::process::id();
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let tcp2 = TcpListener::bind("127.0.0.1:0").unwrap();

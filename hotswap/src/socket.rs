@@ -375,27 +375,45 @@ pub(crate) fn parse_address(hex: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// One socket of a kernel socket table that takes connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TableRow {
+    /// Its inode.
+    pub(crate) inode: u64,
+    /// Its local address.
+    pub(crate) addr: SocketAddr,
+    /// Its owner (its creator's uid).
+    pub(crate) uid: u32,
+}
+
+/// The rows of one of the kernel's socket tables that are in `state` (hex: `0A` TCP listen,
+/// `07` UDP unconnected).
+pub(crate) fn table_rows<'a>(text: &'a str, state: &'a str) -> impl Iterator<Item = TableRow> + 'a {
+    text.lines().skip(1).filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(3) != Some(&state) {
+            return None;
+        }
+        Some(TableRow {
+            addr: parse_address(fields.get(1)?)?,
+            uid: fields.get(7)?.parse().ok()?,
+            inode: fields.get(9)?.parse().ok()?,
+        })
+    })
+}
+
 /// Sockets in one of the kernel's socket tables (as seen from `pid`'s network namespace):
 /// inode → local address, only those in `state` (hex: `0A` TCP listen, `07` UDP unconnected).
 pub(crate) fn socket_table(text: &str, state: &str) -> BTreeMap<u64, SocketAddr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.get(3) != Some(&state) {
-                return None;
-            }
-            let addr = parse_address(fields.get(1)?)?;
-            let inode = fields.get(9)?.parse().ok()?;
-            Some((inode, addr))
-        })
+    table_rows(text, state)
+        .map(|row| (row.inode, row.addr))
         .collect()
 }
 
 /// The sockets of this network namespace that take `protocol` connections (TCP listeners,
-/// bound unconnected UDP sockets), whoever holds them: inode → local address.
-pub fn taking_connections(protocol: Protocol) -> io::Result<BTreeMap<u64, SocketAddr>> {
-    let mut inodes = BTreeMap::new();
+/// bound unconnected UDP sockets), whoever holds them.
+fn taking_rows(protocol: Protocol) -> io::Result<Vec<TableRow>> {
+    let mut rows = Vec::new();
     for &(file, table_protocol, state) in SOCKET_TABLES {
         if table_protocol != protocol {
             continue;
@@ -405,9 +423,56 @@ pub fn taking_connections(protocol: Protocol) -> io::Result<BTreeMap<u64, Socket
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err),
         };
-        inodes.extend(socket_table(&text, state));
+        rows.extend(table_rows(&text, state));
     }
-    Ok(inodes)
+    Ok(rows)
+}
+
+/// The sockets of this network namespace that take `protocol` connections (TCP listeners,
+/// bound unconnected UDP sockets), whoever holds them: inode → local address.
+pub fn taking_connections(protocol: Protocol) -> io::Result<BTreeMap<u64, SocketAddr>> {
+    Ok(taking_rows(protocol)?
+        .into_iter()
+        .map(|row| (row.inode, row.addr))
+        .collect())
+}
+
+/// The same sockets as [`taking_connections`], as local address and owner uid.
+pub fn taking_connections_with_owner(protocol: Protocol) -> io::Result<Vec<(SocketAddr, u32)>> {
+    Ok(taking_rows(protocol)?
+        .into_iter()
+        .map(|row| (row.addr, row.uid))
+        .collect())
+}
+
+/// The supplementary groups of a Unix socket's peer (`SO_PEERGROUPS`), as they were when it
+/// connected.
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    // NGROUPS_MAX is 65536; start small and grow to what the kernel says it needs.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: groups and len describe a valid buffer of len bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || needed <= groups.len() {
+            return Err(err);
+        }
+        groups.resize(needed, 0);
+    }
 }
 
 /// Whether an IPv6 socket takes IPv6 connections only (`IPV6_V6ONLY`).

@@ -82,6 +82,7 @@ fn status(fake: &Fake) -> StatusReport {
         services: vec![ServiceStatus {
             name: service(),
             id: 1,
+            owner: Default::default(),
             bindings: fake.bindings.clone(),
             generations: fake
                 .generations

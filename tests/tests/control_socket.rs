@@ -282,6 +282,7 @@ fn a_stopping_daemon_finishes_the_answer_it_is_sending() {
         let request = Request::Bind {
             service: service.clone(),
             binding,
+            owner: None,
         };
         assert_eq!(exchange(&mut setup, &request), Ok(Reply::Done));
     }
@@ -349,6 +350,7 @@ fn services_that_come_and_go_never_run_out_of_ids() {
         let bind = Request::Bind {
             service: service.clone(),
             binding,
+            owner: None,
         };
         assert_eq!(exchange(&mut stream, &bind), Ok(Reply::Done), "service {n}");
         let unbind = Request::Unbind { service, binding };
@@ -438,12 +440,14 @@ fn refusals_carry_stable_codes() {
     let bind = Request::Bind {
         service: web.clone(),
         binding,
+        owner: None,
     };
     assert_eq!(exchange(&mut stream, &bind), Ok(Reply::Done));
     assert_eq!(code(&mut stream, &switch), ErrorCode::UnknownGeneration);
     let other = Request::Bind {
         service: "api".parse().unwrap(),
         binding,
+        owner: None,
     };
     assert_eq!(code(&mut stream, &other), ErrorCode::AlreadyBound);
     let register = Request::Register {

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
+use hotswap_common::{GenerationKey, GenerationRecord, OwnerRecord, ServiceMetrics, ServiceRecord};
 
 use crate::{
     backend::{Backend, BackendError, BackendInfo, PersistedState, Support},
@@ -19,6 +19,7 @@ use crate::{
 #[derive(Default)]
 pub(crate) struct FakeKernel {
     pub(crate) services: HashMap<u32, ServiceRecord>,
+    pub(crate) owners: HashMap<u32, OwnerRecord>,
     pub(crate) bindings: HashMap<Binding, u32>,
     pub(crate) generations: HashMap<GenerationKey, GenerationRecord>,
     /// (service, protocol) -> socket cookie.
@@ -71,6 +72,7 @@ impl Backend for FakeBackend {
             services: k.services.iter().map(|(a, b)| (*a, *b)).collect(),
             bindings: k.bindings.iter().map(|(a, b)| (*a, *b)).collect(),
             generations: k.generations.iter().map(|(&k, &r)| (k, r)).collect(),
+            owners: k.owners.iter().map(|(&k, &r)| (k, r)).collect(),
             notes: Vec::new(),
         })
     }
@@ -123,7 +125,18 @@ impl Backend for FakeBackend {
         Ok(())
     }
     fn forget_service(&mut self, id: u32) -> Result<(), BackendError> {
-        self.0.lock().unwrap().services.remove(&id);
+        let mut k = self.0.lock().unwrap();
+        k.services.remove(&id);
+        k.owners.remove(&id);
+        Ok(())
+    }
+    fn save_owner(&mut self, id: u32, owner: &OwnerRecord) -> Result<(), BackendError> {
+        let mut k = self.0.lock().unwrap();
+        if owner.has == 0 {
+            k.owners.remove(&id);
+        } else {
+            k.owners.insert(id, *owner);
+        }
         Ok(())
     }
     fn save_generation(

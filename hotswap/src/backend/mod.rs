@@ -21,7 +21,7 @@ use std::{
     os::fd::{BorrowedFd, OwnedFd},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
+use hotswap_common::{GenerationKey, GenerationRecord, OwnerRecord, ServiceMetrics, ServiceRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Binding, Protocol};
@@ -216,6 +216,8 @@ pub struct PersistedState {
     pub bindings: Vec<(Binding, u32)>,
     /// Registered generations.
     pub generations: Vec<(GenerationKey, GenerationRecord)>,
+    /// Owners of services, by service id (a service without one is root's alone).
+    pub owners: Vec<(u32, OwnerRecord)>,
     /// What the backend had to change while loading, for the daemon's log.
     pub notes: Vec<String>,
 }
@@ -273,8 +275,10 @@ pub trait Backend: Send {
         is_new: bool,
     ) -> Result<(), BackendError>;
     /// Forgets a service that has nothing left: no binding, no generation (a half-made one
-    /// being undone, or one whose last binding and generation are gone).
+    /// being undone, or one whose last binding and generation are gone), and its owner.
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError>;
+    /// Sets who owns a service besides root; a record with nothing set removes the owner.
+    fn save_owner(&mut self, service_id: u32, owner: &OwnerRecord) -> Result<(), BackendError>;
     /// Creates or updates a generation's record.
     fn save_generation(
         &mut self,

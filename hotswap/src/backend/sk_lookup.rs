@@ -26,7 +26,7 @@ use aya::{
 };
 use hotswap_common::{
     map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey,
-    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
+    OwnerRecord, ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
 };
 use nix::fcntl::Flock;
 
@@ -243,6 +243,7 @@ pub struct SkLookupBackend {
     config: Array<MapData, u32>,
     services: HashMap<MapData, u32, ServiceRecord>,
     generations: HashMap<MapData, GenerationKey, GenerationRecord>,
+    owners: HashMap<MapData, u32, OwnerRecord>,
     program_id: u32,
     verified_instructions: Option<u32>,
     adopted: bool,
@@ -397,6 +398,9 @@ impl SkLookupBackend {
         let generations = take(map_names::GENERATIONS)?
             .try_into()
             .map_err(map_error(map_names::GENERATIONS))?;
+        let owners = take(map_names::OWNERS)?
+            .try_into()
+            .map_err(map_error(map_names::OWNERS))?;
         let mut probes: SockHash<MapData, ProbeKey> = take(map_names::PROBES)?
             .try_into()
             .map_err(map_error(map_names::PROBES))?;
@@ -420,6 +424,7 @@ impl SkLookupBackend {
             config,
             services,
             generations,
+            owners,
             program_id,
             verified_instructions,
             adopted,
@@ -861,6 +866,11 @@ impl Backend for SkLookupBackend {
                 .generations
                 .push(entry.map_err(map_error(map_names::GENERATIONS))?);
         }
+        for entry in self.owners.iter() {
+            state
+                .owners
+                .push(entry.map_err(map_error(map_names::OWNERS))?);
+        }
         Ok(state)
     }
 
@@ -954,10 +964,25 @@ impl Backend for SkLookupBackend {
     }
 
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
+        // The owner first: a service forgotten halfway keeps its name, never an owner it
+        // no longer has.
+        self.save_owner(service_id, &OwnerRecord::default())?;
         match self.services.remove(&service_id) {
             Err(err) if !not_found(&err) => Err(map_error(map_names::SERVICES)(err).into()),
             _ => Ok(()),
         }
+    }
+
+    fn save_owner(&mut self, service_id: u32, owner: &OwnerRecord) -> Result<(), BackendError> {
+        let result = if owner.has == 0 {
+            match self.owners.remove(&service_id) {
+                Err(err) if not_found(&err) => Ok(()),
+                result => result,
+            }
+        } else {
+            self.owners.insert(service_id, owner, 0)
+        };
+        result.map_err(|e| map_error(map_names::OWNERS)(e).into())
     }
 
     fn save_generation(

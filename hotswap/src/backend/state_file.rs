@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceRecord, MAX_LABEL};
+use hotswap_common::{GenerationKey, GenerationRecord, OwnerRecord, ServiceRecord, MAX_LABEL};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::PathError;
@@ -58,6 +58,9 @@ struct SavedService {
     next_generation: u32,
     active_tcp: u32,
     active_udp: u32,
+    /// Absent in files written before services had owners: root's alone.
+    #[serde(default, skip_serializing_if = "crate::access::Owner::is_none")]
+    owner: crate::access::Owner,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,6 +79,8 @@ struct SavedGeneration {
 pub(super) struct Records {
     pub(super) services: BTreeMap<u32, ServiceRecord>,
     pub(super) generations: BTreeMap<GenerationKey, GenerationRecord>,
+    /// Owners of services that have one.
+    pub(super) owners: BTreeMap<u32, OwnerRecord>,
 }
 
 impl Records {
@@ -116,6 +121,12 @@ impl Records {
                     (key, record)
                 })
                 .collect(),
+            owners: file
+                .services
+                .iter()
+                .filter(|s| !s.owner.is_none())
+                .map(|s| (s.id, OwnerRecord::from(s.owner)))
+                .collect(),
         };
         (records, file.bindings)
     }
@@ -132,6 +143,11 @@ impl Records {
                     next_generation: record.next_generation,
                     active_tcp: record.active_tcp,
                     active_udp: record.active_udp,
+                    owner: self
+                        .owners
+                        .get(&id)
+                        .map(|&owner| crate::access::Owner::from(owner))
+                        .unwrap_or_default(),
                 })
                 .collect(),
             bindings,
@@ -224,14 +240,42 @@ pub(super) trait FileBacked {
         )
     }
 
-    /// Forgets a service's record, saved.
+    /// Forgets a service's record and its owner, saved.
     fn forget_service_record(&mut self, service_id: u32) -> Result<(), StateFileError>
     where
         Self: Sized,
     {
         self.saved(
-            |s| s.records().services.remove(&service_id),
-            |s, before| restore(&mut s.records().services, service_id, before),
+            |s| {
+                let records = s.records();
+                (
+                    records.services.remove(&service_id),
+                    records.owners.remove(&service_id),
+                )
+            },
+            |s, (service, owner)| {
+                restore(&mut s.records().services, service_id, service);
+                restore(&mut s.records().owners, service_id, owner);
+            },
+        )
+    }
+
+    /// Sets or (with nothing set) removes a service's owner, saved.
+    fn save_owner_record(
+        &mut self,
+        service_id: u32,
+        owner: &OwnerRecord,
+    ) -> Result<(), StateFileError>
+    where
+        Self: Sized,
+    {
+        let owner = (owner.has != 0).then_some(*owner);
+        self.saved(
+            |s| match owner {
+                Some(owner) => s.records().owners.insert(service_id, owner),
+                None => s.records().owners.remove(&service_id),
+            },
+            |s, before| restore(&mut s.records().owners, service_id, before),
         )
     }
 

@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
+use hotswap_common::{GenerationKey, GenerationRecord, OwnerRecord, ServiceMetrics, ServiceRecord};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -266,6 +266,7 @@ impl Backend for UdsBackend {
                 .iter()
                 .map(|(&k, &r)| (k, r))
                 .collect(),
+            owners: self.records.owners.iter().map(|(&k, &r)| (k, r)).collect(),
             notes: self.notes.clone(),
         })
     }
@@ -337,6 +338,12 @@ impl Backend for UdsBackend {
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
         Ok(self
             .forget_service_record(service_id)
+            .map_err(UdsError::from)?)
+    }
+
+    fn save_owner(&mut self, service_id: u32, owner: &OwnerRecord) -> Result<(), BackendError> {
+        Ok(self
+            .save_owner_record(service_id, owner)
             .map_err(UdsError::from)?)
     }
 

@@ -24,7 +24,30 @@ pub struct Args {
     port: u16,
 }
 
-pub fn run(socket: &Path, args: Args, bind: bool) -> anyhow::Result<()> {
+/// `bind`'s words: a binding, and the owner a new service gets.
+#[derive(Debug, clap::Args)]
+pub struct BindArgs {
+    #[command(flatten)]
+    binding: Args,
+    #[command(flatten)]
+    owner: super::chown::OwnerArgs,
+}
+
+pub fn bind(socket: &Path, args: BindArgs) -> anyhow::Result<()> {
+    let owner = args.owner.owner()?;
+    run(socket, args.binding, true, owner)
+}
+
+pub fn unbind(socket: &Path, args: Args) -> anyhow::Result<()> {
+    run(socket, args, false, None)
+}
+
+fn run(
+    socket: &Path,
+    args: Args,
+    bind: bool,
+    owner: Option<crate::access::Owner>,
+) -> anyhow::Result<()> {
     let binding = Binding {
         protocol: args.protocol,
         prefix: args.prefix,
@@ -34,6 +57,7 @@ pub fn run(socket: &Path, args: Args, bind: bool) -> anyhow::Result<()> {
         Request::Bind {
             service: args.service.clone(),
             binding,
+            owner,
         }
     } else {
         Request::Unbind {

@@ -37,6 +37,10 @@ pub struct Args {
     /// readiness probe's route stays open).
     #[arg(long, default_value = "60s", value_parser = parse_idle_timeout)]
     idle_timeout: std::time::Duration,
+    /// A group (name or gid) whose members may connect to the control socket too: operators
+    /// who are not root manage the services they own (`hotswap chown`) and nothing else.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 /// A duration, bounded as every duration is, and not zero (that would close every connection
@@ -60,6 +64,11 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(super::chown::gid_of)
+        .transpose()?;
     let config = DaemonConfig {
         socket,
         pin_dir: args.pin_dir,
@@ -70,6 +79,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
             per_uid: args.max_connections_per_user,
             idle: args.idle_timeout,
         },
+        socket_group,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -18,6 +18,7 @@ macro_rules! outln {
 }
 
 mod bind;
+mod chown;
 mod daemon;
 mod doctor;
 mod metrics;
@@ -54,10 +55,14 @@ pub struct Cli {
 enum Command {
     /// Run the daemon in the foreground (loads or adopts the sk_lookup program).
     Daemon(daemon::Args),
-    /// Steer connections for an address to a service: bind SERVICE tcp|udp PREFIX PORT.
-    Bind(bind::Args),
+    /// Steer connections for an address to a service: bind SERVICE tcp|udp PREFIX PORT. A new
+    /// service can get an owner, who may then manage it without root.
+    Bind(bind::BindArgs),
     /// Stop steering an address: unbind SERVICE tcp|udp PREFIX PORT.
     Unbind(bind::Args),
+    /// Say who besides root may manage a service (bind, unbind, run, upgrade, rollback,
+    /// switch, status): a user, a group, or (neither given) nobody. Root only.
+    Chown(chown::Args),
     /// Take a listening socket from a running process as a new generation of a service.
     Register(register::Args),
     /// Make a generation of a service the active one (one atomic map update).
@@ -133,8 +138,9 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon::run(cli.socket, args),
-        Command::Bind(args) => bind::run(&cli.socket, args, true),
-        Command::Unbind(args) => bind::run(&cli.socket, args, false),
+        Command::Bind(args) => bind::bind(&cli.socket, args),
+        Command::Unbind(args) => bind::unbind(&cli.socket, args),
+        Command::Chown(args) => chown::run(&cli.socket, args),
         Command::Register(args) => register::run(&cli.socket, args),
         Command::Switch(args) => switch::run(&cli.socket, args),
         Command::Run(args) => run::run(cli.socket, args),

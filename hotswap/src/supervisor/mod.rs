@@ -72,7 +72,7 @@ pub use wire::{
 };
 
 use crate::{
-    admission::{refuse, AcceptBackoff, Admission, Limits},
+    admission::{refuse, AcceptBackoff, Admission, Allowed, Limits},
     backend::{Capabilities, Support},
     client::{self, ClientError},
     error_chain,
@@ -358,6 +358,7 @@ impl Supervisor {
                     self.daemon(Request::Bind {
                         service: self.config.service.clone(),
                         binding,
+                        owner: None,
                     })
                     .await?;
                 }
@@ -1097,8 +1098,15 @@ async fn serve(
         control_path.display()
     );
     let reconciler = Arc::new(tokio::sync::Semaphore::new(1));
-    // The same admission as the daemon's control socket: root only, checked before reading.
-    let mut admission = Admission::new(Limits::default());
+    // The same admission as the daemon's control socket, checked before reading: root, and
+    // the user the supervisor runs as (an operator's own `hotswap upgrade`).
+    let euid = nix::unistd::geteuid().as_raw();
+    let allowed = if euid == 0 {
+        Allowed::Root
+    } else {
+        Allowed::RootAndUser(euid)
+    };
+    let mut admission = Admission::new(Limits::default(), allowed);
     let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {

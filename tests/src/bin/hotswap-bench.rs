@@ -1009,6 +1009,7 @@ fn scale_and_footprint(plan: Plan) -> Value {
                 prefix: parse_prefix(&prefix).unwrap(),
                 port: 80,
             },
+            owner: None,
         })
     };
     let start = Instant::now();

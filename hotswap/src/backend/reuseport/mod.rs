@@ -46,7 +46,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hotswap_common::{GenerationKey, GenerationRecord, ServiceMetrics, ServiceRecord};
+use hotswap_common::{GenerationKey, GenerationRecord, OwnerRecord, ServiceMetrics, ServiceRecord};
 // `assemble`, `attach` and `Choice` are public so that the bench can measure the kernel path and
 // a program replacement without a daemon, on a group of its own. A service's group is the
 // daemon's: it points the program itself, and one attached from outside would steer behind its
@@ -626,6 +626,7 @@ impl Backend for ReuseportBackend {
                 .iter()
                 .map(|(&k, &r)| (k, r))
                 .collect(),
+            owners: self.records.owners.iter().map(|(&k, &r)| (k, r)).collect(),
             notes: self.notes.clone(),
         })
     }
@@ -745,6 +746,12 @@ impl Backend for ReuseportBackend {
     fn forget_service(&mut self, service_id: u32) -> Result<(), BackendError> {
         Ok(self
             .forget_service_record(service_id)
+            .map_err(ReuseportError::from)?)
+    }
+
+    fn save_owner(&mut self, service_id: u32, owner: &OwnerRecord) -> Result<(), BackendError> {
+        Ok(self
+            .save_owner_record(service_id, owner)
             .map_err(ReuseportError::from)?)
     }
 
