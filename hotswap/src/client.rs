@@ -15,8 +15,8 @@ pub enum ClientError {
     /// Nobody listens on the socket.
     #[error("the hotswap daemon is not running at {}: start it with {}", .0.display(), start_hint(.0))]
     NotRunning(PathBuf),
-    /// The socket is root's.
-    #[error("permission denied on control socket {0}: hotswap must be run as root")]
+    /// The socket is root's (and its socket group's, where the daemon has one).
+    #[error("permission denied on control socket {0}: only root, and the members of the daemon's --socket-group where it has one, may connect")]
     PermissionDenied(PathBuf),
     /// Connecting failed otherwise.
     #[error("connecting to control socket {path} failed")]

@@ -47,6 +47,11 @@ pub struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, env = "HOTSWAP_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Where `hotswap run` keeps its control socket, lock and record, and where `upgrade`,
+    /// `rollback`, `reexec` and `status` look for them [default: beside the daemon's socket
+    /// for root; $XDG_RUNTIME_DIR/hotswap, else /tmp/hotswap-<uid>, for other users].
+    #[arg(long, global = true, env = "HOTSWAP_RUN_DIR")]
+    run_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,6 +141,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let run_dir = cli
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| crate::supervisor::default_run_dir(&cli.socket));
     match cli.command {
         Command::Daemon(args) => daemon::run(cli.socket, args),
         Command::Bind(args) => bind::bind(&cli.socket, args),
@@ -143,12 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chown(args) => chown::run(&cli.socket, args),
         Command::Register(args) => register::run(&cli.socket, args),
         Command::Switch(args) => switch::run(&cli.socket, args),
-        Command::Run(args) => run::run(cli.socket, args),
-        Command::Upgrade(args) => upgrade::run(&cli.socket, args),
-        Command::Rollback(args) => upgrade::rollback(&cli.socket, args),
-        Command::Reexec(args) => reexec::run(&cli.socket, args),
+        Command::Run(args) => run::run(cli.socket, run_dir, args),
+        Command::Upgrade(args) => upgrade::run(&run_dir, args),
+        Command::Rollback(args) => upgrade::rollback(&run_dir, args),
+        Command::Reexec(args) => reexec::run(&run_dir, args),
         Command::Keep { .. } => crate::supervisor::keep(),
-        Command::Status(args) => status::run(&cli.socket, args),
+        Command::Status(args) => status::run(&cli.socket, &run_dir, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
         Command::Doctor(args) => doctor::run(args),
     }

@@ -22,21 +22,21 @@ pub struct Args {
     service: ServiceName,
 }
 
-async fn report(socket: &Path, service: &ServiceName) -> anyhow::Result<SupervisorReport> {
-    match supervisor::request(socket, service, &SupervisorRequest::Status, &mut |_| {}).await? {
+async fn report(run_dir: &Path, service: &ServiceName) -> anyhow::Result<SupervisorReport> {
+    match supervisor::request(run_dir, service, &SupervisorRequest::Status, &mut |_| {}).await? {
         SupervisorMessage::Status(report) => Ok(report),
         other => anyhow::bail!("unexpected answer from the supervisor: {other:?}"),
     }
 }
 
-pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let service = &args.service;
     runtime.block_on(async {
-        let before = report(socket, service).await?;
-        let answer = supervisor::request(socket, service, &SupervisorRequest::Reexec, &mut |_| {})
+        let before = report(run_dir, service).await?;
+        let answer = supervisor::request(run_dir, service, &SupervisorRequest::Reexec, &mut |_| {})
             .await?;
         if let SupervisorMessage::Done { message, .. } = answer {
             outln!("{service}: {message}");
@@ -44,7 +44,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         // The new image answers once it has adopted every generation.
         let deadline = Instant::now() + ANSWER_WITHIN;
         let after = loop {
-            match report(socket, service).await {
+            match report(run_dir, service).await {
                 Ok(after) if after.started_at_ms != before.started_at_ms => break after,
                 _ if Instant::now() >= deadline => anyhow::bail!(
                     "the re-executed supervisor of {service} did not answer within {} s; its generations keep serving (see its log, and start `hotswap run` again to adopt them)",

@@ -56,7 +56,7 @@ pub struct Args {
     command: Vec<String>,
 }
 
-pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
+pub fn run(socket: PathBuf, run_dir: PathBuf, args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -78,6 +78,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
         command: args.command,
         fd_passing: args.pass_fds,
         daemon_socket: socket,
+        run_dir,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

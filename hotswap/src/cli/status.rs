@@ -20,13 +20,13 @@ pub struct Args {
 /// How long one supervisor may take to answer.
 const SUPERVISOR_DEADLINE: Duration = Duration::from_secs(5);
 
-pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+pub fn run(socket: &Path, run_dir: &Path, args: Args) -> anyhow::Result<()> {
     let report = match super::request(socket, &Request::Status) {
         Ok(Reply::Status(report)) => report,
         Ok(reply) => return Err(super::unexpected(reply)),
         Err(err) => {
             // The supervisors answer without the daemon: show them, then fail.
-            let supervisors = supervisors(socket, &running_services(socket));
+            let supervisors = supervisors(run_dir, &running_services(run_dir));
             if args.json {
                 let value = serde_json::json!({
                     "daemon_error": crate::error_chain(&err),
@@ -45,7 +45,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         }
     };
     let names: Vec<ServiceName> = report.services.iter().map(|s| s.name.clone()).collect();
-    let supervisors = supervisors(socket, &names);
+    let supervisors = supervisors(run_dir, &names);
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["supervisors"] = serde_json::to_value(&supervisors)?;
@@ -56,10 +56,9 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The services whose supervisor's control socket is beside the daemon's.
-fn running_services(socket: &Path) -> Vec<ServiceName> {
-    let dir = socket.parent().unwrap_or(Path::new("/"));
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// The services whose supervisor's control socket is in `run_dir`.
+fn running_services(run_dir: &Path) -> Vec<ServiceName> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Vec::new();
     };
     entries
@@ -76,7 +75,7 @@ fn running_services(socket: &Path) -> Vec<ServiceName> {
 
 /// The lifecycle reports of the services run by `hotswap run`, by service name; each
 /// supervisor gets [`SUPERVISOR_DEADLINE`] to answer.
-fn supervisors(socket: &Path, names: &[ServiceName]) -> BTreeMap<String, SupervisorReport> {
+fn supervisors(run_dir: &Path, names: &[ServiceName]) -> BTreeMap<String, SupervisorReport> {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -89,7 +88,7 @@ fn supervisors(socket: &Path, names: &[ServiceName]) -> BTreeMap<String, Supervi
             let reply = runtime.block_on(async {
                 tokio::time::timeout(
                     SUPERVISOR_DEADLINE,
-                    supervisor::request(socket, name, &SupervisorRequest::Status, &mut |_| {}),
+                    supervisor::request(run_dir, name, &SupervisorRequest::Status, &mut |_| {}),
                 )
                 .await
             });

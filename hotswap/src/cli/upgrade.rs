@@ -38,13 +38,13 @@ pub struct RollbackArgs {
     service: ServiceName,
 }
 
-fn talk(socket: &Path, service: &ServiceName, request: SupervisorRequest) -> anyhow::Result<()> {
+fn talk(run_dir: &Path, service: &ServiceName, request: SupervisorRequest) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let prefix = service.to_string();
     let result = runtime.block_on(supervisor::request(
-        socket,
+        run_dir,
         service,
         &request,
         &mut |line| {
@@ -58,7 +58,7 @@ fn talk(socket: &Path, service: &ServiceName, request: SupervisorRequest) -> any
     Ok(())
 }
 
-pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+pub fn run(run_dir: &Path, args: Args) -> anyhow::Result<()> {
     let mut command = args.command;
     if let Some(program) = command.first_mut() {
         let resolved = supervisor::resolve_program(program)?;
@@ -76,9 +76,9 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         ready_timeout_ms: args.ready_timeout.map(|d| d.as_millis() as u64),
         pass_fds: args.pass_fds,
     };
-    talk(socket, &args.service, request)
+    talk(run_dir, &args.service, request)
 }
 
-pub fn rollback(socket: &Path, args: RollbackArgs) -> anyhow::Result<()> {
-    talk(socket, &args.service, SupervisorRequest::Rollback)
+pub fn rollback(run_dir: &Path, args: RollbackArgs) -> anyhow::Result<()> {
+    talk(run_dir, &args.service, SupervisorRequest::Rollback)
 }

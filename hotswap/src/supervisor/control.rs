@@ -116,12 +116,12 @@ impl Supervisor {
 /// Sends one request to a service's supervisor; progress lines go to `on_progress`. Returns the
 /// final message, or the status report.
 pub async fn request(
-    daemon_socket: &Path,
+    run_dir: &Path,
     service: &ServiceName,
     request: &SupervisorRequest,
     on_progress: &mut dyn FnMut(&str),
 ) -> Result<SupervisorMessage, SupervisorError> {
-    let path = supervisor_socket(daemon_socket, service);
+    let path = supervisor_socket(run_dir, service);
     let stream = UnixStream::connect(&path)
         .await
         .map_err(|e| match e.kind() {

@@ -130,14 +130,32 @@ pub struct RunConfig {
     pub fd_passing: spec::FdPassing,
     /// The daemon's control socket.
     pub daemon_socket: PathBuf,
+    /// Where the supervisor keeps its control socket, lock and record ([`default_run_dir`]).
+    pub run_dir: PathBuf,
 }
 
-/// The supervisor's control socket for `service`, next to the daemon's.
-pub fn supervisor_socket(daemon_socket: &Path, service: &ServiceName) -> PathBuf {
-    daemon_socket
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(format!("{service}.run.sock"))
+/// The supervisor's control socket for `service`, in the supervisors' directory `run_dir`
+/// (its lock and record are beside it).
+pub fn supervisor_socket(run_dir: &Path, service: &ServiceName) -> PathBuf {
+    run_dir.join(format!("{service}.run.sock"))
+}
+
+/// Where supervisors keep their sockets, locks and records when `--run-dir` does not say:
+/// root's beside the daemon's socket; an operator's (not root), who cannot write there, in
+/// `$XDG_RUNTIME_DIR/hotswap`, or `/tmp/hotswap-<uid>` without one. Either is checked to be
+/// the operator's alone before use.
+pub fn default_run_dir(daemon_socket: &Path) -> PathBuf {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid == 0 {
+        return daemon_socket
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_owned();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("hotswap"),
+        _ => PathBuf::from(format!("/tmp/hotswap-{euid}")),
+    }
 }
 
 fn ms_since_epoch(t: SystemTime) -> u64 {
@@ -967,7 +985,7 @@ pub async fn run(
             timeout: config.drain_timeout,
         });
     }
-    let control_path = supervisor_socket(&config.daemon_socket, &config.service);
+    let control_path = supervisor_socket(&config.run_dir, &config.service);
     if let Some(dir) = control_path.parent() {
         crate::files::private_dir(dir)?;
     }
@@ -1085,7 +1103,7 @@ async fn serve(
 ) -> Result<(), SupervisorError> {
     let log = |line: String| tracing::info!("{line}");
     let service = supervisor.config.service.clone();
-    let control_path = supervisor_socket(&supervisor.config.daemon_socket, &service);
+    let control_path = supervisor_socket(&supervisor.config.run_dir, &service);
     // Tell systemd, when it started us with Type=notify (again after a re-exec: harmless).
     let _ = crate::activation::notify("READY=1");
 
