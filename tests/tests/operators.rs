@@ -129,7 +129,7 @@ impl Operators {
                     "tcp://127.0.0.1:8080",
                     // Long enough to roll back within.
                     "--grace",
-                    "20s",
+                    "5s",
                     "--",
                     fixture,
                 ],
