@@ -18,9 +18,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use hotswap_common::{
-    BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey, ServiceMetrics,
-    ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES, CONFIG_PROBES,
-    FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS, MAX_PROBES, MAX_SERVICES,
+    BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey,
+    ServiceMetrics, ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES,
+    CONFIG_PROBES, FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS, MAX_PROBES,
+    MAX_SERVICES,
 };
 
 const AF_INET: u32 = 2;

@@ -81,7 +81,10 @@ impl Owner {
     pub fn who_may(&self) -> String {
         let mut who = vec!["root".to_owned()];
         who.extend(self.uid.map(|uid| format!("user {}", user_name(uid))));
-        who.extend(self.gid.map(|gid| format!("members of group {}", group_name(gid))));
+        who.extend(
+            self.gid
+                .map(|gid| format!("members of group {}", group_name(gid))),
+        );
         if self.is_none() {
             return "root (the service has no owner)".to_owned();
         }
@@ -315,7 +318,11 @@ pub fn check_process(uid: u32, pid: u32, pidfd: &crate::socket::Pidfd) -> Result
     let uids: Vec<u32> = status
         .lines()
         .find_map(|line| line.strip_prefix("Uid:"))
-        .map(|uids| uids.split_whitespace().filter_map(|u| u.parse().ok()).collect())
+        .map(|uids| {
+            uids.split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     if pidfd.has_exited() || uids.len() != 4 {
         return Err(unreadable(io::Error::from_raw_os_error(libc::ESRCH)));
@@ -414,7 +421,10 @@ mod tests {
         });
         let start = unprivileged_port_start().unwrap();
         // (A namespace whose start is 0 lets every port be bound without privileges.)
-        for port in [0, start.saturating_sub(1)].into_iter().filter(|&p| p == 0 || p < start) {
+        for port in [0, start.saturating_sub(1)]
+            .into_iter()
+            .filter(|&p| p == 0 || p < start)
+        {
             let binding = Binding {
                 protocol: Protocol::Tcp,
                 prefix: "127.0.0.1/32".parse().unwrap(),

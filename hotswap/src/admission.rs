@@ -12,11 +12,7 @@ use std::{collections::HashMap, io, time::Duration};
 
 use crate::access::Peer;
 
-use tokio::{
-    net::UnixStream,
-    sync::mpsc,
-    time::Instant,
-};
+use tokio::{net::UnixStream, sync::mpsc, time::Instant};
 
 /// Largest request frame the daemon reads; every request fits in a fraction of it.
 pub const MAX_REQUEST_FRAME: usize = 64 * 1024;

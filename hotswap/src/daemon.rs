@@ -22,7 +22,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     access::{self, Action, Peer},
-    model::ServiceName,
     admission::{refuse, AcceptBackoff, Admission, Allowed, Limits, Ticket, MAX_REQUEST_FRAME},
     backend::{
         reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
@@ -31,6 +30,7 @@ use crate::{
         Backend, BackendError,
     },
     error_chain,
+    model::ServiceName,
     protocol::{Connection, ErrorCode, Reply, Request, Response, WireError},
     registry::{Registry, RegistryError},
     socket::netns_inode,
@@ -620,7 +620,10 @@ fn handle(
         Request::Unbind { service, binding } => {
             may(registry, &service, Action::Change)?;
             registry.unbind(&service, binding)?;
-            tracing::info!("unbound {binding} from service {service} (uid {})", peer.uid);
+            tracing::info!(
+                "unbound {binding} from service {service} (uid {})",
+                peer.uid
+            );
             Ok(Reply::Done)
         }
         Request::Register {
@@ -632,8 +635,7 @@ fn handle(
         } => {
             may(registry, &service, Action::Change)?;
             let runs_as = (!peer.is_root()).then_some(peer.uid);
-            let generation =
-                registry.register_as(&service, pid, &fds, label, activate, runs_as)?;
+            let generation = registry.register_as(&service, pid, &fds, label, activate, runs_as)?;
             tracing::info!(
                 "registered generation {generation} of service {service} (pid {pid} fds {fds:?}){}",
                 if activate { ", active" } else { "" }

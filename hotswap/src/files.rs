@@ -265,8 +265,10 @@ pub fn bind_socket(
     let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
         .map_err(crate::PathError::at("restricting", &temporary))
         .and_then(|()| match group {
-            Some(gid) => nix::unistd::chown(&temporary, None, Some(nix::unistd::Gid::from_raw(gid)))
-                .map_err(|e| crate::PathError::at("giving its group", &temporary)(e.into())),
+            Some(gid) => {
+                nix::unistd::chown(&temporary, None, Some(nix::unistd::Gid::from_raw(gid)))
+                    .map_err(|e| crate::PathError::at("giving its group", &temporary)(e.into()))
+            }
             None => Ok(()),
         })
         .and_then(|()| {

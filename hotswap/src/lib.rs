@@ -3,8 +3,8 @@
 //!
 //! The library holds everything; the `hotswap` binary only parses arguments.
 
-pub mod activation;
 pub mod access;
+pub mod activation;
 pub mod admission;
 pub mod backend;
 pub mod cli;

@@ -1316,7 +1316,8 @@ mod tests {
         for round in 0..2u16 {
             for n in 1..MAX_SERVICES {
                 let name: ServiceName = format!("s{n}").parse().unwrap();
-                registry.bind(&name, tcp_binding(round * 10_000 + 1), None)
+                registry
+                    .bind(&name, tcp_binding(round * 10_000 + 1), None)
                     .unwrap();
                 registry
                     .unbind(&name, tcp_binding(round * 10_000 + 1))

@@ -262,7 +262,7 @@ impl Harness {
 
     async fn try_report(&self) -> Result<SupervisorReport, SupervisorError> {
         match supervisor::request(
-            &self.socket,
+            self.socket.parent().unwrap(),
             &service(),
             &SupervisorRequest::Status,
             &mut |_| {},
@@ -279,7 +279,14 @@ impl Harness {
     }
 
     async fn send(&self, request: SupervisorRequest) -> Result<String, String> {
-        match supervisor::request(&self.socket, &service(), &request, &mut |_| {}).await {
+        match supervisor::request(
+            self.socket.parent().unwrap(),
+            &service(),
+            &request,
+            &mut |_| {},
+        )
+        .await
+        {
             Ok(SupervisorMessage::Done { message, .. }) => Ok(message),
             Ok(other) => panic!("{other:?}"),
             Err(err) => Err(hotswap::error_chain(&err)),
@@ -443,7 +450,7 @@ async fn a_new_generation_that_dies_in_its_grace_period_is_rolled_back() {
     // A local task: the progress callback is not Send.
     let upgrade = tokio::task::spawn_local(async move {
         supervisor::request(
-            &socket,
+            socket.parent().unwrap(),
             &service(),
             &upgrade_request(None, None),
             &mut |_| {},
@@ -486,7 +493,7 @@ async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()
             Some(ReadyMode::Delay(Duration::from_secs(60))),
             Some(120_000),
         );
-        supervisor::request(&socket, &service(), &request, &mut |_| {})
+        supervisor::request(socket.parent().unwrap(), &service(), &request, &mut |_| {})
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -235,9 +235,17 @@ fn non_root_peers_are_refused() {
     // ... and were it opened up by mistake, the daemon still checks the peer's credentials.
     std::fs::set_permissions(&env.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let line = as_nobody(&["bind", "evil", "tcp", "127.0.0.1/32", "80"]);
-    assert!(line.contains("uid 65534 may not control hotswap"), "{line}");
+    assert!(
+        line.contains("uid 65534")
+            && line.contains("may not use this control socket (only root may)"),
+        "{line}"
+    );
     let line = as_nobody(&["status"]);
-    assert!(line.contains("uid 65534 may not control hotswap"), "{line}");
+    assert!(
+        line.contains("uid 65534")
+            && line.contains("may not use this control socket (only root may)"),
+        "{line}"
+    );
     assert_eq!(env.status(), before);
 }
 

@@ -134,7 +134,8 @@ for s in conns:
         .lines()
         .filter(|l| {
             l.contains(r#""code":"permission_denied""#)
-                && l.contains("permission denied: uid 65534 may not control hotswap")
+                && l.contains("uid 65534")
+                && l.contains("may not use this control socket (only root may)")
         })
         .count();
     assert_eq!(refusals, 20, "{stdout}");

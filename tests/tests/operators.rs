@@ -101,7 +101,10 @@ impl Operators {
     fn operator_refused(&self, args: &[&str], who_may: &str) -> String {
         let out = self.as_operator(args);
         let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(!out.status.success(), "operator: hotswap {args:?} succeeded");
+        assert!(
+            !out.status.success(),
+            "operator: hotswap {args:?} succeeded"
+        );
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(
             stderr.contains("permission denied") && stderr.contains(who_may),
@@ -145,9 +148,16 @@ impl Operators {
             .is_none()
         {
             if let Some(status) = supervisor.child.try_wait().unwrap() {
-                panic!("operator's hotswap run exited {status}:\n{}", supervisor.log());
+                panic!(
+                    "operator's hotswap run exited {status}:\n{}",
+                    supervisor.log()
+                );
             }
-            assert!(Instant::now() < deadline, "never active:\n{}", supervisor.log());
+            assert!(
+                Instant::now() < deadline,
+                "never active:\n{}",
+                supervisor.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         supervisor
@@ -302,14 +312,13 @@ fn an_operator_in_the_owning_group_manages_web_and_nothing_else(backend: &str) {
     let stderr = String::from_utf8_lossy(&stranger.stderr);
     assert!(
         !stranger.status.success()
-            && stderr.contains(&format!("uid {STRANGER} may not change service web: only root and user uid {OPERATOR} may")),
+            && stderr.contains(&format!(
+                "uid {STRANGER} may not change service web: only root and user uid {OPERATOR} may"
+            )),
         "{stderr}"
     );
     // Someone outside the socket group cannot even connect.
-    let outsider = ops
-        .command_as(STRANGER, &[], &["status"])
-        .output()
-        .unwrap();
+    let outsider = ops.command_as(STRANGER, &[], &["status"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&outsider.stderr);
     assert!(
         !outsider.status.success() && stderr.contains("permission denied on control socket"),
@@ -360,5 +369,54 @@ fn the_socket_group_reaches_the_socket_and_nothing_beside_it() {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(!ls.status.success(), "the group could list {}", dir.display());
+    assert!(
+        !ls.status.success(),
+        "the group could list {}",
+        dir.display()
+    );
+}
+
+/// Owners outlive a daemon restart; state pinned before owners existed (no `HS_OWNERS` map)
+/// is adopted as it is, the service root's alone, and steering never stops.
+#[test]
+fn owners_outlive_the_daemon_and_older_state_is_adopted_as_roots() {
+    let mut ops = Operators::new("owners-kept", "sk-lookup");
+    let group = GROUP.to_string();
+    ops.env.ok(&[
+        "bind",
+        "web",
+        "tcp",
+        "127.0.0.1/32",
+        "8080",
+        "--owner-group",
+        &group,
+    ]);
+    let server = Server::start("tcp", "127.0.0.1:0", "web");
+    ops.env.register("web", &server, &["--activate"]);
+    let owner = |ops: &Operators| ops.env.status()["services"][0]["owner"].clone();
+    assert_eq!(owner(&ops)["gid"], GROUP);
+
+    ops.env.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+    ops.env.start_daemon();
+    assert_eq!(owner(&ops)["gid"], GROUP, "kept across a restart");
+    ops.operator_ok(&["switch", "web", "1"]);
+
+    // What a daemon from before owners left: the same maps, without HS_OWNERS.
+    ops.env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    std::fs::remove_file(ops.env.pin_dir.join("HS_OWNERS")).unwrap();
+    assert_eq!(
+        integration_tests::tcp_request("127.0.0.1:8080").unwrap(),
+        "web"
+    );
+    ops.env.start_daemon();
+    assert!(owner(&ops).is_null(), "{}", ops.env.status());
+    assert!(ops.env.pin_dir.join("HS_OWNERS").exists());
+    assert_eq!(
+        integration_tests::tcp_request("127.0.0.1:8080").unwrap(),
+        "web"
+    );
+    ops.operator_refused(
+        &["switch", "web", "1"],
+        "only root (the service has no owner) may",
+    );
 }

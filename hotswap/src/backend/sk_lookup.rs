@@ -25,8 +25,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use hotswap_common::{
-    map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, ProbeKey,
-    OwnerRecord, ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
+    map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey,
+    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
 };
 use nix::fcntl::Flock;
 

@@ -315,3 +315,27 @@ pub(super) fn restore<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, before: Optio
         None => map.remove(&key),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before services had owners is read with every service root's, and an
+    /// owner set since is written and read back.
+    #[test]
+    fn files_from_before_owners_are_read_and_owners_round_trip() {
+        let before = br#"{"services":[{"id":1,"name":"web","next_generation":2,"active_tcp":1,"active_udp":0}],"bindings":[],"generations":[]}"#;
+        let file: StateFile<()> = serde_json::from_slice(before).unwrap();
+        let (mut records, _) = Records::from_file(file);
+        assert_eq!(records.services[&1].name_bytes(), b"web");
+        assert!(records.owners.is_empty());
+        let owner = crate::access::Owner {
+            uid: None,
+            gid: Some(64000),
+        };
+        records.owners.insert(1, owner.into());
+        let json = serde_json::to_vec(&records.to_file::<()>(Vec::new())).unwrap();
+        let (read, _) = Records::from_file(serde_json::from_slice::<StateFile<()>>(&json).unwrap());
+        assert_eq!(crate::access::Owner::from(read.owners[&1]), owner);
+    }
+}

@@ -147,10 +147,7 @@ pub fn supervisor_socket(run_dir: &Path, service: &ServiceName) -> PathBuf {
 pub fn default_run_dir(daemon_socket: &Path) -> PathBuf {
     let euid = nix::unistd::geteuid().as_raw();
     if euid == 0 {
-        return daemon_socket
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .to_owned();
+        return daemon_socket.parent().unwrap_or(Path::new("/")).to_owned();
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("hotswap"),
