@@ -19,9 +19,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use hotswap_common::{
     BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey,
-    ServiceMetrics, ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_DEBUG_LOG, CONFIG_ENTRIES,
-    CONFIG_PROBES, FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS, MAX_PROBES,
-    MAX_SERVICES,
+    ServiceMetrics, ServiceRecord, SocketKey, BINDING_FULL_BITS, CONFIG_CHECK, CONFIG_DEBUG_LOG,
+    CONFIG_ENTRIES, CONFIG_PROBES, FAMILY_IPV4, FAMILY_IPV6, MAX_BINDINGS, MAX_GENERATIONS,
+    MAX_PROBES, MAX_SERVICES,
 };
 
 const AF_INET: u32 = 2;
@@ -103,6 +103,36 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     let protocol = protocol as u8;
     // local_port is in host byte order.
     let port = port as u16;
+
+    // The daemon reading back which socket a service's entry holds (see CONFIG_CHECK): only
+    // while it adopts, only from the unspecified address and port 0.
+    if let Some(&checked) = CONFIG.get(CONFIG_CHECK) {
+        if checked != 0 {
+            // SAFETY: as above.
+            let (remote_port, remote_ip4, remote_ip6) = unsafe {
+                (
+                    read_volatile(&raw const (*lookup).remote_port),
+                    read_volatile(&raw const (*lookup).remote_ip4),
+                    [
+                        read_volatile(&raw const (*lookup).remote_ip6[0]),
+                        read_volatile(&raw const (*lookup).remote_ip6[1]),
+                        read_volatile(&raw const (*lookup).remote_ip6[2]),
+                        read_volatile(&raw const (*lookup).remote_ip6[3]),
+                    ],
+                )
+            };
+            let unspecified = remote_port == 0
+                && remote_ip4 == 0
+                && remote_ip6[0] | remote_ip6[1] | remote_ip6[2] | remote_ip6[3] == 0;
+            if unspecified {
+                let key = SocketKey::new(checked, protocol);
+                return match SOCKETS.redirect_sk_lookup(ctx, key, SK_ASSIGN_FLAGS) {
+                    Ok(()) => SK_PASS,
+                    Err(_) => SK_DROP,
+                };
+            }
+        }
+    }
 
     // A readiness probe goes to the generation it probes, whatever the bindings say, and is
     // not counted. Only looked for while probes are in flight: the common path stays as it was.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     access::{AccessError, Owner},
-    backend::{Backend, BackendError, BackendInfo, Feature, Lack, Repaired, Support},
+    backend::{Backend, BackendError, BackendInfo, Feature, Lack, Repaired, Steered, Support},
     model::{check_bindable, check_label, Binding, ParseError, Protocol, ServiceName},
     socket::{
         inode, process_has_socket, retake_socket, take_socket, InspectedSocket, Pidfd, SocketError,
@@ -594,6 +594,47 @@ impl Registry {
                         key.generation, record.pid
                     ));
                     registry.backend.forget_generation(&key)?;
+                }
+            }
+        }
+        // The kernel is the truth: where it steers a live generation's socket, the record
+        // follows (a switch whose record write failed to be undone, a record changed by hand).
+        // Where it steers nothing or a socket no live generation holds, or cannot say, the
+        // record's intent is carried out below.
+        for (name, service) in &mut registry.services {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let steered = match registry.backend.steered(service.id, protocol) {
+                    Ok(steered) => steered,
+                    Err(err) => {
+                        notes.push(format!(
+                            "service {name}: {}; going by its record",
+                            crate::error_chain(&err)
+                        ));
+                        Steered::Unknown
+                    }
+                };
+                let Steered::Socket(cookie) = steered else {
+                    continue;
+                };
+                let holder = service.generations.iter().find_map(|(&id, g)| {
+                    g.sockets
+                        .iter()
+                        .any(|s| s.protocol == protocol && s.cookie == cookie)
+                        .then_some(id)
+                });
+                let recorded = service.active(protocol);
+                match holder {
+                    Some(id) if id != recorded => {
+                        notes.push(format!(
+                            "service {name}: the kernel steers {protocol} to generation {id}, its record said {}; the record follows the kernel",
+                            if recorded == 0 { "none".to_owned() } else { recorded.to_string() }
+                        ));
+                        service.set_active(protocol, id);
+                    }
+                    Some(_) => {}
+                    None => notes.push(format!(
+                        "service {name}: the kernel steers {protocol} to a socket no live generation holds (cookie {cookie}); going by its record"
+                    )),
                 }
             }
         }
@@ -1475,17 +1516,36 @@ mod tests {
         assert_eq!(active(&fake), Some(cookie(&one)));
         fake.0.lock().unwrap().fail_save_service = false;
         // A daemon that died between the record and the map update: the record names 2, the
-        // kernel still 1. The next daemon steers to what the record names.
+        // kernel still 1. The next daemon reads the kernel back and the record follows it: a
+        // switch that never reached the kernel did not happen (its caller got no answer).
         registry.switch(&web(), second).unwrap();
         fake.0
             .lock()
             .unwrap()
             .active
             .insert((1, Protocol::Tcp), cookie(&one));
-        let (adopted, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
-        assert_eq!(active(&fake), Some(cookie(&two)));
+        let (adopted, notes) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        assert_eq!(active(&fake), Some(cookie(&one)));
         let generations = &adopted.status().services[0].generations;
-        assert!(generations.iter().any(|g| g.id == second && g.active));
+        assert!(generations.iter().any(|g| g.id == 1 && g.active));
+        assert!(!generations.iter().any(|g| g.id == second && g.active));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("the kernel steers tcp to generation 1, its record said 2")),
+            "{notes:?}"
+        );
+        assert_eq!(
+            fake.0.lock().unwrap().services[&1].active_tcp,
+            1,
+            "the record was rewritten"
+        );
+        // Where the kernel steers nothing, the record's intent is carried out.
+        drop(adopted);
+        fake.0.lock().unwrap().active.clear();
+        let (adopted, _) = Registry::adopt(Box::new(fake.clone()), netns()).unwrap();
+        assert_eq!(active(&fake), Some(cookie(&one)));
+        assert!(adopted.status().services[0].generations[0].active);
     }
 
     #[test]

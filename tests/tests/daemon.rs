@@ -242,3 +242,56 @@ fn the_daemon_and_the_supervisor_tell_systemd_when_they_are_ready() {
     assert!(next_notification(&systemd).contains("STOPPING=1"));
     assert!(daemon.wait().unwrap().success());
 }
+
+/// The kernel is the truth at adoption: a record that names another generation than the one
+/// the kernel steers to (as a record write that failed to be undone leaves it, done here by
+/// hand with the daemon stopped) is corrected from the kernel — the daemon reads back which
+/// socket the service's map entry holds — and traffic never moves. The counters do not see
+/// the read-back.
+#[test]
+fn a_restarted_daemon_reads_back_which_socket_the_kernel_steers_to() {
+    use hotswap_common::{map_names, ServiceRecord};
+    let mut env = TestEnv::new("read-back");
+    env.backend = Some("sk-lookup".to_owned());
+    env.start_daemon();
+    env.ok(&["bind", "web", "tcp", "127.0.0.1/32", "8080"]);
+    let one = Server::start("tcp", "127.0.0.1:0", "one");
+    let two = Server::start("tcp", "127.0.0.1:0", "two");
+    env.register("web", &one, &["--activate"]);
+    env.register("web", &two, &["--activate"]);
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "two");
+    let counted = env.metrics("web");
+    env.stop_daemon(Signal::SIGTERM);
+
+    let pinned = aya::maps::MapData::from_pin(env.pin_dir.join(map_names::SERVICES)).unwrap();
+    let mut services: aya::maps::HashMap<_, u32, ServiceRecord> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pinned)).unwrap();
+    let mut record = services.get(&1, 0).unwrap();
+    assert_eq!(record.active_tcp, 2);
+    record.active_tcp = 1;
+    services.insert(1, record, 0).unwrap();
+    drop(services);
+
+    env.start_daemon();
+    let log = env.daemon_log();
+    assert!(
+        log.contains("the kernel steers tcp to generation 2, its record said 1"),
+        "{log}"
+    );
+    let status = env.status();
+    let active: Vec<u64> = status["services"][0]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["active"] == true)
+        .map(|g| g["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(active, [2], "{status}");
+    assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "two");
+    let after = env.metrics("web");
+    assert_eq!(
+        [after[0] - counted[0], after[1] - counted[1]],
+        [1, 1],
+        "only the request above was counted"
+    );
+}

@@ -101,6 +101,17 @@ impl Backend for FakeBackend {
             .insert((service_id, protocol), cookie);
         Ok(())
     }
+    fn steered(
+        &mut self,
+        service_id: u32,
+        protocol: Protocol,
+    ) -> Result<crate::backend::Steered, BackendError> {
+        let k = self.0.lock().unwrap();
+        Ok(match k.active.get(&(service_id, protocol)) {
+            Some(&cookie) => crate::backend::Steered::Socket(cookie),
+            None => crate::backend::Steered::Nothing,
+        })
+    }
     fn deactivate(&mut self, service_id: u32, protocol: Protocol) -> Result<(), BackendError> {
         self.0
             .lock()

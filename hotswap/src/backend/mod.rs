@@ -207,6 +207,17 @@ impl std::fmt::Display for Repaired {
     }
 }
 
+/// Where the kernel steers a service's connections of one protocol, as read back from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steered {
+    /// To the socket with this cookie.
+    Socket(u64),
+    /// Nowhere: the service has no socket for the protocol.
+    Nothing,
+    /// The backend cannot tell.
+    Unknown,
+}
+
 /// What a backend remembers across daemon restarts.
 #[derive(Debug, Default)]
 pub struct PersistedState {
@@ -331,6 +342,12 @@ pub trait Backend: Send {
         socket: BorrowedFd<'_>,
     ) -> Result<(), BackendError> {
         crate::socket::listen_again(socket).map_err(BackendError::Relisten)
+    }
+    /// Which socket the kernel steers the service's `protocol` connections to now, read back
+    /// from the kernel itself: what a restarted daemon reconciles its records with. Backends
+    /// that cannot read it back say [`Steered::Unknown`] (the records are then the truth).
+    fn steered(&mut self, _service_id: u32, _protocol: Protocol) -> Result<Steered, BackendError> {
+        Ok(Steered::Unknown)
     }
     /// Checks the sockets the backend holds itself and repairs what it can; called by the
     /// daemon often (every few milliseconds).

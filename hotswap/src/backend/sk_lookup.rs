@@ -26,12 +26,13 @@ use aya::{
 };
 use hotswap_common::{
     map_names, BindingData, BindingValue, GenerationKey, GenerationRecord, OwnerRecord, ProbeKey,
-    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_DEBUG_LOG, CONFIG_PROBES,
+    ServiceMetrics, ServiceRecord, SocketKey, CONFIG_CHECK, CONFIG_DEBUG_LOG, CONFIG_PROBES,
 };
 use nix::fcntl::Flock;
 
 use super::{
-    Backend, BackendError, BackendInfo, Capabilities, PersistedState, SocketSource, Support,
+    Backend, BackendError, BackendInfo, Capabilities, PersistedState, SocketSource, Steered,
+    Support,
 };
 use crate::model::{Binding, Protocol};
 use crate::PathError;
@@ -91,6 +92,15 @@ pub enum SkLookupError {
     /// A file-system or socket operation failed.
     #[error(transparent)]
     Io(#[from] crate::PathError),
+    /// Reading back which socket a service is steered to (`BPF_PROG_TEST_RUN`) failed.
+    #[error("reading back which socket the kernel steers service id {service_id} to failed (BPF_PROG_TEST_RUN)")]
+    ReadBack {
+        /// The service.
+        service_id: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
     /// Loading the object file or creating its maps failed.
     #[error("loading the sk_lookup program failed")]
     Load(#[source] Box<aya::EbpfError>),
@@ -774,6 +784,85 @@ fn open_pin(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Runs the program once on a made-up lookup from the unspecified address and port 0
+/// (`BPF_PROG_TEST_RUN`, Linux 5.9 on): the cookie of the socket it selects, if it selects
+/// one. aya 0.14 has no test runs, so this asks the kernel directly.
+fn test_run_lookup(
+    program: BorrowedFd<'_>,
+    family: libc::c_int,
+    protocol: Protocol,
+) -> io::Result<Option<u64>> {
+    /// `struct bpf_sk_lookup` as a test run's context (`cookie` in its first union).
+    #[repr(C)]
+    #[derive(Default)]
+    struct LookupContext {
+        cookie: u64,
+        family: u32,
+        protocol: u32,
+        remote_ip4: u32,
+        remote_ip6: [u32; 4],
+        remote_port: u32,
+        local_ip4: u32,
+        local_ip6: [u32; 4],
+        local_port: u32,
+        ingress_ifindex: u32,
+    }
+    /// The `test` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const SK_PASS: u32 = 1;
+    let input = LookupContext {
+        family: family as u32,
+        protocol: u32::from(protocol.number()),
+        // A port the lookup is for; the check path does not look at it.
+        local_port: 1,
+        local_ip4: u32::from_ne_bytes([127, 0, 0, 1]),
+        local_ip6: [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+        ..Default::default()
+    };
+    let mut output = LookupContext::default();
+    let mut attr = TestRun {
+        prog_fd: program.as_raw_fd() as u32,
+        repeat: 1,
+        ctx_size_in: std::mem::size_of::<LookupContext>() as u32,
+        ctx_size_out: std::mem::size_of::<LookupContext>() as u32,
+        ctx_in: &raw const input as u64,
+        ctx_out: &raw mut output as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr describes two live, correctly sized contexts for the call's duration.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            std::mem::size_of::<TestRun>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((attr.retval == SK_PASS && output.cookie != 0).then_some(output.cookie))
+}
+
 /// The inode of the network namespace a netns link is attached to; 0 once that namespace is
 /// gone. aya 0.14's `LinkInfo` does not expose it, so this asks the kernel directly.
 fn link_netns_inode(link: BorrowedFd<'_>) -> io::Result<u32> {
@@ -1021,6 +1110,30 @@ impl Backend for SkLookupBackend {
         _: u64,
     ) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    fn steered(&mut self, service_id: u32, protocol: Protocol) -> Result<Steered, BackendError> {
+        let read_back = |source| SkLookupError::ReadBack { service_id, source };
+        let program = open_pin(&self.pin_dir.join("program")).map_err(read_back)?;
+        // Only lookups from the unspecified address go to `service_id` while this is set, and
+        // none but the test runs below has such a source; it is cleared whatever they found.
+        self.config
+            .set(CONFIG_CHECK, service_id, 0)
+            .map_err(map_error(map_names::CONFIG))?;
+        // A socket of either family may serve the service: ask as IPv4, then as IPv6 (an
+        // IPv6-only socket cannot take an IPv4 lookup, nor an IPv4 socket an IPv6 one).
+        let found = [libc::AF_INET, libc::AF_INET6]
+            .into_iter()
+            .map(|family| test_run_lookup(program.as_fd(), family, protocol))
+            .find(|result| !matches!(result, Ok(None)))
+            .unwrap_or(Ok(None));
+        self.config
+            .set(CONFIG_CHECK, 0, 0)
+            .map_err(map_error(map_names::CONFIG))?;
+        Ok(match found.map_err(read_back)? {
+            Some(cookie) => Steered::Socket(cookie),
+            None => Steered::Nothing,
+        })
     }
 
     fn set_debug_log(&mut self, on: bool) -> Result<(), BackendError> {
