@@ -186,6 +186,20 @@ pub enum ErrorCode {
     Unsupported,
     /// The backend (kernel, state file) failed.
     Failed,
+    /// A supervisor's new generation did not become ready, or did not use its sockets: the
+    /// upgrade was undone and the generation before stays active.
+    NotReady,
+    /// A supervisor's upgrade was rolled back (its new generation died in its grace period, or
+    /// an operator rolled it back).
+    RolledBack,
+    /// A supervisor is busy with an upgrade already: retry when it is done.
+    InProgress,
+    /// A supervisor has no generation to roll back to.
+    NothingToRollBack,
+    /// A supervisor is stopping.
+    Stopping,
+    /// A supervisor of that service is not running.
+    NotRunning,
 }
 
 /// What every frame holds: the protocol version, and the message.

@@ -278,7 +278,11 @@ impl Harness {
         self.try_report().await.unwrap()
     }
 
-    async fn send(&self, request: SupervisorRequest) -> Result<String, String> {
+    /// The supervisor's answer; a failure as its code and its message.
+    async fn send(
+        &self,
+        request: SupervisorRequest,
+    ) -> Result<String, (hotswap::protocol::ErrorCode, String)> {
         match supervisor::request(
             self.socket.parent().unwrap(),
             &service(),
@@ -289,11 +293,11 @@ impl Harness {
         {
             Ok(SupervisorMessage::Done { message, .. }) => Ok(message),
             Ok(other) => panic!("{other:?}"),
-            Err(err) => Err(hotswap::error_chain(&err)),
+            Err(err) => Err((err.code(), hotswap::error_chain(&err))),
         }
     }
 
-    async fn upgrade(&self) -> Result<String, String> {
+    async fn upgrade(&self) -> Result<String, (hotswap::protocol::ErrorCode, String)> {
         self.send(upgrade_request(None, None)).await
     }
 
@@ -391,7 +395,8 @@ async fn a_switch_that_never_reached_the_daemon_undoes_the_upgrade() {
         .unwrap()
         .switch_faults
         .push_back(SwitchFault::LoseRequest);
-    let err = h.upgrade().await.unwrap_err();
+    let (code, err) = h.upgrade().await.unwrap_err();
+    assert_eq!(code, ErrorCode::Failed, "{err}");
     assert!(err.contains("talking to the daemon failed"), "{err}");
     h.assert_one_active(1, "switch lost").await;
     assert_eq!(h.fake.lock().unwrap().forgotten, vec![2]);
@@ -405,7 +410,8 @@ async fn a_switch_that_never_reached_the_daemon_undoes_the_upgrade() {
 async fn a_registration_whose_reply_is_lost_leaves_nothing_behind() {
     let h = Harness::start(Duration::from_millis(50), Duration::from_millis(100)).await;
     h.fake.lock().unwrap().lose_register_reply = true;
-    let err = h.upgrade().await.unwrap_err();
+    let (code, err) = h.upgrade().await.unwrap_err();
+    assert_eq!(code, ErrorCode::Failed, "{err}");
     assert!(err.contains("talking to the daemon failed"), "{err}");
     // The registration names the new keeper, which is gone: a real daemon's reaper drops it.
     let keeper = h.fake.lock().unwrap().generations.get(&2).copied();
@@ -424,7 +430,8 @@ async fn a_daemon_that_never_answers_fails_the_step_at_its_deadline() {
         .switch_faults
         .push_back(SwitchFault::Hang);
     let started = tokio::time::Instant::now();
-    let err = h.upgrade().await.unwrap_err();
+    let (code, err) = h.upgrade().await.unwrap_err();
+    assert_eq!(code, ErrorCode::Failed, "{err}");
     assert!(err.contains("did not answer within 10s"), "{err}");
     // Paused time: the deadline passed on the clock, not on the wall.
     assert!(started.elapsed() >= Duration::from_secs(10));
@@ -435,7 +442,8 @@ async fn a_daemon_that_never_answers_fails_the_step_at_its_deadline() {
 async fn a_generation_not_ready_in_time_is_undone() {
     let h = Harness::start(Duration::from_millis(50), Duration::from_millis(100)).await;
     let request = upgrade_request(Some(ReadyMode::Delay(Duration::from_secs(10))), Some(5_000));
-    let err = h.send(request).await.unwrap_err();
+    let (code, err) = h.send(request).await.unwrap_err();
+    assert_eq!(code, ErrorCode::NotReady, "{err}");
     assert!(err.contains("not ready after 5s"), "{err}");
     h.assert_one_active(1, "not ready").await;
     assert_eq!(h.fake.lock().unwrap().forgotten, vec![2]);
@@ -457,7 +465,7 @@ async fn a_new_generation_that_dies_in_its_grace_period_is_rolled_back() {
         )
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| (e.code(), e.to_string()))
     });
     let mut pid = None;
     for _ in 0..1000 {
@@ -478,7 +486,8 @@ async fn a_new_generation_that_dies_in_its_grace_period_is_rolled_back() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let err = upgrade.await.unwrap().unwrap_err();
+    let (code, err) = upgrade.await.unwrap().unwrap_err();
+    assert_eq!(code, ErrorCode::RolledBack, "{err}");
     assert!(err.contains("rolled back to generation 1"), "{err}");
     h.assert_one_active(1, "died in grace").await;
     h.stop().await;
@@ -496,7 +505,7 @@ async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()
         supervisor::request(socket.parent().unwrap(), &service(), &request, &mut |_| {})
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.code(), e.to_string()))
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = h.report().await;
@@ -514,7 +523,8 @@ async fn stopping_during_readiness_undoes_the_upgrade_within_the_drain_timeout()
         "{:?}",
         started.elapsed()
     );
-    let err = upgrade.await.unwrap().unwrap_err();
+    let (code, err) = upgrade.await.unwrap().unwrap_err();
+    assert_eq!(code, ErrorCode::Stopping, "{err}");
     assert!(err.contains("stopping"), "{err}");
     let fake = fake.lock().unwrap();
     assert!(

@@ -21,9 +21,16 @@ impl Supervisor {
         let request: SupervisorRequest = match received {
             Ok(r) => r,
             Err(err) => {
+                let code = match err {
+                    FrameError::VersionMismatch { .. } => {
+                        crate::protocol::ErrorCode::VersionMismatch
+                    }
+                    _ => crate::protocol::ErrorCode::MalformedRequest,
+                };
                 let done = SupervisorMessage::Done {
                     ok: false,
-                    message: format!("malformed request: {err}"),
+                    message: format!("malformed request: {}", error_chain(&err)),
+                    code: Some(code),
                 };
                 return connection.lock().await.send(&done).await;
             }
@@ -78,6 +85,7 @@ impl Supervisor {
                     Ok(()) => {
                         let done = SupervisorMessage::Done {
                             ok: true,
+                            code: None,
                             message: format!(
                                 "re-executing {} (pid {})",
                                 self.exec.binary().display(),
@@ -95,12 +103,17 @@ impl Supervisor {
             };
             drop(progress);
             Some(match result {
-                Ok(message) => SupervisorMessage::Done { ok: true, message },
+                Ok(message) => SupervisorMessage::Done {
+                    ok: true,
+                    message,
+                    code: None,
+                },
                 Err(err) => {
                     tracing::warn!("{}", error_chain(&err));
                     SupervisorMessage::Done {
                         ok: false,
                         message: error_chain(&err),
+                        code: Some(err.code()),
                     }
                 }
             })
@@ -135,8 +148,16 @@ pub async fn request(
     loop {
         match connection.receive::<SupervisorMessage>().await? {
             SupervisorMessage::Progress { line } => on_progress(&line),
-            SupervisorMessage::Done { ok: false, message } => {
-                return Err(SupervisorError::Refused(message))
+            SupervisorMessage::Done {
+                ok: false,
+                message,
+                code,
+            } => {
+                return Err(SupervisorError::Refused(crate::protocol::WireError {
+                    // A supervisor of a build before codes.
+                    code: code.unwrap_or(crate::protocol::ErrorCode::Failed),
+                    message,
+                }));
             }
             done => return Ok(done),
         }

@@ -193,7 +193,47 @@ pub enum SupervisorError {
     Frame(#[from] FrameError),
     /// The supervisor refused; its words.
     #[error("{0}")]
-    Refused(String),
+    Refused(crate::protocol::WireError),
+}
+
+impl SupervisorError {
+    /// The failure's code on the supervisor's wire.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            Self::Daemon(ClientError::Refused(refusal)) | Self::Refused(refusal) => refusal.code,
+            Self::NotReady { .. }
+            | Self::NotUsingSocket { .. }
+            | Self::OwnSocket { .. }
+            | Self::ExitedBeforeReady { .. } => ErrorCode::NotReady,
+            Self::RolledBack { .. } | Self::RolledBackByOperator(_) => ErrorCode::RolledBack,
+            Self::UpgradeInProgress { .. } => ErrorCode::InProgress,
+            Self::CannotRollBack { .. } => ErrorCode::NothingToRollBack,
+            Self::Stopping => ErrorCode::Stopping,
+            Self::NotRunning(_) => ErrorCode::NotRunning,
+            Self::Spec(_) | Self::TcpProbeUnsupported(_) | Self::SettleNotBelowTimeout { .. } => {
+                ErrorCode::InvalidRequest
+            }
+            Self::BoundElsewhere { .. } => ErrorCode::AlreadyBound,
+            Self::AlreadyRunning { .. } => ErrorCode::Busy,
+            Self::Frame(crate::protocol::FrameError::VersionMismatch { .. }) => {
+                ErrorCode::VersionMismatch
+            }
+            Self::Daemon(_)
+            | Self::UnexpectedReply(_)
+            | Self::Spawn(_)
+            | Self::Socket { .. }
+            | Self::Io(_)
+            | Self::StateDir(_)
+            | Self::DaemonTimeout(_)
+            | Self::NotifySocket { .. }
+            | Self::ListensDiffer { .. }
+            | Self::Record(_)
+            | Self::Reexec { .. }
+            | Self::DeadListener(_)
+            | Self::Frame(_) => ErrorCode::Failed,
+        }
+    }
 }
 
 /// What a generation that never got ready did not do.

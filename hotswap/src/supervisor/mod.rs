@@ -1156,7 +1156,7 @@ async fn serve(
                         });
                     }
                     Err(refusal) => {
-                        let done = SupervisorMessage::Done { ok: false, message: refusal.to_string() };
+                        let done = SupervisorMessage::Done { ok: false, message: refusal.to_string(), code: Some(refusal.code()) };
                         refuse(&stream, &refusal, &done);
                     }
                 }

@@ -162,6 +162,9 @@ pub enum SupervisorMessage {
         ok: bool,
         /// The summary or the reason.
         message: String,
+        /// Why it failed, for programs to match (absent when it succeeded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<crate::protocol::ErrorCode>,
     },
     /// A report.
     Status(SupervisorReport),
