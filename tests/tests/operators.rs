@@ -420,3 +420,31 @@ fn owners_outlive_the_daemon_and_older_state_is_adopted_as_roots() {
         "only root (the service has no owner) may",
     );
 }
+
+/// An operator's supervisor killed with SIGKILL leaves its generation serving, and the
+/// operator's next `hotswap run` adopts it: the faults root's supervisors survive, an
+/// operator's survive too.
+#[test]
+fn an_operators_supervisor_killed_is_adopted_by_the_next() {
+    let ops = Operators::new("operator-kill", "sk-lookup");
+    let group = GROUP.to_string();
+    ops.env.ok(&[
+        "bind",
+        "web",
+        "tcp",
+        "127.0.0.1/32",
+        "8080",
+        "--owner-group",
+        &group,
+    ]);
+    let mut first = ops.run_web();
+    let serving = fixture_pid(&tcp_http_body("127.0.0.1:8080"));
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert_eq!(fixture_pid(&tcp_http_body("127.0.0.1:8080")), serving);
+    let second = ops.run_web();
+    assert_eq!(fixture_pid(&tcp_http_body("127.0.0.1:8080")), serving);
+    assert!(second.log().contains("adopted"), "{}", second.log());
+    let status = ops.operator_status();
+    assert_eq!(status["supervisors"]["web"]["active"], 1, "{status}");
+}
