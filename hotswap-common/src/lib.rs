@@ -51,12 +51,12 @@ pub const CONFIG_DEBUG_LOG: u32 = 0;
 /// Index in the config map: the number of readiness probes in [`map_names::PROBES`]; while it
 /// is zero the program does not look there.
 pub const CONFIG_PROBES: u32 = 1;
-/// Index in the config map: while non-zero, a lookup from `0.0.0.0:0` or `[::]:0` goes to
-/// this service id's active socket for its protocol, uncounted and whatever the bindings say:
-/// the daemon's own `BPF_PROG_TEST_RUN` reads back which socket the kernel steers a service
-/// to (a sockhash's values cannot be read from user space), while it adopts pinned state.
-/// No packet has such a source: the kernel drops a unicast packet from the unspecified address
-/// as a martian before any socket lookup.
+/// Index in the config map: while non-zero, a lookup from and to `0.0.0.0:0` or `[::]:0`
+/// goes to this service id's active socket for its protocol, uncounted and whatever the
+/// bindings say: the daemon's own `BPF_PROG_TEST_RUN` reads back which socket the kernel
+/// steers a service to (a sockhash's values cannot be read from user space), while it adopts
+/// pinned state. No received packet reaches a socket lookup addressed to the unspecified
+/// address: the kernel does not deliver it locally.
 pub const CONFIG_CHECK: u32 = 2;
 /// Entries in the config map.
 pub const CONFIG_ENTRIES: u32 = 4;

@@ -105,23 +105,14 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     let port = port as u16;
 
     // The daemon reading back which socket a service's entry holds (see CONFIG_CHECK): only
-    // while it adopts, only from the unspecified address and port 0.
+    // while it adopts, only from and to the unspecified address and port 0.
     if let Some(&checked) = CONFIG.get(CONFIG_CHECK) {
         if checked != 0 {
-            // SAFETY: as above.
-            let (remote_port, remote_ip4, remote_ip6) = unsafe {
-                (
-                    read_volatile(&raw const (*lookup).remote_port),
-                    read_volatile(&raw const (*lookup).remote_ip4),
-                    [
-                        read_volatile(&raw const (*lookup).remote_ip6[0]),
-                        read_volatile(&raw const (*lookup).remote_ip6[1]),
-                        read_volatile(&raw const (*lookup).remote_ip6[2]),
-                        read_volatile(&raw const (*lookup).remote_ip6[3]),
-                    ],
-                )
-            };
-            let unspecified = remote_port == 0
+            let (remote_port, remote_ip4, remote_ip6) = remote(lookup);
+            let unspecified = port == 0
+                && ip4 == 0
+                && ip6[0] | ip6[1] | ip6[2] | ip6[3] == 0
+                && remote_port == 0
                 && remote_ip4 == 0
                 && remote_ip6[0] | remote_ip6[1] | remote_ip6[2] | remote_ip6[3] == 0;
             if unspecified {
@@ -137,19 +128,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     // A readiness probe goes to the generation it probes, whatever the bindings say, and is
     // not counted. Only looked for while probes are in flight: the common path stays as it was.
     if CONFIG.get(CONFIG_PROBES).is_some_and(|n| *n != 0) {
-        // SAFETY: as above.
-        let (remote_port, remote_ip4, remote_ip6) = unsafe {
-            (
-                read_volatile(&raw const (*lookup).remote_port),
-                read_volatile(&raw const (*lookup).remote_ip4),
-                [
-                    read_volatile(&raw const (*lookup).remote_ip6[0]),
-                    read_volatile(&raw const (*lookup).remote_ip6[1]),
-                    read_volatile(&raw const (*lookup).remote_ip6[2]),
-                    read_volatile(&raw const (*lookup).remote_ip6[3]),
-                ],
-            )
-        };
+        let (remote_port, remote_ip4, remote_ip6) = remote(lookup);
         let source = ProbeKey {
             protocol,
             family,
@@ -208,6 +187,25 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             }
             SK_DROP
         }
+    }
+}
+
+/// The lookup's source: port (network byte order), IPv4 and IPv6 address, each field read once
+/// at a constant offset from the context pointer.
+#[inline(always)]
+fn remote(lookup: *mut aya_ebpf::bindings::bpf_sk_lookup) -> (u16, u32, [u32; 4]) {
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    unsafe {
+        (
+            read_volatile(&raw const (*lookup).remote_port),
+            read_volatile(&raw const (*lookup).remote_ip4),
+            [
+                read_volatile(&raw const (*lookup).remote_ip6[0]),
+                read_volatile(&raw const (*lookup).remote_ip6[1]),
+                read_volatile(&raw const (*lookup).remote_ip6[2]),
+                read_volatile(&raw const (*lookup).remote_ip6[3]),
+            ],
+        )
     }
 }
 

@@ -784,7 +784,7 @@ fn open_pin(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Runs the program once on a made-up lookup from the unspecified address and port 0
+/// Runs the program once on a made-up lookup from and to the unspecified address and port 0
 /// (`BPF_PROG_TEST_RUN`, Linux 5.9 on): the cookie of the socket it selects, if it selects
 /// one. aya 0.14 has no test runs, so this asks the kernel directly.
 fn test_run_lookup(
@@ -832,10 +832,7 @@ fn test_run_lookup(
     let input = LookupContext {
         family: family as u32,
         protocol: u32::from(protocol.number()),
-        // A port the lookup is for; the check path does not look at it.
-        local_port: 1,
-        local_ip4: u32::from_ne_bytes([127, 0, 0, 1]),
-        local_ip6: [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+        // From and to the unspecified address and port 0: the check path's marks.
         ..Default::default()
     };
     let mut output = LookupContext::default();
@@ -1115,8 +1112,10 @@ impl Backend for SkLookupBackend {
     fn steered(&mut self, service_id: u32, protocol: Protocol) -> Result<Steered, BackendError> {
         let read_back = |source| SkLookupError::ReadBack { service_id, source };
         let program = open_pin(&self.pin_dir.join("program")).map_err(read_back)?;
-        // Only lookups from the unspecified address go to `service_id` while this is set, and
-        // none but the test runs below has such a source; it is cleared whatever they found.
+        // Only lookups from and to the unspecified address, port 0, go to `service_id` while
+        // this is set, and none but the test runs below has such addresses (the kernel does not
+        // deliver a packet to the unspecified address locally); it is cleared whatever they
+        // found.
         self.config
             .set(CONFIG_CHECK, service_id, 0)
             .map_err(map_error(map_names::CONFIG))?;
