@@ -52,6 +52,19 @@ impl Peer {
     }
 }
 
+#[cfg(test)]
+impl Peer {
+    /// A peer the unit tests make up, with no pid.
+    pub(crate) fn made_up(uid: u32, gid: u32, groups: &[u32]) -> Self {
+        Self {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            pid: None,
+        }
+    }
+}
+
 /// Who owns a service besides root: a user, a group, or both. Set by root (`hotswap bind
 /// --owner-user/--owner-group`, `hotswap chown`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +219,33 @@ pub enum AccessError {
         /// The peer's uid.
         uid: u32,
     },
+    /// Another service's binding overlaps the one asked for: it would take some of that
+    /// service's connections.
+    #[error("permission denied: {binding} overlaps {other} of service {service}: only root may steer connections another service takes")]
+    Overlaps {
+        /// The binding asked for.
+        binding: Binding,
+        /// The other service's binding.
+        other: Binding,
+        /// The other service.
+        service: ServiceName,
+    },
+    /// A connection of someone who is not root holds a probe route already.
+    #[error("permission denied: {} holds a probe route on this connection already: an owner routes one probe per control connection", user_name(*uid))]
+    OneProbePerConnection {
+        /// The peer's uid.
+        uid: u32,
+    },
+    /// A probe route asked for by someone who is not root, from a source not proven theirs.
+    #[error("permission denied: {} may not route probes from {from}: an owner probes only from a loopback address, through a TCP socket of their own bound there and not yet connected, without SO_REUSEADDR or SO_REUSEPORT, passed with the request ({why})", user_name(*uid))]
+    ForeignProbeSource {
+        /// The peer's uid.
+        uid: u32,
+        /// The source asked for.
+        from: std::net::SocketAddr,
+        /// Which condition failed.
+        why: &'static str,
+    },
     /// What the check needs to read could not be read.
     #[error("checking who may do this failed: reading {what}")]
     Unreadable {
@@ -304,6 +344,63 @@ fn unprivileged_port_start() -> Result<u16, AccessError> {
         .map_err(|e| unreadable(io::Error::new(io::ErrorKind::InvalidData, e)))
 }
 
+/// Checks that `peer`, who is not root, may route probe connections from `source`: the route
+/// must only ever carry a connection of the peer's own. So `source` is a loopback address (no
+/// packet from another host has one), and descriptor `socket` of the peer's process is a TCP
+/// socket its uid created, bound to exactly `source`, not connected yet, and sharing its port
+/// with no other socket (neither `SO_REUSEADDR` nor `SO_REUSEPORT`): while it is open no one else
+/// can bind or connect from that address and port.
+pub fn check_probe_source(
+    peer: &Peer,
+    source: std::net::SocketAddr,
+    socket: Option<i32>,
+) -> Result<(), AccessError> {
+    let refuse = |why| AccessError::ForeignProbeSource {
+        uid: peer.uid,
+        from: source,
+        why,
+    };
+    if !crate::model::canonical(source).ip().is_loopback() {
+        return Err(refuse("not a loopback address"));
+    }
+    let (Some(fd), Some(pid)) = (socket, peer.pid.and_then(|p| u32::try_from(p).ok())) else {
+        return Err(refuse("no socket was passed"));
+    };
+    let pidfd =
+        crate::socket::Pidfd::open(pid).map_err(|_| refuse("the asking process is gone"))?;
+    let sock = pidfd
+        .get_fd(pid, fd)
+        .map_err(|_| refuse("the asking process has no such descriptor"))?;
+    let sock = sock.as_fd();
+    let checked = (|| -> io::Result<Option<&'static str>> {
+        Ok(
+            if crate::socket::socket_protocol(sock)? != libc::IPPROTO_TCP {
+                Some("not a TCP socket")
+            } else if crate::socket::owner_uid(sock)? != peer.uid {
+                Some("the socket is another user's")
+            } else if crate::socket::local_addr(sock).map(crate::model::canonical)
+                != Some(crate::model::canonical(source))
+            {
+                Some("the socket is not bound to that address and port")
+            } else if crate::socket::peer_addr(sock).is_some() {
+                Some("the socket is connected already")
+            } else if crate::socket::reuses_addr(sock)? || crate::socket::reuses_port(sock)? {
+                Some("the socket shares its port")
+            } else {
+                None
+            },
+        )
+    })();
+    match checked {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(refuse(why)),
+        Err(source) => Err(AccessError::Unreadable {
+            what: format!("fd {fd} of process {pid}"),
+            source,
+        }),
+    }
+}
+
 /// Checks that process `pid` runs as `uid` (every one of its real, effective, saved and
 /// file-system uids), so that an owner turns only their own processes' sockets into
 /// generations. `pidfd` pins the process: it is checked after `/proc` is read, so a pid reused
@@ -338,12 +435,7 @@ mod tests {
     use super::*;
 
     fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
-        Peer {
-            uid,
-            gid,
-            groups: groups.to_vec(),
-            pid: None,
-        }
+        Peer::made_up(uid, gid, groups)
     }
 
     fn web() -> ServiceName {

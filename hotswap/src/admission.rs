@@ -4,7 +4,8 @@
 //! Whatever a local peer sends, the daemon's memory stays bounded: a peer is authorised from
 //! its `SO_PEERCRED` before a byte of its request is read, a request frame is at most
 //! [`MAX_REQUEST_FRAME`], each uid holds at most [`Limits::per_uid`] connections (and all
-//! together [`Limits::total`]), and a connection idle for [`Limits::idle`] is closed.
+//! but root together [`Limits::total`], so that others filling it never lock root out), and a
+//! connection idle for [`Limits::idle`] is closed.
 //! The accept loop's one piece of state, the count of connections per uid, has one owner: the
 //! loop itself; a connection's end comes back to it as a message ([`Admission::ended`]).
 
@@ -20,7 +21,8 @@ pub const MAX_REQUEST_FRAME: usize = 64 * 1024;
 /// What the control socket allows each peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections open at once, from everyone.
+    /// Connections open at once, from everyone but root (root's are bounded by
+    /// [`Limits::per_uid`] alone, so that no one else can lock root out).
     pub total: u32,
     /// Connections open at once from one uid.
     pub per_uid: u32,
@@ -141,6 +143,8 @@ pub struct Admission {
     allowed: Allowed,
     open: HashMap<u32, u32>,
     total: u32,
+    /// Of `total`, those not root's.
+    not_roots: u32,
     ended_tx: mpsc::UnboundedSender<u32>,
     ended_rx: mpsc::UnboundedReceiver<u32>,
 }
@@ -154,6 +158,7 @@ impl Admission {
             allowed,
             open: HashMap::new(),
             total: 0,
+            not_roots: 0,
             ended_tx,
             ended_rx,
         }
@@ -173,7 +178,7 @@ impl Admission {
                 allowed: self.allowed,
             });
         }
-        if self.total >= self.limits.total {
+        if uid != 0 && self.not_roots >= self.limits.total {
             return Err(Refusal::TooMany {
                 limit: self.limits.total,
             });
@@ -188,6 +193,7 @@ impl Admission {
         }
         *open += 1;
         self.total += 1;
+        self.not_roots += u32::from(uid != 0);
         Ok(Ticket {
             uid,
             ended: self.ended_tx.clone(),
@@ -216,6 +222,7 @@ impl Admission {
         if let Some(open) = self.open.get_mut(&uid) {
             *open -= 1;
             self.total -= 1;
+            self.not_roots -= u32::from(uid != 0);
             if *open == 0 {
                 self.open.remove(&uid);
             }
@@ -323,12 +330,7 @@ mod tests {
     }
 
     fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
-        Peer {
-            uid,
-            gid,
-            groups: groups.to_vec(),
-            pid: None,
-        }
+        Peer::made_up(uid, gid, groups)
     }
 
     fn root() -> Peer {
@@ -387,6 +389,23 @@ mod tests {
         admission.release(uid);
         assert_eq!(admission.open(), 1);
         admission.admit(&root()).unwrap();
+    }
+
+    #[test]
+    fn others_filling_every_connection_never_lock_root_out() {
+        let mut admission = Admission::new(limits(), Allowed::RootAndGroup(64000));
+        let _held: Vec<Ticket> = [64001, 64001, 64002]
+            .into_iter()
+            .map(|uid| admission.admit(&peer(uid, 64000, &[])).unwrap())
+            .collect();
+        let refusal = admission.admit(&peer(64003, 64000, &[])).unwrap_err();
+        assert!(
+            matches!(refusal, Refusal::TooMany { limit: 3 }),
+            "{refusal}"
+        );
+        admission.admit(&root()).unwrap();
+        admission.admit(&root()).unwrap();
+        assert_eq!(admission.open(), 5);
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,13 +95,18 @@ pub struct ProbeRoute {
     _connection: Connection<UnixStream>,
 }
 
-/// Asks the daemon to route TCP connections from `source` to `generation` of `service`.
+/// Asks the daemon to route TCP connections from `probe`'s address to `generation` of
+/// `service`. `probe` is this process's TCP socket, bound and not yet connected: its descriptor
+/// number goes with the request, so that the daemon can see the source is this process's own
+/// (a caller who is not root must show it).
 pub async fn probe_route(
     socket: &Path,
     service: &crate::model::ServiceName,
     generation: u32,
-    source: std::net::SocketAddr,
+    probe: &tokio::net::TcpSocket,
 ) -> Result<ProbeRoute, ClientError> {
+    use std::os::fd::AsRawFd as _;
+    let source = probe.local_addr().map_err(FrameError::Io)?;
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| connect_error(socket, source))?;
@@ -110,6 +115,7 @@ pub async fn probe_route(
         service: service.clone(),
         generation,
         source,
+        socket: Some(probe.as_raw_fd()),
     };
     let response = exchange(&mut connection, &request).await?;
     match response.map_err(ClientError::Refused)? {

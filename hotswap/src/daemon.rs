@@ -21,7 +21,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    access::{self, Action, Peer},
+    access::{self, AccessError, Action, Peer},
     admission::{refuse, AcceptBackoff, Admission, Allowed, Limits, Ticket, MAX_REQUEST_FRAME},
     backend::{
         reuseport::{probe_support, unsupported as reuseport_unsupported, ReuseportBackend},
@@ -442,7 +442,12 @@ impl ControlConnection {
                 response,
                 attached,
                 probe,
-            } = answer(&mut lock(&self.registry), &bytes, &self.peer);
+            } = answer(
+                &mut lock(&self.registry),
+                &bytes,
+                &self.peer,
+                probes.sources.len(),
+            );
             if let Some(source) = probe {
                 probes.sources.push(source);
             }
@@ -474,9 +479,10 @@ struct Answer {
     probe: Option<std::net::SocketAddr>,
 }
 
-/// Decodes one request frame and carries it out for `peer`: everything the daemon does with
-/// what a peer sends, and so what the fuzz run drives.
-fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer) -> Answer {
+/// Decodes one request frame and carries it out for `peer`, whose connection holds
+/// `probes_held` probe routes: everything the daemon does with what a peer sends, and so what
+/// the fuzz run drives.
+fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer, probes_held: usize) -> Answer {
     let request = match crate::protocol::decode::<Request>(bytes) {
         Ok(request) => request,
         Err(err) => {
@@ -505,7 +511,7 @@ fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer) -> Answer {
         Request::Probe { source, .. } => Some(*source),
         _ => None,
     };
-    match handle(registry, request, peer) {
+    match handle(registry, request, peer, probes_held) {
         Ok((reply, attached)) => Answer {
             response: Ok(reply),
             attached,
@@ -587,6 +593,7 @@ fn handle(
     registry: &mut Registry,
     request: Request,
     peer: &Peer,
+    probes_held: usize,
 ) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RegistryError> {
     let may = |registry: &Registry, service: &ServiceName, action| {
         access::authorise(peer, service, registry.owner(service), action)
@@ -601,13 +608,19 @@ fn handle(
                 may(registry, &service, Action::SetOwner)?;
             }
             may(registry, &service, Action::Bind(&binding))?;
-            let existed = registry.owner(&service).is_some();
-            registry.bind(&service, binding, owner)?;
-            if existed {
-                if let Some(owner) = owner {
-                    registry.set_owner(&service, owner)?;
+            // Steering happens before the kernel's own socket lookup: an owner's binding
+            // must not take connections another service's binding is there for.
+            if !peer.is_root() {
+                if let Some((other, holder)) = registry.overlapping(&service, &binding) {
+                    return Err(AccessError::Overlaps {
+                        binding,
+                        other,
+                        service: holder,
+                    }
+                    .into());
                 }
             }
+            registry.bind(&service, binding, owner)?;
             tracing::info!("bound {binding} to service {service} (uid {})", peer.uid);
             Ok(Reply::Done)
         }
@@ -667,8 +680,17 @@ fn handle(
             service,
             generation,
             source,
+            socket,
         } => {
             may(registry, &service, Action::Change)?;
+            if !peer.is_root() {
+                // One route per connection: the routes a peer holds are bounded by its
+                // connections.
+                if probes_held > 0 {
+                    return Err(AccessError::OneProbePerConnection { uid: peer.uid }.into());
+                }
+                access::check_probe_source(peer, source, socket)?;
+            }
             registry.probe(&service, generation, source)?;
             tracing::debug!("probing generation {generation} of service {service} from {source}");
             Ok(Reply::Done)
@@ -735,13 +757,15 @@ mod tests {
         for i in 0..100_000 {
             let input = mangle(&seeds, &mut rng);
             decoded += u32::from(crate::protocol::decode::<Request>(&input).is_ok());
-            let answer = answer(&mut registry, &input, &root);
+            let answer = answer(&mut registry, &input, &root, 0);
             crate::protocol::encode_frame(&answer.response)
                 .unwrap_or_else(|err| panic!("seed {seed} input {i}: {err}"));
         }
         // A share of the inputs decodes, so the handler is driven, not only the decoder.
         assert!(decoded > 20_000, "only {decoded} inputs decoded");
         let frame = crate::protocol::encode_frame(&Request::Status).unwrap();
-        assert!(answer(&mut registry, &frame[4..], &root).response.is_ok());
+        assert!(answer(&mut registry, &frame[4..], &root, 0)
+            .response
+            .is_ok());
     }
 }

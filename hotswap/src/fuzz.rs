@@ -97,6 +97,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             service,
             generation: 1,
             source: "127.0.0.1:40000".parse().expect("a valid address"),
+            socket: Some(3),
         },
         Request::Status,
         Request::Metrics,

@@ -90,6 +90,11 @@ pub enum Request {
         generation: u32,
         /// Where the probe connects from (address and port).
         source: std::net::SocketAddr,
+        /// The probe's socket, bound to `source` and not yet connected, as a descriptor number
+        /// in the asking process: it proves the source is the asker's own, which a caller who
+        /// is not root must (see [`crate::access::check_probe_source`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        socket: Option<i32>,
     },
     /// Report services, bindings and generations.
     Status,
@@ -131,7 +136,7 @@ pub enum Reply {
 
 /// The version of the control protocol this build speaks. Every frame carries it (see
 /// [`Envelope`]); a frame of another version is refused, saying which versions met.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The daemon's answer: a reply, or why it refused.
 pub type Response = Result<Reply, WireError>;
@@ -383,7 +388,8 @@ mod tests {
         assert_eq!(a.receive::<Response>().await.unwrap(), response);
         let json = String::from_utf8(encode(&response).unwrap()).unwrap();
         assert!(
-            json.contains(r#""version":1"#) && json.contains(r#""code":"unknown_service""#),
+            json.contains(&format!(r#""version":{PROTOCOL_VERSION}"#))
+                && json.contains(r#""code":"unknown_service""#),
             "{json}"
         );
     }
@@ -400,9 +406,13 @@ mod tests {
                 "{err:?}"
             );
             let text = err.to_string();
-            assert!(text.contains("this hotswap 1"), "{text}");
+            assert!(
+                text.contains(&format!("this hotswap {PROTOCOL_VERSION}")),
+                "{text}"
+            );
         }
-        let err = decode::<Request>(br#"{"version":1,"body":{"verb":"fly"}}"#).unwrap_err();
+        let frame = format!(r#"{{"version":{PROTOCOL_VERSION},"body":{{"verb":"fly"}}}}"#);
+        let err = decode::<Request>(frame.as_bytes()).unwrap_err();
         assert!(matches!(err, FrameError::Json(_)), "{err:?}");
     }
 

@@ -53,6 +53,9 @@ pub enum RegistryError {
         /// Service.
         service: ServiceName,
     },
+    /// Connections from this source are routed to a probe already.
+    #[error("connections from {0} are routed to a probe already")]
+    ProbeInUse(std::net::SocketAddr),
     /// A probe asked for a socket the generation does not have.
     #[error("generation {generation} of service {service} has no {protocol} socket to probe")]
     NothingToProbe {
@@ -142,7 +145,7 @@ impl RegistryError {
             Self::UnknownGeneration { .. } | Self::GenerationGone { .. } => {
                 ErrorCode::UnknownGeneration
             }
-            Self::AlreadyBound { .. } => ErrorCode::AlreadyBound,
+            Self::AlreadyBound { .. } | Self::ProbeInUse(_) => ErrorCode::AlreadyBound,
             Self::NotBound { .. } => ErrorCode::NotBound,
             Self::NothingToProbe { .. }
             | Self::WrongProtocol { .. }
@@ -469,6 +472,8 @@ pub struct Registry {
     netns: u64,
     services: BTreeMap<ServiceName, Service>,
     bindings: BTreeMap<Binding, ServiceName>,
+    /// Sources routed to a probe: each to one probe at a time.
+    probes: std::collections::BTreeSet<std::net::SocketAddr>,
 }
 
 impl Registry {
@@ -486,6 +491,7 @@ impl Registry {
             netns,
             services: BTreeMap::new(),
             bindings: BTreeMap::new(),
+            probes: Default::default(),
         };
         let mut notes = state.notes;
         let mut names = BTreeMap::new();
@@ -728,9 +734,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Steers `binding` to `service`, creating the service when it is new; a new service gets
-    /// `owner` (set before the binding steers anything, and undone with the service when the
-    /// binding fails).
+    /// Steers `binding` to `service`, creating the service when it is new; `owner`, where
+    /// given, becomes the service's owner — set before the binding steers anything, and undone
+    /// (with the service, when it is new) when the binding fails: all of it happens or none.
     pub fn bind(
         &mut self,
         service: &ServiceName,
@@ -752,9 +758,14 @@ impl Registry {
                 service: owner.clone(),
             });
         }
-        let existing = self.services.get(service).map(|s| s.id);
+        let existing = self.services.get(service).map(|s| (s.id, s.owner));
         let id = match existing {
-            Some(id) => id,
+            Some((id, _)) => {
+                if let Some(owner) = owner {
+                    self.set_owner(service, owner)?;
+                }
+                id
+            }
             None => {
                 let id = self.free_service_id()?;
                 let record = ServiceRecord::new(service.as_str().as_bytes(), 1, 0, 0);
@@ -780,9 +791,17 @@ impl Registry {
             }
         };
         if let Err(err) = self.backend.add_binding(&binding, id) {
-            if existing.is_none() {
-                self.services.remove(service);
-                let _ = self.backend.forget_service(id);
+            match existing {
+                None => {
+                    self.services.remove(service);
+                    let _ = self.backend.forget_service(id);
+                }
+                Some((_, previous)) if owner.is_some() => {
+                    if let Err(undo) = self.set_owner(service, previous) {
+                        tracing::warn!("giving service {service} back to {previous}: {undo}");
+                    }
+                }
+                Some(_) => {}
             }
             return Err(err.into());
         }
@@ -909,6 +928,11 @@ impl Registry {
                 });
             }
             taken.push((fd, socket));
+        }
+        // Again once the sockets are taken: a process that exec'd a set-uid program between
+        // the first check and the take is refused.
+        if let Some(uid) = runs_as {
+            crate::access::check_process(uid, pid, &pidfd)?;
         }
 
         let generation_id = service.record.next_generation;
@@ -1040,15 +1064,41 @@ impl Registry {
                 generation,
                 protocol: Protocol::Tcp,
             })?;
+        let source = crate::model::canonical(source);
+        if self.probes.contains(&source) {
+            return Err(RegistryError::ProbeInUse(source));
+        }
         self.backend
             .add_probe(source, Protocol::Tcp, socket.as_fd())?;
+        self.probes.insert(source);
         Ok(())
     }
 
     /// Stops routing a probe's `source`.
     pub fn unprobe(&mut self, source: std::net::SocketAddr) -> Result<(), RegistryError> {
+        let source = crate::model::canonical(source);
+        self.probes.remove(&source);
         self.backend.remove_probe(source, Protocol::Tcp)?;
         Ok(())
+    }
+
+    /// Another service's binding that takes some of the connections `binding` would: the same
+    /// protocol, prefixes one inside the other, and the same port or either on every port.
+    pub fn overlapping(
+        &self,
+        service: &ServiceName,
+        binding: &Binding,
+    ) -> Option<(Binding, ServiceName)> {
+        self.bindings
+            .iter()
+            .find(|(other, owner)| {
+                *owner != service
+                    && other.protocol == binding.protocol
+                    && (other.port == binding.port || other.port == 0 || binding.port == 0)
+                    && (other.prefix.contains(&binding.prefix)
+                        || binding.prefix.contains(&other.prefix))
+            })
+            .map(|(other, owner)| (*other, owner.clone()))
     }
 
     /// Forgets a generation at its owner's word; an active one leaves its service without a
@@ -1347,6 +1397,67 @@ mod tests {
         assert!(fake.0.lock().unwrap().owners.is_empty());
         adopted.bind(&api, tcp_binding(81), None).unwrap();
         assert_eq!(adopted.owner(&api), Some(Owner::default()));
+    }
+
+    #[test]
+    fn a_bind_that_fails_leaves_the_owner_as_it_was() {
+        let (mut registry, fake) = registry();
+        registry.bind(&web(), tcp_binding(80), None).unwrap();
+        fake.0.lock().unwrap().fail_bind = true;
+        let group = Owner {
+            uid: None,
+            gid: Some(64000),
+        };
+        registry
+            .bind(&web(), tcp_binding(81), Some(group))
+            .unwrap_err();
+        assert_eq!(registry.owner(&web()), Some(Owner::default()));
+        assert!(fake.0.lock().unwrap().owners.is_empty());
+        let api: ServiceName = "api".parse().unwrap();
+        registry
+            .bind(&api, tcp_binding(82), Some(group))
+            .unwrap_err();
+        assert_eq!(registry.owner(&api), None);
+        assert_eq!(registry.status().services.len(), 1);
+    }
+
+    #[test]
+    fn bindings_overlap_where_they_could_take_the_same_connection() {
+        let (mut registry, _) = registry();
+        let api: ServiceName = "api".parse().unwrap();
+        registry.bind(&api, tcp_binding(9090), None).unwrap();
+        let binding = |prefix: &str, port| Binding {
+            protocol: Protocol::Tcp,
+            prefix: parse_prefix(prefix).unwrap(),
+            port,
+        };
+        for (wider, port) in [
+            ("127.0.0.0/8", 9090),
+            ("127.0.0.1/32", 0),
+            ("0.0.0.0/0", 9090),
+        ] {
+            let (other, service) = registry
+                .overlapping(&web(), &binding(wider, port))
+                .unwrap_or_else(|| panic!("{wider} {port}"));
+            assert_eq!((other, service), (tcp_binding(9090), api.clone()));
+        }
+        for (apart, port) in [
+            ("127.0.0.2/32", 9090),
+            ("127.0.0.0/8", 9091),
+            ("::/0", 9090),
+        ] {
+            assert_eq!(registry.overlapping(&web(), &binding(apart, port)), None);
+        }
+        // A service's own bindings are its own.
+        assert_eq!(
+            registry.overlapping(&api, &binding("127.0.0.0/8", 9090)),
+            None
+        );
+        let udp = Binding {
+            protocol: Protocol::Udp,
+            ..tcp_binding(9090)
+        };
+        assert_eq!(registry.overlapping(&web(), &udp), None);
     }
 
     #[test]

@@ -279,6 +279,18 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
         .and_then(|addr| to_std_addr(&addr))
 }
 
+/// `getpeername()` of a socket: where it is connected to, if it is.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    nix::sys::socket::getpeername::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|addr| to_std_addr(&addr))
+}
+
+/// Whether `SO_REUSEADDR` is set on a socket.
+pub fn reuses_addr(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)? != 0)
+}
+
 /// Takes fd `fd` of process `pid` and checks that it is a socket hotswap can steer to: a
 /// listening TCP socket or a bound, unconnected UDP socket, over IPv4 or IPv6, in the network
 /// namespace whose inode is `netns`.
@@ -300,8 +312,7 @@ pub fn take_socket(
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         return Err(unsupported());
     }
-    let proto = getsockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL)
-        .map_err(syscall("getsockopt(SO_PROTOCOL)"))?;
+    let proto = socket_protocol(sock.as_fd()).map_err(syscall("getsockopt(SO_PROTOCOL)"))?;
     let protocol = match proto {
         libc::IPPROTO_TCP => Protocol::Tcp,
         libc::IPPROTO_UDP => Protocol::Udp,
@@ -537,6 +548,11 @@ pub fn bound_socket(
 /// one uid.
 pub fn owner_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(stat(fd)?.st_uid)
+}
+
+/// A socket's protocol (`SO_PROTOCOL`: `IPPROTO_TCP`, `IPPROTO_UDP`, …).
+pub fn socket_protocol(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
 }
 
 /// Whether `SO_REUSEPORT` is set on a socket.

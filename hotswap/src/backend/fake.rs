@@ -26,6 +26,8 @@ pub(crate) struct FakeKernel {
     pub(crate) active: HashMap<(u32, Protocol), u64>,
     /// Make `activate` fail, as a full or broken map would.
     pub(crate) fail_activate: bool,
+    /// Make the next bindings fail to be written.
+    pub(crate) fail_bind: bool,
     /// Make `save_service` fail (`strace -e inject=bpf:error=EIO` on a real map).
     pub(crate) fail_save_service: bool,
 }
@@ -77,7 +79,11 @@ impl Backend for FakeBackend {
         })
     }
     fn add_binding(&mut self, binding: &Binding, service_id: u32) -> Result<(), BackendError> {
-        self.0.lock().unwrap().bindings.insert(*binding, service_id);
+        let mut state = self.0.lock().unwrap();
+        if state.fail_bind {
+            return Err(broken_map());
+        }
+        state.bindings.insert(*binding, service_id);
         Ok(())
     }
     fn remove_binding(&mut self, binding: &Binding) -> Result<(), BackendError> {

@@ -100,11 +100,19 @@ impl Supervisor {
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
         }
         .ok()?;
-        // From the target's own address: it is local (the generation listens on it).
-        socket.bind(SocketAddr::new(target.ip(), 0)).ok()?;
-        let source = socket.local_addr().ok()?;
-        let asked =
-            client::probe_route(&self.config.daemon_socket, &self.config.service, id, source);
+        // From loopback, whatever the target: the route then carries no connection from
+        // another host, and the daemon routes it for an operator who is not root.
+        let loopback: IpAddr = match target {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        socket.bind(SocketAddr::new(loopback, 0)).ok()?;
+        let asked = client::probe_route(
+            &self.config.daemon_socket,
+            &self.config.service,
+            id,
+            &socket,
+        );
         let route = match tokio::time::timeout(DAEMON_DEADLINE, asked).await {
             Ok(Ok(route)) => route,
             Ok(Err(err)) => {
