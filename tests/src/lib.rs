@@ -490,6 +490,21 @@ impl Drop for Server {
     }
 }
 
+/// The ids of the generations `hotswap status --json` (`status`) calls active in its first
+/// service.
+pub fn active_generations(status: &serde_json::Value) -> Vec<u64> {
+    status["services"][0]["generations"]
+        .as_array()
+        .map(|generations| {
+            generations
+                .iter()
+                .filter(|g| g["active"] == true)
+                .filter_map(|g| g["id"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Connects, reads the greeting line and closes.
 pub fn tcp_request(addr: &str) -> std::io::Result<String> {
     let stream = TcpStream::connect(addr)?;

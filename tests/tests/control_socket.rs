@@ -459,8 +459,11 @@ fn refusals_carry_stable_codes() {
         activate: false,
     };
     assert_eq!(code(&mut stream, &register), ErrorCode::InvalidRequest);
-    let frame = br#"{"version":1,"body":{"verb":"fly"}}"#;
-    stream.write_all(&raw_frame(frame)).unwrap();
+    let frame = format!(
+        r#"{{"version":{},"body":{{"verb":"fly"}}}}"#,
+        hotswap::protocol::PROTOCOL_VERSION
+    );
+    stream.write_all(&raw_frame(frame.as_bytes())).unwrap();
     let answer: Response = hotswap::protocol::decode(&read_frame(&mut stream).unwrap()).unwrap();
     assert_eq!(answer.unwrap_err().code, ErrorCode::MalformedRequest);
 }

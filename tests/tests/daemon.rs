@@ -279,14 +279,11 @@ fn a_restarted_daemon_reads_back_which_socket_the_kernel_steers_to() {
         "{log}"
     );
     let status = env.status();
-    let active: Vec<u64> = status["services"][0]["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|g| g["active"] == true)
-        .map(|g| g["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(active, [2], "{status}");
+    assert_eq!(
+        integration_tests::active_generations(&status),
+        [2],
+        "{status}"
+    );
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "two");
     let after = env.metrics("web");
     assert_eq!(

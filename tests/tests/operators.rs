@@ -78,6 +78,20 @@ impl Operators {
         command
     }
 
+    /// As root: `web` on 127.0.0.1:8080, owned by [`GROUP`].
+    fn bind_web_for_the_group(&self) {
+        let group = GROUP.to_string();
+        self.env.ok(&[
+            "bind",
+            "web",
+            "tcp",
+            "127.0.0.1/32",
+            "8080",
+            "--owner-group",
+            &group,
+        ]);
+    }
+
     fn as_operator(&self, args: &[&str]) -> Output {
         self.command_as(OPERATOR, &[GROUP], args)
             .output()
@@ -197,16 +211,7 @@ fn fixture_pid(body: &str) -> u32 {
 fn an_operator_in_the_owning_group_manages_web_and_nothing_else(backend: &str) {
     let ops = Operators::new("operators", backend);
     let env = &ops.env;
-    let group = GROUP.to_string();
-    env.ok(&[
-        "bind",
-        "web",
-        "tcp",
-        "127.0.0.1/32",
-        "8080",
-        "--owner-group",
-        &group,
-    ]);
+    ops.bind_web_for_the_group();
     env.ok(&["bind", "api", "tcp", "127.0.0.1/32", "9090"]);
 
     // Bind and unbind on web, as an unprivileged process could bind (UDP: the uds and
@@ -283,6 +288,16 @@ fn an_operator_in_the_owning_group_manages_web_and_nothing_else(backend: &str) {
     ops.operator_refused(
         &["bind", "web", "tcp", "127.0.0.1/32", "0"],
         "is on every port",
+    );
+    // …nor connections another service's binding is there for (where the backend listens
+    // for api itself, its socket is the reason given).
+    ops.operator_refused(
+        &["bind", "web", "tcp", "127.0.0.0/8", "9090"],
+        if backend != "uds" {
+            "of service api: only root may steer connections another service takes"
+        } else {
+            "a socket of root (uid 0) takes tcp connections on 127.0.0.1:9090"
+        },
     );
     // A port another user's server listens on is not the operator's to take.
     let root_server = Server::start("tcp", "127.0.0.1:8082", "root's");
@@ -381,16 +396,7 @@ fn the_socket_group_reaches_the_socket_and_nothing_beside_it() {
 #[test]
 fn owners_outlive_the_daemon_and_older_state_is_adopted_as_roots() {
     let mut ops = Operators::new("owners-kept", "sk-lookup");
-    let group = GROUP.to_string();
-    ops.env.ok(&[
-        "bind",
-        "web",
-        "tcp",
-        "127.0.0.1/32",
-        "8080",
-        "--owner-group",
-        &group,
-    ]);
+    ops.bind_web_for_the_group();
     let server = Server::start("tcp", "127.0.0.1:0", "web");
     ops.env.register("web", &server, &["--activate"]);
     let owner = |ops: &Operators| ops.env.status()["services"][0]["owner"].clone();
@@ -427,16 +433,7 @@ fn owners_outlive_the_daemon_and_older_state_is_adopted_as_roots() {
 #[test]
 fn an_operators_supervisor_killed_is_adopted_by_the_next() {
     let ops = Operators::new("operator-kill", "sk-lookup");
-    let group = GROUP.to_string();
-    ops.env.ok(&[
-        "bind",
-        "web",
-        "tcp",
-        "127.0.0.1/32",
-        "8080",
-        "--owner-group",
-        &group,
-    ]);
+    ops.bind_web_for_the_group();
     let mut first = ops.run_web();
     let serving = fixture_pid(&tcp_http_body("127.0.0.1:8080"));
     first.child.kill().unwrap();
@@ -447,4 +444,92 @@ fn an_operators_supervisor_killed_is_adopted_by_the_next() {
     assert!(second.log().contains("adopted"), "{}", second.log());
     let status = ops.operator_status();
     assert_eq!(status["supervisors"]["web"]["active"], 1, "{status}");
+}
+
+/// What the operator's own process says to the daemon when it asks for probe routes itself:
+/// one line per request, the refusal's code and message or "done". Python, so the requests
+/// are made by hand, as a process of the operator's would.
+const PROBE_ASKER: &str = r#"
+import json, socket, struct, sys
+version, control, service = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(control)
+def probe(source, sock=None):
+    body = {"verb": "probe", "service": service, "generation": 1, "source": source}
+    if sock is not None:
+        body["socket"] = sock.fileno()
+    frame = json.dumps({"version": version, "body": body}).encode()
+    conn.sendall(struct.pack(">I", len(frame)) + frame)
+    (n,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+    answer = json.loads(conn.recv(n, socket.MSG_WAITALL))["body"]
+    print(answer["Err"]["code"] + " " + answer["Err"]["message"] if "Err" in answer else "done", flush=True)
+def bound(reuse=False):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuse:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+def source(s, port_offset=0):
+    host, port = s.getsockname()
+    return f"{host}:{port + port_offset}"
+probe("127.0.0.1:40000")
+probe("192.0.2.1:40000", bound())
+shared = bound(reuse=True)
+probe(source(shared), shared)
+other = bound()
+probe(source(other, 1), other)
+mine = bound()
+probe(source(mine), mine)
+probe(source(bound()), bound())
+"#;
+
+/// An operator's probe routes carry only their own connections: a route is granted only from
+/// a loopback address and port held by a socket of the operator's own process (not shared,
+/// not connected), one per control connection. Without that, any source — another user's
+/// client, a remote host — could be routed to the operator's generation.
+#[test]
+fn an_operators_probe_routes_carry_only_their_own_connections() {
+    let ops = Operators::new("operator-probes", "sk-lookup");
+    ops.bind_web_for_the_group();
+    let _web = ops.run_web();
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={OPERATOR}"),
+            &format!("--regid={OPERATOR}"),
+            &format!("--groups={GROUP}"),
+            "--",
+            // Debian's (`cargo xtask test` installs it): the operator cannot reach root's.
+            "/usr/bin/python3",
+            "-c",
+            PROBE_ASKER,
+            &hotswap::protocol::PROTOCOL_VERSION.to_string(),
+        ])
+        .arg(&ops.env.socket)
+        .arg("web")
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<&str> = stdout.lines().collect();
+    let expected = [
+        "no socket was passed",
+        "not a loopback address",
+        "the socket shares its port",
+        "the socket is not bound to that address and port",
+        "done",
+        "an owner routes one probe per control connection",
+    ];
+    assert_eq!(answers.len(), expected.len(), "{stdout}");
+    for (answer, expected) in answers.iter().zip(expected) {
+        assert!(answer.contains(expected), "expected {expected:?}: {answer}");
+        if expected != "done" {
+            assert!(answer.starts_with("permission_denied "), "{answer}");
+        }
+    }
+    // The routes ended with the connection; web still serves.
+    fixture_pid(&tcp_http_body("127.0.0.1:8080"));
 }

@@ -203,13 +203,7 @@ fn one_active_generation(env: &TestEnv, what: &str) -> u64 {
     let deadline = Instant::now() + patience();
     loop {
         let status = env.status();
-        let daemon_active: Vec<u64> = status["services"][0]["generations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|g| g["active"] == true)
-            .map(|g| g["id"].as_u64().unwrap())
-            .collect();
+        let daemon_active = integration_tests::active_generations(&status);
         let supervisor = &status["supervisors"]["web"];
         let active = supervisor["active"].as_u64();
         let switches = status["backend"]["capabilities"]["switch"] == "yes";
