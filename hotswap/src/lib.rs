@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod files;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+pub mod handoff;
 pub mod model;
 pub mod protocol;
 pub mod registry;
