@@ -231,6 +231,7 @@ impl Harness {
             fd_passing: FdPassing::Systemd,
             daemon_socket: socket.clone(),
             run_dir: socket.parent().unwrap().to_owned(),
+            handoff: false,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (reexec, reexec_requests) = tokio::sync::mpsc::unbounded_channel();

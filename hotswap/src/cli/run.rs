@@ -51,6 +51,11 @@ pub struct Args {
     /// arguments become them (haproxy `bind fd@{fd:tcp}`, uvicorn `--fd {fd:tcp}`).
     #[arg(long, value_enum, default_value_t = FdPassing::Systemd)]
     pass_fds: FdPassing,
+    /// Give each generation a handoff channel (HOTSWAP_HANDOFF_FD, see docs/handoff.md): a
+    /// draining generation hands its established connections, with their unprocessed bytes
+    /// and state, to the active one instead of closing them.
+    #[arg(long)]
+    handoff: bool,
     /// The server to run, with its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -74,6 +79,7 @@ pub fn run(socket: PathBuf, run_dir: PathBuf, args: Args) -> anyhow::Result<()> 
         drain_signal: args.drain_signal,
         drain_timeout: args.drain_timeout,
         drain_settle: args.drain_settle,
+        handoff: args.handoff,
         grace: args.grace,
         command: args.command,
         fd_passing: args.pass_fds,

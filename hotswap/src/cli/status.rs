@@ -137,6 +137,12 @@ fn render_lifecycle(out: &mut String, supervisor: &SupervisorReport) {
         if g.restarts > 0 {
             timings.push(format!("{} restarts", g.restarts));
         }
+        if g.adopted > 0 {
+            timings.push(format!("adopted {} connections", g.adopted));
+        }
+        if g.handed_over > 0 {
+            timings.push(format!("handed over {} connections", g.handed_over));
+        }
         if let Some(status) = &g.notify_status {
             timings.push(format!("says: {}", printable(status)));
         }

@@ -23,6 +23,7 @@ mod process;
 mod readiness;
 mod record;
 mod reexec;
+mod relay;
 mod sockets;
 pub mod spec;
 mod tree;
@@ -132,6 +133,9 @@ pub struct RunConfig {
     pub daemon_socket: PathBuf,
     /// Where the supervisor keeps its control socket, lock and record ([`default_run_dir`]).
     pub run_dir: PathBuf,
+    /// Give every generation a handoff channel (`HOTSWAP_HANDOFF_FD`), relayed to the active
+    /// generation: a draining generation hands its established connections over.
+    pub handoff: bool,
 }
 
 /// The supervisor's control socket for `service`, in the supervisors' directory `run_dir`
@@ -222,6 +226,8 @@ impl Generation {
             notify_status: notified.as_ref().and_then(|n| n.status.clone()),
             notify_stopping: notified.as_ref().is_some_and(|n| n.stopping),
             watchdog_at_ms: notified.and_then(|n| n.watchdog_at).map(ms_since_epoch),
+            handed_over: 0,
+            adopted: 0,
         }
     }
 
@@ -284,6 +290,8 @@ struct Supervisor {
     started_at: SystemTime,
     /// Generations this image adopted from a predecessor.
     adopted: Mutex<Vec<u32>>,
+    /// With `--handoff`: what passes connections from generation to generation.
+    relay: Option<relay::Relay>,
 }
 
 /// Sends `progress` lines somewhere: the log for `run`, a client for `upgrade`.
@@ -536,8 +544,24 @@ impl Supervisor {
         if let Some(notify) = &generation.notify {
             env.push(("NOTIFY_SOCKET", OsStr::new(&notify.name)));
         }
-        let child =
-            process::spawn_activated(&generation.command, &sockets, generation.fd_passing, &env)?;
+        let handoff = match &self.relay {
+            Some(relay) => Some(relay.join(id).map_err(|err| {
+                SupervisorError::Spawn(SpawnError::Spawn {
+                    program: generation.command[0].clone(),
+                    source: io::Error::other(err),
+                })
+            })?),
+            None => None,
+        };
+        let child = process::spawn_activated(
+            &generation.command,
+            &sockets,
+            generation.fd_passing,
+            handoff.as_ref().map(|fd| fd.as_fd()),
+            &env,
+        )?;
+        // The child has its end; ours must not outlive it in this process.
+        drop(handoff);
         let pid = child.id();
         // Our unreaped child: its pid is its own until we collect it through this pidfd.
         let pidfd = crate::socket::Pidfd::open(pid).map_err(|err| {
@@ -608,6 +632,9 @@ impl Supervisor {
 
     /// Records `id` as active (the kernel steers to it), the one before as previous.
     fn mark_active(&self, id: u32) -> Option<u32> {
+        if let Some(relay) = &self.relay {
+            relay.target(Some(id));
+        }
         let mut state = self.lock();
         let previous = state.active.replace(id);
         if let Some(prev) = previous.filter(|&p| p != id) {
@@ -883,7 +910,18 @@ impl Supervisor {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             restarts: state.restarts,
-            generations: state.generations.values().map(Generation::report).collect(),
+            generations: state
+                .generations
+                .values()
+                .map(|g| {
+                    let mut report = g.report();
+                    if let Some(relay) = &self.relay {
+                        let counts = relay.counts(g.id);
+                        (report.handed_over, report.adopted) = (counts.handed_over, counts.adopted);
+                    }
+                    report
+                })
+                .collect(),
         }
     }
 
@@ -996,6 +1034,7 @@ pub async fn run(
     let mut orphans = tokio::time::interval(ORPHAN_REAP_INTERVAL);
     let reconciling = tokio::time::interval(RECONCILE_INTERVAL);
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let relay = config.handoff.then(relay::Relay::start);
     let supervisor = Arc::new(Supervisor {
         state: Mutex::new(State {
             generations: BTreeMap::new(),
@@ -1016,6 +1055,7 @@ pub async fn run(
         exec: reexec::ExecPlan::new(lock.as_raw_fd()),
         started_at: SystemTime::now(),
         adopted: Mutex::new(Vec::new()),
+        relay,
     });
     let log = |line: String| tracing::info!("{line}");
 

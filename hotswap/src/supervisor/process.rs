@@ -180,6 +180,7 @@ const HANDED_OVER: &[&str] = &[
     "NGINX",
     "HOTSWAP_FD_TCP",
     "HOTSWAP_FD_UDP",
+    crate::handoff::HANDOFF_FD_VAR,
     super::LOCK_FD_VARIABLE,
 ];
 
@@ -200,12 +201,14 @@ fn expand_fds(arg: &str, numbers: &[(Protocol, RawFd)]) -> String {
 }
 
 /// Starts `command` with `sockets` at fds 3, 4, …, told to it as `passing` says (systemd's
-/// socket activation names each after its protocol), and `extra_env` added to this process's
+/// socket activation names each after its protocol), its end of a handoff channel (if any)
+/// right after them (`HOTSWAP_HANDOFF_FD`), and `extra_env` added to this process's
 /// environment (minus any inherited variables of the hand-over or notify protocols).
 pub fn spawn_activated(
     command: &[String],
     sockets: &[(Protocol, BorrowedFd<'_>)],
     passing: FdPassing,
+    handoff: Option<BorrowedFd<'_>>,
     extra_env: &[(&str, &OsStr)],
 ) -> Result<std::process::Child, SpawnError> {
     let program_name = command.first().ok_or(SpawnError::NoCommand)?;
@@ -253,6 +256,10 @@ pub fn spawn_activated(
             add("NGINX", list.as_bytes())?;
         }
     }
+    if handoff.is_some() {
+        let fd = LISTEN_FDS_START + sockets.len() as RawFd;
+        add(crate::handoff::HANDOFF_FD_VAR, fd.to_string().as_bytes())?;
+    }
     for (key, value) in extra_env {
         add(key, value.as_bytes())?;
     }
@@ -273,7 +280,11 @@ pub fn spawn_activated(
         _env: env,
         listen_pid,
         env_ptrs,
-        fds: sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+        fds: sockets
+            .iter()
+            .map(|(_, fd)| fd.as_raw_fd())
+            .chain(handoff.map(|fd| fd.as_raw_fd()))
+            .collect(),
         detach: Detach::Group,
     };
     run_plan(plan, &program_path, &expanded[1..]).map_err(|source| SpawnError::Spawn {
@@ -365,7 +376,8 @@ mod tests {
     fn children_get_socket_activation_variables() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let script = r#"test "$LISTEN_PID" = "$$" && test "$LISTEN_FDS" = 2 && test "$LISTEN_FDNAMES" = tcp:udp && test -S /proc/self/fd/3 && test -S /proc/self/fd/4 && test "$EXTRA" = yes"#;
+        let (handoff, _ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        let script = r#"test "$LISTEN_PID" = "$$" && test "$LISTEN_FDS" = 2 && test "$LISTEN_FDNAMES" = tcp:udp && test -S /proc/self/fd/3 && test -S /proc/self/fd/4 && test "$HOTSWAP_HANDOFF_FD" = 5 && test -S /proc/self/fd/5 && test "$EXTRA" = yes"#;
         let command: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
         use std::os::fd::AsFd as _;
         let sockets = [
@@ -376,6 +388,7 @@ mod tests {
             &command,
             &sockets,
             FdPassing::Systemd,
+            Some(handoff.as_fd()),
             &[("EXTRA", OsStr::new("yes"))],
         )
         .unwrap();
@@ -397,7 +410,7 @@ mod tests {
             (Protocol::Tcp, listener.as_fd()),
             (Protocol::Udp, udp.as_fd()),
         ];
-        let mut child = spawn_activated(&command, &sockets, FdPassing::Nginx, &[]).unwrap();
+        let mut child = spawn_activated(&command, &sockets, FdPassing::Nginx, None, &[]).unwrap();
         assert!(child.wait().unwrap().success());
     }
 }

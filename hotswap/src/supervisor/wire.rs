@@ -90,6 +90,12 @@ pub struct GenerationReport {
     /// When it last sent `WATCHDOG=1`, ms since the Unix epoch.
     #[serde(default)]
     pub watchdog_at_ms: Option<u64>,
+    /// Established connections it handed over that a later generation adopted (`--handoff`).
+    #[serde(default)]
+    pub handed_over: u64,
+    /// Established connections it adopted from an earlier generation (`--handoff`).
+    #[serde(default)]
+    pub adopted: u64,
 }
 
 /// What a supervisor reports.
