@@ -7,60 +7,87 @@
 //! curl http://127.0.0.1:8080/    # generation 1 pid 4242
 //! ```
 //!
-//! On the drain signal it stops accepting, answers what is in flight (keep-alive connections get
-//! `Connection: close` on their next response), and exits when no connection is left.
+//! On the drain signal it stops accepting and answers what is in flight. Under
+//! `hotswap run --handoff` it then hands every keep-alive connection — with any bytes of a
+//! next request already read — to the next generation, which answers on over the same
+//! connection, so the client never sees a close; without a channel (or when no generation
+//! takes it) a connection gets `Connection: close` on its next response. It exits when no
+//! connection is left: with the handoff, at once.
 
-use std::{
-    mem::MaybeUninit,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+use std::{mem::MaybeUninit, os::fd::AsFd as _, sync::Arc};
+
+use hotswap::{
+    activation::{drain_signal, generation, notify_ready, notify_stopping, Listeners},
+    handoff::{HandoffChannel, Outcome},
 };
-
-use hotswap::activation::{drain_signal, generation, notify_ready, notify_stopping, Listeners};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     sync::watch,
 };
+use tokio_util::task::TaskTracker;
 
-/// Serves one connection: HTTP/1.1 requests (headers only; bodies are not read) until the
-/// client closes, or until draining, when the next response says `Connection: close`.
-async fn serve(stream: TcpStream, body: Arc<String>, draining: Arc<AtomicBool>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut line = String::new();
+/// The longest request head a connection buffers.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Where the first complete request head in `buffered` ends (after its empty line).
+fn head_end(buffered: &[u8]) -> Option<usize> {
+    buffered
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// Serves one connection: HTTP/1.1 requests (heads only; bodies are not read) until the
+/// client closes. Once draining, it answers the requests it has, then hands the connection
+/// over between requests — or, if no one takes it, says `Connection: close` next time.
+async fn serve(
+    mut stream: TcpStream,
+    mut buffered: Vec<u8>,
+    body: Arc<String>,
+    mut draining: watch::Receiver<bool>,
+    handoff: Option<Arc<HandoffChannel>>,
+) {
+    let mut closing = false;
     loop {
-        // The request line and headers, up to the empty line.
-        let mut saw_request = false;
-        let mut client_closes = false;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line).await {
+        while let Some(end) = head_end(&buffered) {
+            let head: Vec<u8> = buffered.drain(..end).collect();
+            let client_closes = String::from_utf8_lossy(&head)
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close");
+            let close = client_closes || closing;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{}",
+                body.len(),
+                if close { "close" } else { "keep-alive" },
+                body
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() || close {
+                return;
+            }
+        }
+        if *draining.borrow() && !closing {
+            if let Some(channel) = &handoff {
+                let outcome = channel.hand_over(stream.as_fd(), &buffered, &[]).await;
+                if matches!(outcome, Ok(Outcome::Adopted)) {
+                    return;
+                }
+            }
+            closing = true;
+        }
+        if buffered.len() > MAX_HEAD {
+            return;
+        }
+        tokio::select! {
+            read = stream.read_buf(&mut buffered) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
+            },
+            changed = draining.changed(), if !closing => {
+                if changed.is_err() {
+                    closing = true;
+                }
             }
-            if line == "\r\n" || line == "\n" {
-                break;
-            }
-            saw_request = true;
-            if line.to_ascii_lowercase().starts_with("connection: close") {
-                client_closes = true;
-            }
-        }
-        if !saw_request {
-            continue;
-        }
-        let close = client_closes || draining.load(Ordering::Relaxed);
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{}",
-            body.len(),
-            if close { "close" } else { "keep-alive" },
-            body
-        );
-        if write.write_all(response.as_bytes()).await.is_err() || close {
-            return;
         }
     }
 }
@@ -111,12 +138,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "no `tcp` or `udp` socket was passed; run me under `hotswap run` or systemd".into(),
         );
     }
+    let handoff = HandoffChannel::from_env()?.map(Arc::new);
     let drain = drain_signal()?;
+    let (draining_tx, draining) = watch::channel(false);
+    // When it is closed and empty, we are drained.
+    let connections = TaskTracker::new();
+    // Connections an earlier generation hands over, for as long as the channel is open (also
+    // while draining: one adopted then is handed on at once).
+    if let Some(channel) = handoff.clone() {
+        let (body, draining, connections) =
+            (Arc::clone(&body), draining.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Some(handed) = channel.accept().await {
+                let Ok(stream) = handed
+                    .stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(handed.stream))
+                else {
+                    continue;
+                };
+                connections.spawn(serve(
+                    stream,
+                    handed.buffered,
+                    Arc::clone(&body),
+                    draining.clone(),
+                    Some(Arc::clone(&channel)),
+                ));
+            }
+        });
+    }
     notify_ready()?;
 
-    let draining = Arc::new(AtomicBool::new(false));
-    // Every connection task holds a clone of `alive`; when all are gone, we are drained.
-    let (alive, mut all_done) = watch::channel(());
     tokio::pin!(drain);
     let mut datagram = [0u8; 2048];
     loop {
@@ -124,11 +176,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = &mut drain => break,
             accepted = async { tcp.as_ref().unwrap().accept().await }, if tcp.is_some() => {
                 if let Ok((stream, _)) = accepted {
-                    let (body, draining, alive) = (Arc::clone(&body), Arc::clone(&draining), alive.clone());
-                    tokio::spawn(async move {
-                        serve(stream, body, draining).await;
-                        drop(alive);
-                    });
+                    connections.spawn(serve(
+                        stream,
+                        Vec::new(),
+                        Arc::clone(&body),
+                        draining.clone(),
+                        handoff.clone(),
+                    ));
                 }
             }
             received = async { udp.as_ref().unwrap().recv_from(&mut datagram).await }, if udp.is_some() => {
@@ -138,14 +192,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    // Drain: stop accepting (the listener closes here), answer what is in flight.
+    // Drain: stop accepting (the listener closes here), answer what is in flight, hand the
+    // rest over.
     let _ = notify_stopping();
-    draining.store(true, Ordering::Relaxed);
     drop(tcp);
     if let Some(udp) = udp {
         answer_queued(&udp, &body);
     }
-    drop(alive);
-    let _ = all_done.changed().await;
+    let _ = draining_tx.send(true);
+    connections.close();
+    connections.wait().await;
     Ok(())
 }

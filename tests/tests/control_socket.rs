@@ -391,7 +391,8 @@ fn peers_of_another_protocol_version_say_which_versions_met() {
         assert_eq!(err.code, ErrorCode::VersionMismatch, "{err:?}");
         assert!(
             err.message.contains(&format!(
-                "the client speaks control protocol version {theirs}, this daemon 1"
+                "the client speaks control protocol version {theirs}, this daemon {}",
+                hotswap::protocol::PROTOCOL_VERSION
             )),
             "{err:?}"
         );
@@ -415,7 +416,10 @@ fn peers_of_another_protocol_version_say_which_versions_met() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("control protocol version 99, this hotswap 1"),
+        stderr.contains(&format!(
+            "control protocol version 99, this hotswap {}",
+            hotswap::protocol::PROTOCOL_VERSION
+        )),
         "{stderr}"
     );
 }

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The counter example in Python, with nothing but the standard library: the reference
+implementation of hotswap's handoff format (docs/handoff.md) in a second language.
+
+Every line a client sends is answered with the session's running count and the generation
+that counted it ("3 gen 2"). Under `hotswap run --handoff` a draining generation hands each
+session (the connection, the bytes of an unfinished line, the count) to the next generation,
+which carries on counting:
+
+    hotswap run counter --handoff --listen tcp://127.0.0.1:7070 -- python3 examples/handoff/counter.py
+"""
+
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+
+# The packet header: magic, version, kind, two reserved bytes, id, buffered length, state
+# length; little-endian, 24 bytes. The buffered bytes and the state follow it.
+HEADER = struct.Struct("<4sBB2xQII")
+MAGIC, VERSION = b"HSHO", 1
+CONNECTION, ADOPTED, DECLINED, DONE, ACCEPTING = 1, 2, 3, 4, 5
+MAX_PACKET = 64 * 1024
+MAX_LINE = 4096
+
+draining = threading.Event()
+
+
+class Channel:
+    """This generation's end of the handoff channel: hands connections over and takes them."""
+
+    def __init__(self, fd):
+        self.sock = socket.socket(fileno=fd)
+        self.send_lock = threading.Lock()
+        self.answers = {}  # id -> [threading.Event, outcome]
+        self.answers_lock = threading.Lock()
+        self.next_id = 1
+
+    def send(self, kind, ident=0, buffered=b"", state=b"", fd=None):
+        packet = HEADER.pack(MAGIC, VERSION, kind, ident, len(buffered), len(state))
+        packet += buffered + state
+        with self.send_lock:
+            if fd is None:
+                self.sock.sendmsg([packet])
+            else:
+                rights = struct.pack("i", fd)
+                self.sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+    def hand_over(self, conn, buffered, state):
+        """True if the next generation adopted `conn` (close ours), False if it is still ours."""
+        with self.answers_lock:
+            ident, self.next_id = self.next_id, self.next_id + 1
+            waiter = self.answers[ident] = [threading.Event(), False]
+        try:
+            self.send(CONNECTION, ident, buffered, state, conn.fileno())
+        except OSError:
+            return False
+        waiter[0].wait()
+        return waiter[1]
+
+    def read(self, adopt):
+        """Reads the channel until it closes: adopts connections, wakes waiting hand-overs."""
+        self.send(ACCEPTING)
+        fd_size = struct.calcsize("i")
+        while True:
+            try:
+                packet, ancillary, flags, _ = self.sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(4 * fd_size))
+            except OSError:
+                break
+            fds = []
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(data) - len(data) % fd_size
+                    fds += struct.unpack(f"{usable // fd_size}i", data[:usable])
+            if not packet and not fds:
+                break  # the supervisor closed its end
+            if len(packet) < HEADER.size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                for fd in fds:
+                    os.close(fd)
+                continue
+            magic, version, kind, ident, n_buffered, n_state = HEADER.unpack_from(packet)
+            body = packet[HEADER.size:]
+            if magic != MAGIC or version != VERSION or len(body) != n_buffered + n_state:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if kind == CONNECTION and len(fds) == 1:
+                conn = socket.socket(fileno=fds[0])
+                self.send(ADOPTED, ident)
+                adopt(conn, body[:n_buffered], body[n_buffered:])
+            elif kind in (ADOPTED, DECLINED) and not fds:
+                with self.answers_lock:
+                    waiter = self.answers.pop(ident, None)
+                if waiter:
+                    waiter[1] = kind == ADOPTED
+                    waiter[0].set()
+            else:
+                for fd in fds:
+                    os.close(fd)
+        # Closed: whatever waits for an answer is still its giver's.
+        with self.answers_lock:
+            for waiter in self.answers.values():
+                waiter[0].set()
+            self.answers.clear()
+
+
+class Sessions:
+    """Counts live sessions: the drain is over when none is left."""
+
+    def __init__(self):
+        self.live = 0
+        self.changed = threading.Condition()
+
+    def start(self, *args):
+        with self.changed:
+            self.live += 1
+        threading.Thread(target=self.run, args=args, daemon=True).start()
+
+    def run(self, *args):
+        try:
+            session(*args)
+        finally:
+            with self.changed:
+                self.live -= 1
+                self.changed.notify_all()
+
+    def wait_none(self):
+        with self.changed:
+            self.changed.wait_for(lambda: self.live == 0)
+
+
+def session(conn, buffered, count, channel, me):
+    handed = False
+    try:
+        while True:
+            while b"\n" in buffered:
+                _, buffered = buffered.split(b"\n", 1)
+                count += 1
+                conn.sendall(f"{count} gen {me}\n".encode())
+            if len(buffered) > MAX_LINE:
+                return
+            if draining.is_set() and not handed:
+                if channel and channel.hand_over(conn, buffered, str(count).encode()):
+                    return
+                handed = True  # no one took it: ours until the client is done
+            readable, _, _ = select.select([conn], [], [], 0.05)
+            if readable:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffered += data
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def main():
+    me = os.environ.get("HOTSWAP_GENERATION", "-")
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        sys.exit("pass me one listening socket (LISTEN_FDS=1): run me under `hotswap run`")
+    listener = socket.socket(fileno=3)
+    sessions = Sessions()
+    channel = None
+    if "HOTSWAP_HANDOFF_FD" in os.environ:
+        channel = Channel(int(os.environ.pop("HOTSWAP_HANDOFF_FD")))
+
+        def adopt(conn, buffered, state):
+            conn.setblocking(True)
+            sessions.start(conn, buffered, int(state or b"0"), channel, me)
+
+        threading.Thread(target=channel.read, args=(adopt,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, lambda *_: draining.set())
+    listener.settimeout(0.05)
+    while not draining.is_set():
+        try:
+            conn, _ = listener.accept()
+        except (socket.timeout, InterruptedError):
+            continue
+        conn.setblocking(True)
+        sessions.start(conn, b"", 0, channel, me)
+    listener.close()
+    sessions.wait_none()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
