@@ -606,6 +606,9 @@ pub struct LoadReport {
     /// got not one byte of answer: the server closed (or stopped reading) a connection it held
     /// idle while the request was on its way — the keep-alive race of every reload.
     pub failed_on_idle_connections: u64,
+    /// Connections the client opened (an [`HttpLoad`]'s; a keep-alive client reopens one
+    /// only when the server closed the last).
+    pub connects: u64,
 }
 
 impl LoadReport {
@@ -903,7 +906,7 @@ fn http_exchange_telling(
 
 /// Continuous HTTP load: either a new connection per request, or keep-alive connections that
 /// reconnect when the server says `connection: close` (which is not a failure).
-pub struct HttpLoad(Running);
+pub struct HttpLoad(Running, Arc<std::sync::atomic::AtomicU64>);
 
 /// Connects to `addr`. A client that opens connections without pause can use up the local
 /// ephemeral ports (each closed connection holds its port in TIME_WAIT for a minute; seen
@@ -932,8 +935,11 @@ impl HttpLoad {
         let mut connection: Option<BufReader<TcpStream>> = None;
         // Requests the current connection has answered.
         let mut answered = 0u64;
-        Self(Running::spawn(max_requests, patience() * 30, move || {
+        let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&connects);
+        let running = Running::spawn(max_requests, patience() * 30, move || {
             if connection.is_none() {
+                counted.fetch_add(1, Ordering::Relaxed);
                 let stream = connect_with_a_free_port(&addr).map_err(|error| Failed {
                     error,
                     at_connect: true,
@@ -960,12 +966,15 @@ impl HttpLoad {
                     })
                 }
             }
-        }))
+        });
+        Self(running, connects)
     }
 
     /// Stops the client and returns what it saw.
     pub fn stop(self) -> LoadReport {
-        self.0.stop()
+        let mut report = self.0.stop();
+        report.connects = self.1.load(Ordering::Relaxed);
+        report
     }
 }
 

@@ -80,14 +80,13 @@ impl Session {
     }
 }
 
-/// One connection, `upgrades` upgrades; in each round a line is answered, half of the next is
-/// sent before the upgrade and the rest after, so every handoff carries buffered bytes and
-/// the count. Every round's second answer comes from the new generation.
-fn a_session_keeps_its_state_across_upgrades(backend: &str, server: &[&str], upgrades: usize) {
-    let env = TestEnv::with_backend("handoff-counter", backend);
+/// `hotswap run SERVICE --listen tcp://ADDR --handoff --grace 50ms --drain-timeout 20s --
+/// COMMAND…`, once a generation is active.
+fn run_with_handoff(env: &TestEnv, service: &str, addr: &str, command: &[&str]) -> RunningService {
+    let listen = format!("tcp://{addr}");
     let mut args = vec![
         "--listen",
-        "tcp://127.0.0.1:7070",
+        &listen,
         "--handoff",
         "--grace",
         "50ms",
@@ -95,8 +94,16 @@ fn a_session_keeps_its_state_across_upgrades(backend: &str, server: &[&str], upg
         "20s",
         "--",
     ];
-    args.extend_from_slice(server);
-    let _service = RunningService::start(&env, "counter", &args);
+    args.extend_from_slice(command);
+    RunningService::start(env, service, &args)
+}
+
+/// One connection, `upgrades` upgrades; in each round a line is answered, half of the next is
+/// sent before the upgrade and the rest after, so every handoff carries buffered bytes and
+/// the count. Every round's second answer comes from the new generation.
+fn a_session_keeps_its_state_across_upgrades(backend: &str, server: &[&str], upgrades: usize) {
+    let env = TestEnv::with_backend("handoff-counter", backend);
+    let _service = run_with_handoff(&env, "counter", "127.0.0.1:7070", server);
     let mut session = Session::open("127.0.0.1:7070");
     for round in 0..upgrades as u64 {
         session.send(b"one\ntw");
@@ -185,20 +192,11 @@ fn wait_for(env: &TestEnv, service: &str, id: u64, what: &str, done: impl Fn(&Va
 fn a_new_generation_that_dies_mid_handoff_leaves_the_session_with_the_old() {
     let env = TestEnv::with_backend("handoff-death", "sk-lookup");
     let counter = counter_example();
-    let service = RunningService::start(
+    let service = run_with_handoff(
         &env,
         "counter",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:7070",
-            "--handoff",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "20s",
-            "--",
-            counter.to_str().unwrap(),
-        ],
+        "127.0.0.1:7070",
+        &[counter.to_str().unwrap()],
     );
     let mut session = Session::open("127.0.0.1:7070");
     session.send(b"one\n");
@@ -244,21 +242,7 @@ fn keep_alive_connections_are_served_by_every_generation(backend: &str) {
     let upgrades = rounds(if backend == "sk-lookup" { 100 } else { 20 });
     let env = TestEnv::with_backend("handoff-hello", backend);
     let hello = example_server();
-    let service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--handoff",
-            "--grace",
-            "50ms",
-            "--drain-timeout",
-            "20s",
-            "--",
-            hello.to_str().unwrap(),
-        ],
-    );
+    let service = run_with_handoff(&env, "web", "127.0.0.1:8080", &[hello.to_str().unwrap()]);
     let mut connections: Vec<BufReader<TcpStream>> = (0..4)
         .map(|_| {
             let stream = TcpStream::connect("127.0.0.1:8080").unwrap();
@@ -327,19 +311,7 @@ integration_tests::for_every_backend!(
 fn a_server_that_ignores_the_channel_upgrades_as_before() {
     let env = TestEnv::with_backend("handoff-ignored", "sk-lookup");
     let fixture = integration_tests::activated_fixture();
-    let _service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--handoff",
-            "--grace",
-            "50ms",
-            "--",
-            fixture.to_str().unwrap(),
-        ],
-    );
+    let _service = run_with_handoff(&env, "web", "127.0.0.1:8080", &[fixture.to_str().unwrap()]);
     let load = HttpLoad::start("127.0.0.1:8080", false, 10_000_000);
     for _ in 0..rounds(10) {
         upgrade(&env, "web");

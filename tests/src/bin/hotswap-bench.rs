@@ -24,7 +24,7 @@ use hotswap::{
 };
 use hotswap_common::SocketKey;
 use integration_tests::{
-    activated_fixture, example_server, HttpLoad, NetnsGuard, RunningService, TestEnv,
+    activated_fixture, example_server, HttpLoad, LoadReport, NetnsGuard, RunningService, TestEnv,
 };
 use serde_json::{json, Value};
 
@@ -685,22 +685,45 @@ fn reuseport_switch_latency(plan: Plan, env: &TestEnv) -> Value {
     })
 }
 
-fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str) -> Value {
+/// The median drain time (from the switch away to the exit) of the generations `status`
+/// still lists as exited.
+fn median_drain_ms(env: &TestEnv) -> Option<f64> {
+    let status = env.status();
+    let mut drains: Vec<f64> = status["supervisors"]["web"]["generations"]
+        .as_array()?
+        .iter()
+        .filter_map(|g| g["drained_after_ms"].as_f64())
+        .collect();
+    (!drains.is_empty()).then(|| median(&mut drains))
+}
+
+/// What the keep-alive client saw, with the connections it had to open again per upgrade.
+fn keep_alive_report(kept: &LoadReport, upgrades: usize, drain_ms: Option<f64>) -> Value {
+    json!({
+        "served": kept.served(),
+        "failed": kept.failed,
+        "failed_connections": kept.failed_connections,
+        "failed_on_idle_connections": kept.failed_on_idle_connections,
+        "reconnects_per_upgrade": kept.connects.saturating_sub(1) as f64 / upgrades as f64,
+        "old_generation_drain_ms": drain_ms,
+    })
+}
+
+fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str, handoff: bool) -> Value {
     let env = TestEnv::with_backend(&format!("bench-upgrade-{backend}"), backend);
-    let service = RunningService::start(
-        &env,
-        "web",
-        &[
-            "--listen",
-            "tcp://127.0.0.1:8080",
-            "--ready",
-            ready,
-            "--grace",
-            "20ms",
-            "--",
-            server,
-        ],
-    );
+    let mut args = vec![
+        "--listen",
+        "tcp://127.0.0.1:8080",
+        "--ready",
+        ready,
+        "--grace",
+        "20ms",
+    ];
+    if handoff {
+        args.push("--handoff");
+    }
+    args.extend(["--", server]);
+    let service = RunningService::start(&env, "web", &args);
     let fresh = HttpLoad::start("127.0.0.1:8080", false, u64::MAX);
     let kept = HttpLoad::start("127.0.0.1:8080", true, u64::MAX);
     let start = Instant::now();
@@ -712,15 +735,19 @@ fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str) -> Value {
     }
     let took = start.elapsed();
     let (fresh, kept) = (fresh.stop(), kept.stop());
+    // Let the last old generation finish its drain, so it is counted.
+    std::thread::sleep(Duration::from_millis(300));
+    let drain_ms = median_drain_ms(&env);
     drop(service);
+    let name = server.rsplit('/').next().unwrap_or(server);
     json!({
         "backend": backend,
-        "server": server.rsplit('/').next(),
+        "server": if handoff { format!("{name} --handoff") } else { name.to_owned() },
         "upgrades": plan.upgrades,
         "failed_upgrades": failed_upgrades,
         "seconds_per_upgrade": took.as_secs_f64() / plan.upgrades as f64,
         "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
-        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections, "failed_on_idle_connections": kept.failed_on_idle_connections},
+        "keep_alive": keep_alive_report(&kept, plan.upgrades, drain_ms),
     })
 }
 
@@ -790,7 +817,7 @@ fn peer_upgrades(name: &str, count: usize, mut upgrade: impl FnMut() -> bool) ->
         "failed_upgrades": failed_upgrades,
         "seconds_per_upgrade": took.as_secs_f64() / count as f64,
         "new_connection_per_request": {"served": fresh.served(), "failed": fresh.failed, "failed_connections": fresh.failed_connections},
-        "keep_alive": {"served": kept.served(), "failed": kept.failed, "failed_connections": kept.failed_connections, "failed_on_idle_connections": kept.failed_on_idle_connections},
+        "keep_alive": keep_alive_report(&kept, count, None),
     })
 }
 
@@ -1144,12 +1171,13 @@ fn main() {
         let hello = example_server().to_string_lossy().into_owned();
         let fixture = activated_fixture().to_string_lossy().into_owned();
         upgrade_runs = vec![
-            upgrades(plan, "sk-lookup", &hello, "notify"),
-            upgrades(plan, "sk-lookup", &fixture, "tcp"),
-            upgrades(plan, "uds", &hello, "notify"),
-            upgrades(plan, "uds", &fixture, "delay:20ms"),
-            upgrades(plan, "reuseport", &hello, "notify"),
-            upgrades(plan, "reuseport", &fixture, "tcp"),
+            upgrades(plan, "sk-lookup", &hello, "notify", false),
+            upgrades(plan, "sk-lookup", &hello, "notify", true),
+            upgrades(plan, "sk-lookup", &fixture, "tcp", false),
+            upgrades(plan, "uds", &hello, "notify", false),
+            upgrades(plan, "uds", &fixture, "delay:20ms", false),
+            upgrades(plan, "reuseport", &hello, "notify", false),
+            upgrades(plan, "reuseport", &fixture, "tcp", false),
         ];
     }
     let mut peers = vec![];
@@ -1244,26 +1272,33 @@ fn print_report(report: &Value) {
         .collect();
     if !runs.is_empty() {
         println!(
-            "\n{:<10} {:<24} {:>8} {:>10} {:>22} {:>22}",
+            "\n{:<10} {:<32} {:>8} {:>10} {:>22} {:>22} {:>13} {:>9}",
             "backend",
             "server",
             "upgrades",
             "s/upgrade",
             "new conn: served/fail",
-            "keep-alive: served/fail"
+            "keep-alive: served/fail",
+            "reconnects/up",
+            "drain ms"
         );
     }
     for u in runs {
+        let k = &u["keep_alive"];
         println!(
-            "{:<10} {:<24} {:>8} {:>10.3} {:>14}/{:<7} {:>14}/{:<7}",
+            "{:<10} {:<32} {:>8} {:>10.3} {:>14}/{:<7} {:>14}/{:<7} {:>13.2} {:>9}",
             u["backend"].as_str().unwrap(),
             u["server"].as_str().unwrap_or(""),
             u["upgrades"],
             u["seconds_per_upgrade"].as_f64().unwrap(),
             u["new_connection_per_request"]["served"],
             u["new_connection_per_request"]["failed"],
-            u["keep_alive"]["served"],
-            u["keep_alive"]["failed"],
+            k["served"],
+            k["failed"],
+            k["reconnects_per_upgrade"].as_f64().unwrap_or(0.0),
+            k["old_generation_drain_ms"]
+                .as_f64()
+                .map_or("-".to_owned(), |ms| format!("{ms:.0}")),
         );
     }
     let sc = &report["scale"];
