@@ -709,6 +709,61 @@ fn keep_alive_report(kept: &LoadReport, upgrades: usize, drain_ms: Option<f64>) 
     })
 }
 
+/// How long an old generation of hello takes to drain while `IDLE` keep-alive clients sit
+/// idle after one request each: without `--handoff` it waits for them (up to the 2 s drain
+/// timeout, then is killed), with it it hands them over and exits. Milliseconds, one upgrade.
+fn idle_drain_ms(handoff: bool) -> f64 {
+    const IDLE: usize = 8;
+    let env = TestEnv::with_backend("bench-idle-drain", "sk-lookup");
+    let hello = example_server().to_string_lossy().into_owned();
+    let mut args = vec![
+        "--listen",
+        "tcp://127.0.0.1:8080",
+        "--ready",
+        "notify",
+        "--grace",
+        "20ms",
+        "--drain-timeout",
+        "2s",
+    ];
+    if handoff {
+        args.push("--handoff");
+    }
+    args.extend(["--", &hello]);
+    let _service = RunningService::start(&env, "web", &args);
+    let _idle: Vec<BufReader<TcpStream>> = (0..IDLE)
+        .map(|_| {
+            let mut connection = BufReader::new(TcpStream::connect("127.0.0.1:8080").unwrap());
+            integration_tests::http_exchange(&mut connection).expect("hello answers");
+            connection
+        })
+        .collect();
+    assert!(env.hotswap(&["upgrade", "web"]).status.success());
+    let mut drained = None;
+    assert!(wait_for(|| {
+        let status = env.status();
+        drained = status["supervisors"]["web"]["generations"][0]["drained_after_ms"].as_f64();
+        drained.is_some()
+    }));
+    drained.expect("waited for it")
+}
+
+/// The idle-drain pair, interleaved: plain hello and hello --handoff, `runs` each.
+fn idle_drain(runs: usize) -> Value {
+    let (mut plain, mut handed) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        plain.push(idle_drain_ms(false));
+        handed.push(idle_drain_ms(true));
+    }
+    json!({
+        "idle_keep_alive_clients": 8,
+        "drain_timeout_ms": 2000,
+        "plain_ms_median": median(&mut plain),
+        "handoff_ms_median": median(&mut handed),
+        "runs": runs,
+    })
+}
+
 fn upgrades(plan: Plan, backend: &str, server: &str, ready: &str, handoff: bool) -> Value {
     let env = TestEnv::with_backend(&format!("bench-upgrade-{backend}"), backend);
     let mut args = vec![
@@ -1180,6 +1235,11 @@ fn main() {
             upgrades(plan, "reuseport", &fixture, "tcp", false),
         ];
     }
+    let mut idle = Value::Null;
+    if wanted("upgrades") {
+        eprintln!("bench: an old generation's drain with idle keep-alive clients");
+        idle = idle_drain(3);
+    }
     let mut peers = vec![];
     if wanted("peers") {
         eprintln!(
@@ -1199,6 +1259,7 @@ fn main() {
         "connection_path": path,
         "switch": switch,
         "upgrades": upgrade_runs,
+        "idle_drain": idle,
         "peers": peers,
         "scale": scale,
         "seconds": started.elapsed().as_secs_f64(),
@@ -1299,6 +1360,17 @@ fn print_report(report: &Value) {
             k["old_generation_drain_ms"]
                 .as_f64()
                 .map_or("-".to_owned(), |ms| format!("{ms:.0}")),
+        );
+    }
+    let idle = &report["idle_drain"];
+    if !idle.is_null() {
+        println!(
+            "\nold generation's drain with {} idle keep-alive clients (median of {}): hello {:.0} ms, hello --handoff {:.0} ms (drain timeout {} ms)",
+            idle["idle_keep_alive_clients"],
+            idle["runs"],
+            idle["plain_ms_median"].as_f64().unwrap(),
+            idle["handoff_ms_median"].as_f64().unwrap(),
+            idle["drain_timeout_ms"],
         );
     }
     let sc = &report["scale"];
