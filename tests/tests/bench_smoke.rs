@@ -50,12 +50,24 @@ fn the_bench_runs_end_to_end() {
         [
             "sk-lookup",
             "sk-lookup",
+            "sk-lookup",
             "uds",
             "uds",
             "reuseport",
             "reuseport"
         ]
     );
+    // With --handoff the keep-alive client's one connection outlives every upgrade.
+    let handed = upgrades
+        .iter()
+        .find(|u| u["server"] == "hello --handoff")
+        .expect("hello --handoff is measured");
+    assert_eq!(
+        handed["keep_alive"]["reconnects_per_upgrade"], 0.0,
+        "{handed}"
+    );
+    assert!(report["idle_drain"]["handoff_ms_median"].as_f64().is_some());
+    assert!(report["idle_drain"]["plain_ms_median"].as_f64().is_some());
     let peers = report["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 3);
     // nginx under hotswap loses no new connection in its upgrades.

@@ -1238,7 +1238,7 @@ fn main() {
     let mut idle = Value::Null;
     if wanted("upgrades") {
         eprintln!("bench: an old generation's drain with idle keep-alive clients");
-        idle = idle_drain(3);
+        idle = idle_drain(plan.upgrades.clamp(1, 3));
     }
     let mut peers = vec![];
     if wanted("peers") {
