@@ -33,6 +33,7 @@ class Channel:
     """This generation's end of the handoff channel: hands connections over and takes them."""
 
     def __init__(self, fd):
+        os.set_inheritable(fd, False)  # ours alone: a child must not keep it open after us
         self.sock = socket.socket(fileno=fd)
         self.send_lock = threading.Lock()
         self.answers = {}  # id -> [threading.Event, outcome]
@@ -50,22 +51,32 @@ class Channel:
                 self.sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
 
     def hand_over(self, conn, buffered, state):
-        """True if the next generation adopted `conn` (close ours), False if it is still ours."""
+        """False if `conn` is still ours (declined); True if we must close our copy: the next
+        generation adopted it, or the channel closed before the answer and no one can say
+        (closing our copy, never shutdown(), leaves it to whoever holds the other)."""
         with self.answers_lock:
+            if self.answers is None:
+                return False  # the channel is closed: nothing was sent
             ident, self.next_id = self.next_id, self.next_id + 1
-            waiter = self.answers[ident] = [threading.Event(), False]
+            waiter = self.answers[ident] = [threading.Event(), "unknown"]
         try:
             self.send(CONNECTION, ident, buffered, state, conn.fileno())
         except OSError:
+            with self.answers_lock:
+                if self.answers is not None:
+                    self.answers.pop(ident, None)
             return False
         waiter[0].wait()
-        return waiter[1]
+        return waiter[1] != "declined"
 
     def read(self, adopt):
         """Reads the channel until it closes: adopts connections, wakes waiting hand-overs."""
-        self.send(ACCEPTING)
         fd_size = struct.calcsize("i")
-        while True:
+        try:
+            self.send(ACCEPTING)
+        except OSError:
+            self.sock.close()
+        while self.sock.fileno() >= 0:
             try:
                 packet, ancillary, flags, _ = self.sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(4 * fd_size))
             except OSError:
@@ -87,24 +98,33 @@ class Channel:
                 for fd in fds:
                     os.close(fd)
                 continue
-            if kind == CONNECTION and len(fds) == 1:
-                conn = socket.socket(fileno=fds[0])
-                self.send(ADOPTED, ident)
-                adopt(conn, body[:n_buffered], body[n_buffered:])
-            elif kind in (ADOPTED, DECLINED) and not fds:
-                with self.answers_lock:
-                    waiter = self.answers.pop(ident, None)
-                if waiter:
-                    waiter[1] = kind == ADOPTED
-                    waiter[0].set()
-            else:
+            try:
+                if kind == CONNECTION:
+                    conn = socket.socket(fileno=fds.pop()) if len(fds) == 1 else None
+                    if conn is None or conn.type != socket.SOCK_STREAM:
+                        # No usable connection: whatever came is closed, and the giver keeps it.
+                        if conn is not None:
+                            conn.close()
+                        self.send(DECLINED, ident)
+                    else:
+                        self.send(ADOPTED, ident)
+                        adopt(conn, body[:n_buffered], body[n_buffered:])
+                elif kind in (ADOPTED, DECLINED) and not fds:
+                    with self.answers_lock:
+                        waiter = self.answers.pop(ident, None)
+                    if waiter:
+                        waiter[1] = "adopted" if kind == ADOPTED else "declined"
+                        waiter[0].set()
+            except OSError:
+                break
+            finally:
                 for fd in fds:
                     os.close(fd)
-        # Closed: whatever waits for an answer is still its giver's.
+        # Closed: every hand-over still waiting hears "unknown", and no one waits again.
         with self.answers_lock:
             for waiter in self.answers.values():
                 waiter[0].set()
-            self.answers.clear()
+            self.answers = None
 
 
 class Sessions:

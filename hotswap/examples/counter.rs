@@ -61,7 +61,8 @@ async fn session(
                 let outcome = channel
                     .hand_over(stream.as_fd(), &buffered, state.as_bytes())
                     .await;
-                if matches!(outcome, Ok(Outcome::Adopted)) {
+                // Unknown (the channel closed before the answer): ours is dropped either way.
+                if matches!(outcome, Ok(Outcome::Adopted | Outcome::Unknown)) {
                     return;
                 }
             }

@@ -69,7 +69,8 @@ async fn serve(
         if *draining.borrow() && !closing {
             if let Some(channel) = &handoff {
                 let outcome = channel.hand_over(stream.as_fd(), &buffered, &[]).await;
-                if matches!(outcome, Ok(Outcome::Adopted)) {
+                // Unknown (the channel closed before the answer): ours is dropped either way.
+                if matches!(outcome, Ok(Outcome::Adopted | Outcome::Unknown)) {
                     return;
                 }
             }

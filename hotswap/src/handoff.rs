@@ -89,6 +89,9 @@ pub enum Message {
     Done,
     /// The sender takes connections from now on: until it says so, none is passed to it.
     Accepting,
+    /// A connection packet came without a usable descriptor (none, several, or not a TCP
+    /// stream socket; whatever came is closed): answer it "declined" so its giver keeps it.
+    Refused(u64),
 }
 
 /// The header of a packet.
@@ -185,6 +188,13 @@ impl Handoff {
         // SAFETY: the supervisor passed this descriptor to this process for this purpose, and
         // the variable is removed so nothing else takes it.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Ours alone: a child that inherited it would keep the channel open after this
+        // process died, and the supervisor would not know what it was passed is gone.
+        nix::fcntl::fcntl(
+            socket.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io::Error::from)?;
         // SAFETY: no other thread reads the environment while the channel is set up.
         unsafe { std::env::remove_var(HANDOFF_FD_VAR) };
         Self::new(socket).map(Some)
@@ -327,13 +337,10 @@ impl Handoff {
         let header = decode(packet)?;
         Ok(Some(match header.kind {
             Kind::Connection => {
-                if fds.len() != 1 {
-                    return Err(HandoffError::Malformed(
-                        "a connection without exactly one descriptor",
-                    ));
-                }
-                let fd = fds.pop().expect("one");
-                check_tcp_stream(fd.as_fd())?;
+                let fd = match (fds.pop(), fds.is_empty()) {
+                    (Some(fd), true) if is_tcp_stream(fd.as_fd()) => fd,
+                    _ => return Ok(Some(Message::Refused(header.id))),
+                };
                 let buffered_end = HEADER_LEN + header.buffered as usize;
                 Message::Connection(HandedConnection {
                     id: header.id,
@@ -358,10 +365,20 @@ impl Handoff {
 pub enum Outcome {
     /// A later generation has it: close this copy without a word to the client.
     Adopted,
-    /// It is still this generation's (no later generation took it, or the channel closed
-    /// first): serve it on, or close it as the protocol says.
+    /// It is still this generation's (no later generation took it): serve it on, or close it
+    /// as the protocol says.
     Declined,
+    /// The channel closed before the answer came (the supervisor died or re-executed), so the
+    /// next generation may have it or not: close this copy without a word to the client
+    /// (never `shutdown()`). If it was adopted it lives on there; if not, the client sees it
+    /// close. Either way it is never served by two.
+    Unknown,
 }
+
+/// The `hand_over`s waiting for their answers, by id; `None` once the channel has closed.
+type Waiting = std::sync::Arc<
+    std::sync::Mutex<Option<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Outcome>>>>,
+>;
 
 /// A generation's handoff channel as an application uses it: it hands its connections over
 /// ([`HandoffChannel::hand_over`]) when it drains and takes the ones an earlier generation
@@ -370,8 +387,10 @@ pub enum Outcome {
 /// takes it and routes each answer to the `hand_over` waiting for it.
 pub struct HandoffChannel {
     handoff: std::sync::Arc<Handoff>,
-    waiting: tokio::sync::mpsc::UnboundedSender<(u64, tokio::sync::oneshot::Sender<Outcome>)>,
+    waiting: Waiting,
     incoming: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<HandedConnection>>,
+    /// ACCEPTING went out (on the first `accept`).
+    accepting: tokio::sync::OnceCell<()>,
     next_id: std::sync::atomic::AtomicU64,
     _reader: tokio_util::task::AbortOnDropHandle<()>,
 }
@@ -385,19 +404,19 @@ impl HandoffChannel {
 
     /// Serves `handoff` as an application's channel.
     pub fn new(handoff: Handoff) -> Self {
-        use tokio::sync::mpsc::unbounded_channel;
         let handoff = std::sync::Arc::new(handoff);
-        let (waiting, registrations) = unbounded_channel();
-        let (arrived, incoming) = unbounded_channel();
+        let waiting: Waiting = std::sync::Arc::new(std::sync::Mutex::new(Some(Default::default())));
+        let (arrived, incoming) = tokio::sync::mpsc::unbounded_channel();
         let reader = tokio::spawn(read_channel(
             std::sync::Arc::clone(&handoff),
-            registrations,
+            std::sync::Arc::clone(&waiting),
             arrived,
         ));
         Self {
             handoff,
             waiting,
             incoming: tokio::sync::Mutex::new(incoming),
+            accepting: tokio::sync::OnceCell::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
             _reader: tokio_util::task::AbortOnDropHandle::new(reader),
         }
@@ -405,7 +424,8 @@ impl HandoffChannel {
 
     /// Hands `stream` to the next generation with the bytes read from it but not processed
     /// and the application's `state`, and waits for the answer. Keep the stream until then:
-    /// on [`Outcome::Adopted`] drop it, on [`Outcome::Declined`] it is still yours.
+    /// on [`Outcome::Adopted`] and [`Outcome::Unknown`] drop it, on [`Outcome::Declined`] it is
+    /// still yours. Not cancel-safe: once called, await it to the end.
     pub async fn hand_over(
         &self,
         stream: BorrowedFd<'_>,
@@ -417,84 +437,95 @@ impl HandoffChannel {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (answer, answered) = tokio::sync::oneshot::channel();
         // Registered before the packet goes, so the answer always finds its waiter.
-        if self.waiting.send((id, answer)).is_err() {
-            return Ok(Outcome::Declined);
-        }
-        self.handoff
+        match lock(&self.waiting).as_mut() {
+            Some(waiting) => waiting.insert(id, answer),
+            // The channel is closed: nothing can be handed over.
+            None => return Ok(Outcome::Declined),
+        };
+        if let Err(err) = self
+            .handoff
             .send_connection(id, stream, buffered, state)
-            .await?;
-        // The reader gone (the channel closed) means no one took it.
-        Ok(answered.await.unwrap_or(Outcome::Declined))
+            .await
+        {
+            // Not sent: it is still ours.
+            if let Some(waiting) = lock(&self.waiting).as_mut() {
+                waiting.remove(&id);
+            }
+            return match err {
+                HandoffError::TooBig { .. } => Err(err),
+                _ => Ok(Outcome::Declined),
+            };
+        }
+        // The reader gone (the channel closed) before the answer: no one can say.
+        Ok(answered.await.unwrap_or(Outcome::Unknown))
     }
 
     /// The next connection an earlier generation handed over (adopted already: it is this
-    /// generation's to serve); `None` once the channel is closed.
+    /// generation's to serve); `None` once the channel is closed. The first call tells the
+    /// supervisor this generation takes connections: an application that only hands over
+    /// never calls it, and is never handed any.
     pub async fn accept(&self) -> Option<HandedConnection> {
+        let said = self
+            .accepting
+            .get_or_try_init(|| async { self.handoff.accepting().await })
+            .await;
+        if said.is_err() {
+            return None;
+        }
         self.incoming.lock().await.recv().await
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The reader of an application's channel: connections in (answered "adopted"), answers to
 /// the waiting `hand_over`s, until the channel closes.
 async fn read_channel(
     handoff: std::sync::Arc<Handoff>,
-    mut registrations: tokio::sync::mpsc::UnboundedReceiver<(
-        u64,
-        tokio::sync::oneshot::Sender<Outcome>,
-    )>,
+    waiting: Waiting,
     arrived: tokio::sync::mpsc::UnboundedSender<HandedConnection>,
 ) {
-    let mut waiting = std::collections::HashMap::new();
-    if handoff.accepting().await.is_err() {
-        return;
-    }
+    let answer = |id: u64, outcome: Outcome| {
+        let waiter = lock(&waiting).as_mut().and_then(|w| w.remove(&id));
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(outcome);
+        }
+    };
     loop {
-        tokio::select! {
-            // A registration comes before its answer can: look at them first.
-            biased;
-            Some((id, answer)) = registrations.recv() => {
-                waiting.insert(id, answer);
+        match handoff.receive().await {
+            Ok(Some(Message::Connection(connection))) => {
+                if handoff.adopted(connection.id).await.is_err() {
+                    break;
+                }
+                let _ = arrived.send(connection);
             }
-            received = handoff.receive() => match received {
-                Ok(Some(Message::Connection(connection))) => {
-                    if handoff.adopted(connection.id).await.is_ok() {
-                        let _ = arrived.send(connection);
-                    }
+            Ok(Some(Message::Refused(id))) => {
+                if handoff.declined(id).await.is_err() {
+                    break;
                 }
-                Ok(Some(Message::Adopted(id))) => {
-                    if let Some(answer) = waiting.remove(&id) {
-                        let _ = answer.send(Outcome::Adopted);
-                    }
-                }
-                Ok(Some(Message::Declined(id))) => {
-                    if let Some(answer) = waiting.remove(&id) {
-                        let _ = answer.send(Outcome::Declined);
-                    }
-                }
-                Ok(Some(Message::Done | Message::Accepting)) | Err(HandoffError::Malformed(_)) => {}
-                // Closed: every waiter hears "declined" as its sender drops.
-                Ok(None) | Err(_) => return,
             }
+            Ok(Some(Message::Adopted(id))) => answer(id, Outcome::Adopted),
+            Ok(Some(Message::Declined(id))) => answer(id, Outcome::Declined),
+            Ok(Some(Message::Done | Message::Accepting)) | Err(HandoffError::Malformed(_)) => {}
+            Ok(None) | Err(_) => break,
         }
     }
+    // Closed: every waiter hears "unknown" as its sender drops, and no one waits again.
+    lock(&waiting).take();
 }
 
-/// A connected TCP socket, or the packet is refused: a receiver must not take a listener or
-/// a file for a connection.
-fn check_tcp_stream(fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+/// Whether `fd` is a TCP stream socket that is not listening: a receiver must not take a
+/// listener or a file for a connection. (Not whether it is still connected: a connection the
+/// client reset on the way is still the giver's to hand over and the receiver's to close.)
+fn is_tcp_stream(fd: BorrowedFd<'_>) -> bool {
     use nix::sys::socket::{getsockopt, sockopt};
-    let refused = HandoffError::Malformed("a descriptor that is not a connected TCP socket");
-    let kind = getsockopt(&fd, sockopt::SockType)
-        .map_err(|_| HandoffError::Malformed("a descriptor that is not a socket"))?;
-    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(true);
-    let protocol = crate::socket::socket_protocol(fd).unwrap_or(-1);
-    if kind != nix::sys::socket::SockType::Stream || listening || protocol != libc::IPPROTO_TCP {
-        return Err(refused);
-    }
-    if nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd()).is_err() {
-        return Err(refused);
-    }
-    Ok(())
+    getsockopt(&fd, sockopt::SockType).is_ok_and(|kind| kind == nix::sys::socket::SockType::Stream)
+        && getsockopt(&fd, sockopt::AcceptConn).is_ok_and(|listening| !listening)
+        && crate::socket::socket_protocol(fd).is_ok_and(|p| p == libc::IPPROTO_TCP)
 }
 
 #[cfg(test)]
@@ -583,6 +614,48 @@ mod tests {
         assert!(taker.receive().await.unwrap().is_none());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_hand_over_gets_its_answer_on_a_multi_threaded_runtime() {
+        let (ours, theirs) = Handoff::pair().unwrap();
+        let channel = HandoffChannel::new(ours);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        // The other end answers each connection at once, alternately.
+        let answering = tokio::spawn(async move {
+            for n in 0..200u64 {
+                let Some(Message::Connection(handed)) = theirs.receive().await.unwrap() else {
+                    panic!("not a connection");
+                };
+                if n % 2 == 0 {
+                    theirs.adopted(handed.id).await.unwrap();
+                } else {
+                    theirs.declined(handed.id).await.unwrap();
+                }
+            }
+            theirs
+        });
+        for n in 0..200u64 {
+            let outcome = channel.hand_over(server.as_fd(), b"", b"").await.unwrap();
+            let expected = if n % 2 == 0 {
+                Outcome::Adopted
+            } else {
+                Outcome::Declined
+            };
+            assert_eq!(outcome, expected, "hand-over {n}");
+        }
+        // The channel closing with a hand-over unanswered: no one can say who has it.
+        let theirs = answering.await.unwrap();
+        let waiting =
+            tokio::spawn(async move { channel.hand_over(server.as_fd(), b"", b"").await.unwrap() });
+        assert!(matches!(
+            theirs.receive().await.unwrap(),
+            Some(Message::Connection(_))
+        ));
+        drop(theirs);
+        assert_eq!(waiting.await.unwrap(), Outcome::Unknown);
+    }
+
     #[tokio::test]
     async fn oversized_state_and_descriptors_that_are_not_connections_are_refused() {
         let (giver, taker) = Handoff::pair().unwrap();
@@ -594,15 +667,14 @@ mod tests {
                 .await,
             Err(HandoffError::TooBig { .. })
         ));
-        // A listener is no connection: the taker refuses the packet and closes the fd.
+        // A listener is no connection: the taker refuses it (closing the fd), to be declined.
         giver
             .send_connection(2, listener.as_fd(), &[], &[])
             .await
             .unwrap();
-        let err = taker.receive().await.unwrap_err();
-        assert!(
-            err.to_string().contains("not a connected TCP socket"),
-            "{err}"
-        );
+        assert!(matches!(
+            taker.receive().await.unwrap(),
+            Some(Message::Refused(2))
+        ));
     }
 }

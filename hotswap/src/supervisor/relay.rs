@@ -26,8 +26,13 @@ use crate::handoff::{Handoff, HandoffError, Message};
 /// receiver that stopped reading cannot make givers wait.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// How long a packet may wait for room in a generation's channel.
+/// How long a connection packet may wait for room in a receiver's channel; a receiver that
+/// takes longer is stalled, and passed nothing more.
 pub const SEND_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Messages read from generations and not yet handled: a generation that sends faster than
+/// the relay handles waits on its own socket (and the descriptors it sends stay there).
+const RECEIVED_QUEUE: usize = 64;
 
 /// What one generation handed over and took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,18 +43,20 @@ pub struct Counts {
     pub adopted: u64,
 }
 
-enum Event {
+/// What the supervisor tells the relay.
+enum Control {
     /// Generation `id` (re)started with this channel.
     Join(u32, Handoff),
     /// Connections go to this generation from now on (`None`: to none).
     Target(Option<u32>),
-    /// Generation `id`'s channel said something (`None`: it closed).
-    Received(u32, u64, Result<Option<Message>, HandoffError>),
 }
+
+/// What generation `id`'s channel (as of `serial`) said (`None`: it closed).
+struct Received(u32, u64, Result<Option<Message>, HandoffError>);
 
 /// The supervisor's handle on the relay task.
 pub struct Relay {
-    events: mpsc::UnboundedSender<Event>,
+    control: mpsc::UnboundedSender<Control>,
     counts: watch::Receiver<BTreeMap<u32, Counts>>,
     _task: AbortOnDropHandle<()>,
 }
@@ -57,10 +64,11 @@ pub struct Relay {
 impl Relay {
     /// Starts the relay task.
     pub fn start() -> Self {
-        let (events, received) = mpsc::unbounded_channel();
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (received_tx, received) = mpsc::channel(RECEIVED_QUEUE);
         let (counts_tx, counts) = watch::channel(BTreeMap::new());
         let state = RelayState {
-            events: events.clone(),
+            received_tx,
             channels: BTreeMap::new(),
             target: None,
             in_flight: HashMap::new(),
@@ -68,9 +76,9 @@ impl Relay {
             next_serial: 1,
             counts: counts_tx,
         };
-        let task = tokio::spawn(state.run(received));
+        let task = tokio::spawn(state.run(control_rx, received));
         Self {
-            events,
+            control,
             counts,
             _task: AbortOnDropHandle::new(task),
         }
@@ -87,13 +95,13 @@ impl Relay {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(std::io::Error::from)?;
-        let _ = self.events.send(Event::Join(id, Handoff::new(ours)?));
+        let _ = self.control.send(Control::Join(id, Handoff::new(ours)?));
         Ok(theirs)
     }
 
     /// Connections go to generation `target` from now on.
     pub fn target(&self, target: Option<u32>) {
-        let _ = self.events.send(Event::Target(target));
+        let _ = self.control.send(Control::Target(target));
     }
 
     /// What generation `id` handed over and took so far.
@@ -108,12 +116,16 @@ struct Channel {
     serial: u64,
     /// It said it takes connections.
     accepting: bool,
+    /// A connection packet waited longer than [`SEND_DEADLINE`] for room in it.
+    stalled: bool,
     _reader: AbortOnDropHandle<()>,
 }
 
 /// A connection passed on and not yet answered.
 struct InFlight {
     from: u32,
+    /// The giver's channel it came down.
+    from_serial: u64,
     /// The giver's id for it.
     id: u64,
     to: u32,
@@ -122,7 +134,7 @@ struct InFlight {
 }
 
 struct RelayState {
-    events: mpsc::UnboundedSender<Event>,
+    received_tx: mpsc::Sender<Received>,
     channels: BTreeMap<u32, Channel>,
     target: Option<u32>,
     /// By the relay's own id, which the receiver answers with.
@@ -133,14 +145,21 @@ struct RelayState {
 }
 
 impl RelayState {
-    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
-        while let Some(event) = events.recv().await {
-            match event {
-                Event::Join(id, handoff) => self.join(id, handoff),
-                Event::Target(target) => self.target = target,
-                Event::Received(id, serial, received) => {
+    async fn run(
+        mut self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        mut received: mpsc::Receiver<Received>,
+    ) {
+        loop {
+            tokio::select! {
+                message = control.recv() => match message {
+                    Some(Control::Join(id, handoff)) => self.join(id, handoff),
+                    Some(Control::Target(target)) => self.target = target,
+                    None => return,
+                },
+                Some(Received(id, serial, message)) = received.recv() => {
                     if self.channels.get(&id).is_some_and(|c| c.serial == serial) {
-                        self.received(id, serial, received).await;
+                        self.received(id, serial, message).await;
                     }
                 }
             }
@@ -152,12 +171,12 @@ impl RelayState {
         self.next_serial += 1;
         let handoff = Arc::new(handoff);
         let reader = {
-            let (handoff, events) = (Arc::clone(&handoff), self.events.clone());
+            let (handoff, received) = (Arc::clone(&handoff), self.received_tx.clone());
             tokio::spawn(async move {
                 loop {
-                    let received = handoff.receive().await;
-                    let last = !matches!(received, Ok(Some(_)) | Err(HandoffError::Malformed(_)));
-                    if events.send(Event::Received(id, serial, received)).is_err() || last {
+                    let message = handoff.receive().await;
+                    let last = !matches!(message, Ok(Some(_)) | Err(HandoffError::Malformed(_)));
+                    if received.send(Received(id, serial, message)).await.is_err() || last {
                         return;
                     }
                 }
@@ -169,6 +188,7 @@ impl RelayState {
                 handoff,
                 serial,
                 accepting: false,
+                stalled: false,
                 _reader: AbortOnDropHandle::new(reader),
             },
         );
@@ -181,19 +201,20 @@ impl RelayState {
         &mut self,
         id: u32,
         serial: u64,
-        received: Result<Option<Message>, HandoffError>,
+        message: Result<Option<Message>, HandoffError>,
     ) {
-        match received {
+        match message {
             Ok(Some(Message::Connection(connection))) => {
-                let relayed = self.pass_on(id, &connection).await;
-                if !relayed {
-                    self.answer(id, Message::Declined(connection.id)).await;
+                if !self.pass_on(id, serial, &connection).await {
+                    self.answer(id, serial, Message::Declined(connection.id));
                 }
             }
-            Ok(Some(Message::Adopted(relay_id))) => self.answered(id, serial, relay_id, true).await,
-            Ok(Some(Message::Declined(relay_id))) => {
-                self.answered(id, serial, relay_id, false).await
+            // A giver's packet without a usable descriptor: it keeps what it meant to send.
+            Ok(Some(Message::Refused(giver_id))) => {
+                self.answer(id, serial, Message::Declined(giver_id));
             }
+            Ok(Some(Message::Declined(relay_id))) => self.answered(id, serial, relay_id, false),
+            Ok(Some(Message::Adopted(relay_id))) => self.answered(id, serial, relay_id, true),
             Ok(Some(Message::Accepting)) => {
                 if let Some(channel) = self.channels.get_mut(&id) {
                     channel.accepting = true;
@@ -213,11 +234,20 @@ impl RelayState {
     }
 
     /// Passes a connection from generation `from` on to the target; whether it went.
-    async fn pass_on(&mut self, from: u32, connection: &crate::handoff::HandedConnection) -> bool {
+    async fn pass_on(
+        &mut self,
+        from: u32,
+        from_serial: u64,
+        connection: &crate::handoff::HandedConnection,
+    ) -> bool {
         let Some(to) = self.target.filter(|&t| t != from) else {
             return false;
         };
-        let Some(channel) = self.channels.get(&to).filter(|c| c.accepting) else {
+        let Some(channel) = self
+            .channels
+            .get_mut(&to)
+            .filter(|c| c.accepting && !c.stalled)
+        else {
             return false;
         };
         if self.in_flight.values().filter(|f| f.to == to).count() >= MAX_IN_FLIGHT {
@@ -234,14 +264,23 @@ impl RelayState {
             ),
         )
         .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return false;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::warn!(
+                    "generation {to} takes no handoff packet; it is passed no more connections"
+                );
+                channel.stalled = true;
+                return false;
+            }
         }
         self.next_id += 1;
         self.in_flight.insert(
             relay_id,
             InFlight {
                 from,
+                from_serial,
                 id: connection.id,
                 to,
                 to_serial: channel.serial,
@@ -251,7 +290,7 @@ impl RelayState {
     }
 
     /// Receiver `to` answered the connection it knows as `relay_id`.
-    async fn answered(&mut self, to: u32, serial: u64, relay_id: u64, adopted: bool) {
+    fn answered(&mut self, to: u32, serial: u64, relay_id: u64, adopted: bool) {
         let Some(flight) = self.in_flight.get(&relay_id) else {
             return;
         };
@@ -264,9 +303,13 @@ impl RelayState {
                 counts.entry(flight.from).or_default().handed_over += 1;
                 counts.entry(to).or_default().adopted += 1;
             });
-            self.answer(flight.from, Message::Adopted(flight.id)).await;
+            self.answer(flight.from, flight.from_serial, Message::Adopted(flight.id));
         } else {
-            self.answer(flight.from, Message::Declined(flight.id)).await;
+            self.answer(
+                flight.from,
+                flight.from_serial,
+                Message::Declined(flight.id),
+            );
         }
     }
 
@@ -281,32 +324,29 @@ impl RelayState {
             .collect();
         for relay_id in orphaned {
             let flight = self.in_flight.remove(&relay_id).expect("listed above");
-            if let Some(giver) = self.channels.get(&flight.from) {
-                let giver = Arc::clone(&giver.handoff);
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(SEND_DEADLINE, giver.declined(flight.id)).await;
-                });
-            }
+            self.answer(
+                flight.from,
+                flight.from_serial,
+                Message::Declined(flight.id),
+            );
         }
     }
 
-    /// Sends an answer about the giver's connection to generation `to`, if its channel is open.
-    async fn answer(&self, to: u32, message: Message) {
-        let Some(channel) = self.channels.get(&to) else {
+    /// Sends an answer about the giver's connection to generation `to`'s channel of `serial`,
+    /// if it is still open. Never given up on while it is: the giver waits for it (its own
+    /// reader keeps reading, so this takes no longer than the giver needs to read).
+    fn answer(&self, to: u32, serial: u64, message: Message) {
+        let Some(channel) = self.channels.get(&to).filter(|c| c.serial == serial) else {
             return;
         };
-        let sent = match message {
-            Message::Adopted(id) => {
-                tokio::time::timeout(SEND_DEADLINE, channel.handoff.adopted(id)).await
-            }
-            Message::Declined(id) => {
-                tokio::time::timeout(SEND_DEADLINE, channel.handoff.declined(id)).await
-            }
-            _ => return,
-        };
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::warn!("generation {to} did not take a handoff answer");
-        }
+        let giver = Arc::clone(&channel.handoff);
+        tokio::spawn(async move {
+            let _ = match message {
+                Message::Adopted(id) => giver.adopted(id).await,
+                Message::Declined(id) => giver.declined(id).await,
+                _ => Ok(()),
+            };
+        });
     }
 }
 
@@ -371,6 +411,21 @@ mod tests {
         assert!(matches!(
             new.receive().await.unwrap(),
             Some(Message::Declined(9))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_giver_whose_packet_carries_no_connection_is_answered_declined() {
+        let relay = Relay::start();
+        let (old, _new) = (generation(&relay, 1).await, generation(&relay, 2).await);
+        relay.target(Some(2));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        old.send_connection(3, listener.as_fd(), b"", b"")
+            .await
+            .unwrap();
+        assert!(matches!(
+            old.receive().await.unwrap(),
+            Some(Message::Declined(3))
         ));
     }
 
