@@ -77,6 +77,42 @@ pub struct Owner {
     pub gid: Option<u32>,
 }
 
+/// A user or group named in a config file or on the command line that this host lacks.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// No such user.
+    #[error("no user {0:?} on this host (give a uid)")]
+    NoSuchUser(String),
+    /// No such group.
+    #[error("no group {0:?} on this host (give a gid)")]
+    NoSuchGroup(String),
+    /// The user or group database could not be read.
+    #[error("looking up {0:?} failed")]
+    Database(String, #[source] nix::Error),
+}
+
+/// A user's uid: a number is one; a name is looked up.
+pub fn user_id(user: &str) -> Result<u32, LookupError> {
+    if let Ok(uid) = user.parse() {
+        return Ok(uid);
+    }
+    nix::unistd::User::from_name(user)
+        .map_err(|e| LookupError::Database(user.to_owned(), e))?
+        .map(|user| user.uid.as_raw())
+        .ok_or_else(|| LookupError::NoSuchUser(user.to_owned()))
+}
+
+/// A group's gid: a number is one; a name is looked up.
+pub fn group_id(group: &str) -> Result<u32, LookupError> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    nix::unistd::Group::from_name(group)
+        .map_err(|e| LookupError::Database(group.to_owned(), e))?
+        .map(|group| group.gid.as_raw())
+        .ok_or_else(|| LookupError::NoSuchGroup(group.to_owned()))
+}
+
 impl Owner {
     /// No owner but root.
     pub fn is_none(&self) -> bool {

@@ -248,10 +248,19 @@ pub fn refuse<T: serde::Serialize>(stream: &UnixStream, refusal: &Refusal, answe
 /// When accepting fails (EMFILE, ENFILE, ENOBUFS…), the pending connection stays queued and the
 /// next accept fails the same way at once: without a pause the loop spins and floods the log.
 /// Waits double from [`AcceptBackoff::FIRST`] to [`AcceptBackoff::LAST`]; a success resets them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AcceptBackoff {
     failures: u32,
     next_try: Option<Instant>,
+    /// What is accepted, for the log.
+    what: &'static str,
+}
+
+impl Default for AcceptBackoff {
+    /// For the control socket.
+    fn default() -> Self {
+        Self::new("control connection")
+    }
 }
 
 impl AcceptBackoff {
@@ -259,6 +268,15 @@ impl AcceptBackoff {
     pub const FIRST: Duration = Duration::from_millis(10);
     /// The longest wait.
     pub const LAST: Duration = Duration::from_secs(1);
+
+    /// A back-off for accepting `what`s (named so in the log).
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            failures: 0,
+            next_try: None,
+            what,
+        }
+    }
 
     /// Waits until the next accept may be tried. Cancel-safe: the deadline is kept, so being
     /// polled again in a `select!` does not restart the wait.
@@ -287,13 +305,14 @@ impl AcceptBackoff {
 
     /// Takes what `accept` returned: the stream, resetting the back-off (and saying so after a
     /// failed streak); or, on a failure, pauses the next try and logs the streak's first.
-    pub fn accepted<A>(&mut self, result: io::Result<(UnixStream, A)>) -> Option<UnixStream> {
+    pub fn accepted<S, A>(&mut self, result: io::Result<(S, A)>) -> Option<S> {
         match result {
             Ok((stream, _)) => {
                 let failures = self.succeeded();
                 if failures > 0 {
                     tracing::info!(
-                        "accepting control connections works again, after {failures} failed attempts"
+                        "accepting {}s works again, after {failures} failed attempts",
+                        self.what
                     );
                 }
                 Some(stream)
@@ -302,12 +321,14 @@ impl AcceptBackoff {
                 let (wait, first) = self.failed();
                 if first {
                     tracing::warn!(
-                        "accepting a control connection failed: {err}; retrying with back-off (up to {})",
+                        "accepting a {} failed: {err}; retrying with back-off (up to {})",
+                        self.what,
                         humantime::format_duration(Self::LAST)
                     );
                 } else {
                     tracing::debug!(
-                        "accepting a control connection failed: {err}; next try in {}",
+                        "accepting a {} failed: {err}; next try in {}",
+                        self.what,
                         humantime::format_duration(wait)
                     );
                 }

@@ -29,6 +29,7 @@ use crate::{
         uds::UdsBackend,
         Backend, BackendError,
     },
+    config::{ConfigFile, ReloadError, Reloader},
     error_chain,
     model::ServiceName,
     protocol::{Connection, ErrorCode, Reply, Request, Response, WireError},
@@ -67,6 +68,11 @@ pub struct DaemonConfig {
     /// A group whose members may connect to the control socket too (operators who are not
     /// root; each request is then authorised against its service's owner).
     pub socket_group: Option<u32>,
+    /// The config file applied at start and on reload (`None`: bindings come only from
+    /// commands).
+    pub config: Option<ConfigFile>,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The daemon could not start or failed.
@@ -107,6 +113,24 @@ pub enum DaemonError {
     /// The eBPF log reader could not start.
     #[error("reading the eBPF program's log failed")]
     Logger(#[from] aya_log::Error),
+    /// The config file could not be applied at start.
+    #[error("applying the config file {} failed", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ReloadError,
+    },
+    /// The metrics address could not be listened on.
+    #[error("listening for metrics scrapes on {address} failed")]
+    MetricsListen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Takes `<socket>.lock`, so two daemons never fight over one socket path. With a socket
@@ -259,6 +283,17 @@ pub async fn run(
         Some(dir) => dir.clone(),
         None => default_pin_dir().map_err(PathError::at("reading", ns_path))?,
     };
+    // A config that cannot be read stops the start before anything changes.
+    let mut reloader = config
+        .config
+        .clone()
+        .map(|file| Reloader::new(file, crate::config::applied_path(&config.socket)));
+    if let Some(reloader) = &reloader {
+        reloader.read().map_err(|err| DaemonError::Config {
+            path: reloader.file().path.clone(),
+            source: err.into(),
+        })?;
+    }
     let _socket_lock = lock_socket_path(&config.socket, config.socket_group)?;
     let backend = choose_backend(
         config.backend,
@@ -281,6 +316,23 @@ pub async fn run(
     registry
         .set_debug_log(config.debug_ebpf)
         .map_err(DaemonError::DebugLog)?;
+    if let Some(reloader) = &mut reloader {
+        let path = reloader.file().path.clone();
+        let applied = reloader
+            .reload(&mut registry)
+            .map_err(|source| DaemonError::Config {
+                path: path.clone(),
+                source,
+            })?;
+        log_applied(&path, &applied);
+    }
+    let metrics_listener = config
+        .metrics_listen
+        .map(|address| {
+            crate::exporter::bind(address)
+                .map_err(|source| DaemonError::MetricsListen { address, source })
+        })
+        .transpose()?;
     let logger = match (config.debug_ebpf, info.program_id) {
         (true, Some(program_id)) => Some(spawn_ebpf_logger(program_id)?),
         _ => None,
@@ -289,6 +341,24 @@ pub async fn run(
     let listener = bind_control_socket(&config.socket, config.socket_group)?;
     tracing::info!("listening on {}", config.socket.display());
     let registry = Arc::new(Mutex::new(registry));
+    let reloader = Arc::new(Mutex::new(reloader));
+    let stopping = CancellationToken::new();
+    let exporter = metrics_listener.map(|listener| {
+        tracing::info!(
+            "serving Prometheus metrics on http://{}/metrics",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string())
+        );
+        let source = Scrapes {
+            registry: Arc::clone(&registry),
+            run_dir: crate::supervisor::default_run_dir(&config.socket),
+        };
+        tokio::spawn(crate::exporter::serve(listener, source, stopping.clone()))
+    });
+    // SIGHUP reloads the config (systemd's ExecReload); without a handler it would kill.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| PathError::at("handling SIGHUP for", &config.socket)(e))?;
     let mut reap_timer = tokio::time::interval(REAP_INTERVAL);
     let mut upkeep_timer = tokio::time::interval(UPKEEP_INTERVAL);
     upkeep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,7 +374,6 @@ pub async fn run(
     let mut admission = Admission::new(config.limits, allowed);
     let mut backoff = AcceptBackoff::default();
     let connections = TaskTracker::new();
-    let stopping = CancellationToken::new();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -315,6 +384,7 @@ pub async fn run(
                     Ok((peer, ticket)) => {
                         let connection = ControlConnection {
                             registry: Arc::clone(&registry),
+                            reloader: Arc::clone(&reloader),
                             peer,
                             _ticket: ticket,
                             idle: admission.limits().idle,
@@ -331,6 +401,11 @@ pub async fn run(
                         refuse(&stream, &refusal, &response);
                     }
                 }
+            }
+            _ = hangups.recv() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, monotonic_now()]);
+                reload(&registry, &reloader);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             _ = upkeep_timer.tick() => {
                 let mut registry = lock(&registry);
@@ -369,6 +444,9 @@ pub async fn run(
             humantime::format_duration(ANSWER_BEFORE_EXIT)
         );
     }
+    if let Some(exporter) = exporter {
+        let _ = exporter.await;
+    }
     if let Some(logger) = logger {
         logger.abort();
         if let Err(err) = lock(&registry).set_debug_log(false) {
@@ -378,12 +456,83 @@ pub async fn run(
     Ok(())
 }
 
-fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves the registry as consistent as the last completed
     // operation made it; keep serving.
-    registry
+    shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `MONOTONIC_USEC=…`, which systemd wants with `RELOADING=1`.
+fn monotonic_now() -> sd_notify::NotifyState<'static> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+    });
+    sd_notify::NotifyState::MonotonicUsec(now as i128)
+}
+
+/// SIGHUP: reloads the config, and logs what changed or why nothing did. Lock order: the
+/// registry, then the reloader (as every control connection takes them).
+fn reload(registry: &Mutex<Registry>, reloader: &Mutex<Option<Reloader>>) {
+    let mut registry = lock(registry);
+    let mut reloader = lock(reloader);
+    let Some(reloader) = reloader.as_mut() else {
+        tracing::info!("SIGHUP: the daemon runs without a config file; nothing to reload");
+        return;
+    };
+    let path = reloader.file().path.clone();
+    match reloader.reload(&mut registry) {
+        Ok(applied) => log_applied(&path, &applied),
+        Err(err) => tracing::error!(
+            "reloading {}: {}; nothing changed",
+            path.display(),
+            error_chain(&err)
+        ),
+    }
+}
+
+fn log_applied(path: &Path, applied: &crate::config::Applied) {
+    for change in &applied.changes {
+        tracing::info!("config {}: {change}", path.display());
+    }
+    tracing::info!(
+        "config {} applied: {} changes, {} services unchanged",
+        path.display(),
+        applied.changes.len(),
+        applied.unchanged.len()
+    );
+}
+
+/// What the metrics endpoint reads: the registry, and the supervisors in root's run directory.
+#[derive(Clone)]
+struct Scrapes {
+    registry: Arc<Mutex<Registry>>,
+    run_dir: PathBuf,
+}
+
+impl crate::exporter::Source for Scrapes {
+    async fn scrape(&self) -> crate::exporter::Scrape {
+        let (status, kernel) = {
+            let registry = lock(&self.registry);
+            (registry.status(), registry.metrics().ok())
+        };
+        let names = crate::supervisor::running_services(&self.run_dir);
+        let reports = futures::future::join_all(names.iter().map(|name| {
+            crate::supervisor::report(&self.run_dir, name, crate::exporter::SUPERVISOR_DEADLINE)
+        }))
+        .await;
+        let supervisors = names
+            .iter()
+            .zip(reports)
+            .map(|(name, report)| (name.to_string(), report.ok()))
+            .collect();
+        crate::exporter::Scrape {
+            status,
+            kernel,
+            supervisors,
+        }
+    }
 }
 
 fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
@@ -406,6 +555,7 @@ fn spawn_ebpf_logger(program_id: u32) -> Result<tokio::task::JoinHandle<()>, Dae
 /// stays idle too long, or the daemon stops.
 struct ControlConnection {
     registry: Arc<Mutex<Registry>>,
+    reloader: Arc<Mutex<Option<Reloader>>>,
     peer: Peer,
     /// Counts the connection against its peer's uid while it lives.
     _ticket: Ticket,
@@ -444,6 +594,7 @@ impl ControlConnection {
                 probe,
             } = answer(
                 &mut lock(&self.registry),
+                lock(&self.reloader).as_mut(),
                 &bytes,
                 &self.peer,
                 probes.sources.len(),
@@ -482,7 +633,13 @@ struct Answer {
 /// Decodes one request frame and carries it out for `peer`, whose connection holds
 /// `probes_held` probe routes: everything the daemon does with what a peer sends, and so what
 /// the fuzz run drives.
-fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer, probes_held: usize) -> Answer {
+fn answer(
+    registry: &mut Registry,
+    reloader: Option<&mut Reloader>,
+    bytes: &[u8],
+    peer: &Peer,
+    probes_held: usize,
+) -> Answer {
     let request = match crate::protocol::decode::<Request>(bytes) {
         Ok(request) => request,
         Err(err) => {
@@ -511,7 +668,7 @@ fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer, probes_held: usize
         Request::Probe { source, .. } => Some(*source),
         _ => None,
     };
-    match handle(registry, request, peer, probes_held) {
+    match handle(registry, reloader, request, peer, probes_held) {
         Ok((reply, attached)) => Answer {
             response: Ok(reply),
             attached,
@@ -522,6 +679,67 @@ fn answer(registry: &mut Registry, bytes: &[u8], peer: &Peer, probes_held: usize
             attached: None,
             probe: None,
         },
+    }
+}
+
+/// `hotswap reload`: root's alone, like the file it reads.
+fn reload_for(
+    registry: &mut Registry,
+    reloader: Option<&mut Reloader>,
+    peer: &Peer,
+) -> Result<Reply, RequestError> {
+    if !peer.is_root() {
+        return Err(AccessError::RootOnly {
+            uid: peer.uid,
+            what: "reload the config",
+        }
+        .into());
+    }
+    let reloader = reloader.ok_or(RequestError::NoConfigFile)?;
+    let path = reloader.file().path.clone();
+    match reloader.reload(registry) {
+        Ok(applied) => {
+            log_applied(&path, &applied);
+            Ok(Reply::Reloaded(applied))
+        }
+        Err(err) => {
+            tracing::warn!(
+                "reloading {}: {}; nothing changed",
+                path.display(),
+                error_chain(&err)
+            );
+            Err(err.into())
+        }
+    }
+}
+
+/// Why the daemon refused a request.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The registry refused.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The config could not be reloaded.
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    /// A reload asked of a daemon started without a config file.
+    #[error("this daemon was started without a config file (--config)")]
+    NoConfigFile,
+}
+
+impl From<AccessError> for RequestError {
+    fn from(err: AccessError) -> Self {
+        Self::Registry(err.into())
+    }
+}
+
+impl RequestError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Registry(err) => err.code(),
+            Self::Reload(err) => err.code(),
+            Self::NoConfigFile => ErrorCode::Unsupported,
+        }
     }
 }
 
@@ -591,10 +809,11 @@ async fn send_with_fd(
 /// with a descriptor to attach.
 fn handle(
     registry: &mut Registry,
+    reloader: Option<&mut Reloader>,
     request: Request,
     peer: &Peer,
     probes_held: usize,
-) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RegistryError> {
+) -> Result<(Reply, Option<std::os::fd::OwnedFd>), RequestError> {
     let may = |registry: &Registry, service: &ServiceName, action| {
         access::authorise(peer, service, registry.owner(service), action)
     };
@@ -726,6 +945,7 @@ fn handle(
             });
             Ok(Reply::Metrics { services })
         }
+        Request::Reload => reload_for(registry, reloader, peer),
     };
     reply.map(|reply| (reply, None))
 }
@@ -757,14 +977,14 @@ mod tests {
         for i in 0..100_000 {
             let input = mangle(&seeds, &mut rng);
             decoded += u32::from(crate::protocol::decode::<Request>(&input).is_ok());
-            let answer = answer(&mut registry, &input, &root, 0);
+            let answer = answer(&mut registry, None, &input, &root, 0);
             crate::protocol::encode_frame(&answer.response)
                 .unwrap_or_else(|err| panic!("seed {seed} input {i}: {err}"));
         }
         // A share of the inputs decodes, so the handler is driven, not only the decoder.
         assert!(decoded > 20_000, "only {decoded} inputs decoded");
         let frame = crate::protocol::encode_frame(&Request::Status).unwrap();
-        assert!(answer(&mut registry, &frame[4..], &root, 0)
+        assert!(answer(&mut registry, None, &frame[4..], &root, 0)
             .response
             .is_ok());
     }

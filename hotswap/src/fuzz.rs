@@ -101,6 +101,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         },
         Request::Status,
         Request::Metrics,
+        Request::Reload,
     ];
     framed(&requests)
 }

@@ -9,8 +9,10 @@ pub mod admission;
 pub mod backend;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod exporter;
 pub mod files;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;

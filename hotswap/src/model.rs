@@ -41,6 +41,9 @@ pub enum ParseError {
     /// Not a number from 0 to 65535.
     #[error("invalid port {0:?}: expected 0-65535 (0 means every port)")]
     Port(String),
+    /// A binding that is not three words.
+    #[error("invalid binding {0:?}: expected `tcp|udp PREFIX PORT`, e.g. \"tcp 0.0.0.0/0 80\"")]
+    Binding(String),
     /// A label that does not fit.
     #[error("label is {0} bytes long; at most {max} are allowed", max = hotswap_common::MAX_LABEL)]
     LabelTooLong(usize),
@@ -307,6 +310,23 @@ impl Binding {
             protocol,
             prefix,
             port: u16::from_be_bytes(data.port),
+        })
+    }
+}
+
+/// `tcp|udp PREFIX PORT`, as `hotswap bind` takes it and [`Binding`]'s `Display` writes it.
+impl FromStr for Binding {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let [protocol, prefix, port] = words[..] else {
+            return Err(ParseError::Binding(s.to_owned()));
+        };
+        Ok(Self {
+            protocol: protocol.parse()?,
+            prefix: parse_prefix(prefix)?,
+            port: parse_port(port)?,
         })
     }
 }

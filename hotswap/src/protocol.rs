@@ -100,6 +100,8 @@ pub enum Request {
     Status,
     /// Report counters.
     Metrics,
+    /// Read the config file again and apply what changed (root only).
+    Reload,
 }
 
 /// A successful answer.
@@ -132,6 +134,8 @@ pub enum Reply {
         /// Per service.
         services: Vec<ServiceMetricsReport>,
     },
+    /// What a reload changed.
+    Reloaded(crate::config::Applied),
 }
 
 /// The version of the control protocol this build speaks. Every frame carries it (see
@@ -375,6 +379,7 @@ mod tests {
             },
             Request::Status,
             Request::Metrics,
+            Request::Reload,
         ];
         for request in &requests {
             a.send(request).await.unwrap();

@@ -151,6 +151,9 @@ pub struct TestEnv {
     pub socket: PathBuf,
     /// bpffs state directory.
     pub pin_dir: PathBuf,
+    /// The daemon's config file (`--config`): empty unless a test writes it, so no daemon of
+    /// a test reads the host's /etc/hotswap.
+    pub config: PathBuf,
     daemon: Option<Child>,
     daemon_log: PathBuf,
     /// `--backend` for the daemon; `None` for its default (auto).
@@ -174,7 +177,10 @@ impl TestEnv {
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
         let pin_dir = PathBuf::from("/sys/fs/bpf/hotswap-tests").join(unique);
+        let config = dir.path().join("hotswap.toml");
+        std::fs::write(&config, "").expect("empty config file");
         Self {
+            config,
             socket: dir.path().join("hotswap.sock"),
             daemon_log: dir.path().join("daemon.log"),
             dir,
@@ -209,6 +215,8 @@ impl TestEnv {
             .arg(&self.socket)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--config")
+            .arg(&self.config)
             .env("RUST_LOG", "info");
         if let Some(backend) = &self.backend {
             cmd.args(["--backend", backend]);

@@ -3,7 +3,9 @@
 //! Every step is idempotent: a second run checks, finds everything in place and installs
 //! nothing.
 
+mod dist;
 mod kernels;
+mod kube;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -55,6 +57,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the release binary, shell completions, man pages and a .deb into
+    /// <target dir>/dist/ (prints the .deb's path).
+    Dist,
     /// Set up, build, and run only the kernel matrix (all kernels, or those named).
     Kernels {
         /// Kernel names from xtask/src/kernels.rs.
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test { no_kernels, args } => test(no_kernels, args),
         Task::Kernels { names } => kernel_matrix(names),
+        Task::Dist => dist::run().map(drop),
         Task::Demo => demo(),
         Task::Bench { quick, json, only } => bench(quick, json, only),
     };
@@ -185,9 +191,20 @@ fn test(no_kernels: bool, args: Vec<String>) -> Result<()> {
     // The bench's smoke test drives nginx and HAProxy too; the server tests run them and more.
     setup::ensure_debian_packages(setup::BENCH_PEERS)?;
     setup::ensure_debian_packages(setup::TESTED_SERVERS)?;
+    setup::ensure_debian_packages(setup::DIST_TOOLS)?;
+    // tests/tests/dist.rs takes the package apart: build it (release) first.
+    let deb = dist::run()?;
     // The integration tests run the hotswap binary; build it first.
     build()?;
     let mut test = cargo();
+    test.env("HOTSWAP_DEB", &deb);
+    // tests/tests/kubernetes.rs checks deploy/kubernetes/ with it.
+    test.env("HOTSWAP_KUBE_VALIDATE", kube::ensure_validator()?);
+    // tests/tests/operations.rs parses the metrics endpoint with it.
+    test.env(
+        "HOTSWAP_PROMETHEUS_PYTHON",
+        setup::ensure_prometheus_parser()?,
+    );
     test.args(["test", "--workspace", "--exclude", "hotswap-ebpf", "--"]);
     let filtered = !args.is_empty();
     test.args(args);

@@ -126,6 +126,45 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 /// Where set-up keeps what it builds or downloads (`~/.cache/hotswap`).
+/// A Python virtual environment under [`cache_dir`] named `name`, with `packages` (pinned
+/// `name==version` requirements) installed from PyPI where it is missing; returns its path.
+/// A half-made environment is removed, so it never passes for a finished one.
+pub fn ensure_python_venv(name: &str, packages: &[&str]) -> Result<PathBuf> {
+    let venv = cache_dir().join(name);
+    let done = venv.join(".installed");
+    if done.exists() {
+        return Ok(venv);
+    }
+    eprintln!(
+        "xtask: installing {} into {}",
+        packages.join(" "),
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    let installed = status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("making a Python virtual environment (needs python3 with venv)")
+        .and_then(|()| {
+            status(
+                Command::new(venv.join("bin").join("pip"))
+                    .args(["install", "--quiet"])
+                    .args(packages),
+            )
+            .with_context(|| format!("installing {} from PyPI", packages.join(" ")))
+        })
+        .and_then(|()| std::fs::write(&done, b"").context("marking the environment made"));
+    if installed.is_err() {
+        let _ = std::fs::remove_dir_all(&venv);
+    }
+    installed.map(|()| venv)
+}
+
+/// The Python Prometheus client, whose parsers (text format and OpenMetrics) check the
+/// daemon's metrics endpoint in `tests/tests/operations.rs`; returns its `python3`.
+pub fn ensure_prometheus_parser() -> Result<PathBuf> {
+    let venv = ensure_python_venv("prometheus-client-0.21.1", &["prometheus-client==0.21.1"])?;
+    Ok(venv.join("bin").join("python3"))
+}
+
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -205,4 +244,20 @@ pub const TESTED_SERVERS: &[(&str, &str)] = &[
         "/usr/lib/uwsgi/plugins/python3_plugin.so",
     ),
     ("unbound", "/usr/sbin/unbound"),
+];
+
+/// What `cargo xtask dist` builds the package with (`dpkg-shlibdeps` computes its `Depends:`)
+/// and what `tests/tests/dist.rs` checks it with: systemd's `systemd-analyze verify` for the
+/// units, man-db's `man -l` for the man pages, and the three shells with bash-completion for
+/// the completions (fish and zsh come to about 20 MB each, installed).
+pub const DIST_TOOLS: &[(&str, &str)] = &[
+    ("dpkg-dev", "/usr/bin/dpkg-shlibdeps"),
+    ("systemd", "/usr/bin/systemd-analyze"),
+    ("man-db", "/usr/bin/man"),
+    (
+        "bash-completion",
+        "/usr/share/bash-completion/bash_completion",
+    ),
+    ("fish", "/usr/bin/fish"),
+    ("zsh", "/usr/bin/zsh"),
 ];

@@ -2,8 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
-
 use crate::{
     access::Owner,
     model::ServiceName,
@@ -44,23 +42,11 @@ pub struct Args {
 }
 
 fn uid_of(user: &str) -> anyhow::Result<u32> {
-    if let Ok(uid) = user.parse() {
-        return Ok(uid);
-    }
-    nix::unistd::User::from_name(user)
-        .with_context(|| format!("looking up user {user:?}"))?
-        .map(|user| user.uid.as_raw())
-        .with_context(|| format!("no user {user:?} on this host (give a uid)"))
+    Ok(crate::access::user_id(user)?)
 }
 
 pub(super) fn gid_of(group: &str) -> anyhow::Result<u32> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    nix::unistd::Group::from_name(group)
-        .with_context(|| format!("looking up group {group:?}"))?
-        .map(|group| group.gid.as_raw())
-        .with_context(|| format!("no group {group:?} on this host (give a gid)"))
+    Ok(crate::access::group_id(group)?)
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {

@@ -1,12 +1,12 @@
 //! `hotswap daemon`.
 
-use std::{io::IsTerminal as _, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
-use tracing_subscriber::EnvFilter;
 
 use crate::{
     admission::Limits,
+    config::ConfigFile,
     daemon::{self, BackendChoice, DaemonConfig},
     supervisor::spec::parse_duration,
 };
@@ -41,6 +41,16 @@ pub struct Args {
     /// who are not root manage the services they own (`hotswap chown`) and nothing else.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// The config file: services, bindings and owners, applied at start and on `hotswap
+    /// reload` or SIGHUP [default: /etc/hotswap/hotswap.toml, where it exists].
+    #[arg(long, value_name = "PATH", env = "HOTSWAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (http://ADDR:PORT/metrics), e.g.
+    /// 127.0.0.1:9464 [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    log: super::logging::LogArgs,
 }
 
 /// A duration, bounded as every duration is, and not zero (that would close every connection
@@ -57,13 +67,7 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    super::logging::init(args.log.log_format, default_filter);
     let socket_group = args
         .socket_group
         .as_deref()
@@ -80,6 +84,17 @@ pub fn run(socket: PathBuf, args: Args) -> anyhow::Result<()> {
             idle: args.idle_timeout,
         },
         socket_group,
+        config: Some(match args.config {
+            Some(path) => ConfigFile {
+                path,
+                required: true,
+            },
+            None => ConfigFile {
+                path: crate::config::DEFAULT_PATH.into(),
+                required: false,
+            },
+        }),
+        metrics_listen: args.metrics_listen,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

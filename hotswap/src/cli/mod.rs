@@ -19,11 +19,15 @@ macro_rules! outln {
 
 mod bind;
 mod chown;
+mod config;
 mod daemon;
 mod doctor;
+mod generate;
+mod logging;
 mod metrics;
 mod reexec;
 mod register;
+mod reload;
 mod run;
 mod status;
 mod switch;
@@ -91,10 +95,19 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         words: Vec<String>,
     },
+    /// Print shell completions or write man pages (for packaging; not for use by hand).
+    #[command(hide = true)]
+    Generate(generate::Args),
     /// Show services, bindings, generations and the backend.
     Status(status::Args),
     /// Show per-service counters.
     Metrics(metrics::Args),
+    /// Make the daemon read its config file again and apply what changed: new bindings are
+    /// added, dropped ones removed, unchanged services left alone. SIGHUP does the same.
+    Reload,
+    /// Work with config files without a daemon: `config check PATH`.
+    #[command(subcommand)]
+    Config(config::Command),
     /// Check what this host offers: kernel, bpffs, BTF, capabilities, which backend `auto`
     /// picks and why, and what to change for sk_lookup. Needs no daemon.
     Doctor(doctor::Args),
@@ -157,8 +170,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => upgrade::rollback(&run_dir, args),
         Command::Reexec(args) => reexec::run(&run_dir, args),
         Command::Keep { .. } => crate::supervisor::keep(),
+        Command::Generate(args) => generate::run(args),
         Command::Status(args) => status::run(&cli.socket, &run_dir, args),
         Command::Metrics(args) => metrics::run(&cli.socket, args),
+        Command::Reload => reload::run(&cli.socket),
+        Command::Config(command) => config::run(command),
         Command::Doctor(args) => doctor::run(args),
     }
 }

@@ -1,10 +1,9 @@
 //! `hotswap run`.
 
-use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
-use tracing_subscriber::EnvFilter;
 
 use crate::{
     model::ServiceName,
@@ -56,19 +55,15 @@ pub struct Args {
     /// and state, to the active one instead of closing them.
     #[arg(long)]
     handoff: bool,
+    #[command(flatten)]
+    log: super::logging::LogArgs,
     /// The server to run, with its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
 pub fn run(socket: PathBuf, run_dir: PathBuf, args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    super::logging::init(args.log.log_format, "info");
     // Fail before anything starts when the command cannot run.
     supervisor::resolve_program(&args.command[0])?;
     let config = RunConfig {

@@ -6,7 +6,7 @@ use crate::{
     model::{printable, ServiceName},
     protocol::{Reply, Request},
     registry::StatusReport,
-    supervisor::{self, GenerationState, SupervisorMessage, SupervisorReport, SupervisorRequest},
+    supervisor::{self, GenerationState, SupervisorReport},
 };
 
 /// [--json].
@@ -26,7 +26,7 @@ pub fn run(socket: &Path, run_dir: &Path, args: Args) -> anyhow::Result<()> {
         Ok(reply) => return Err(super::unexpected(reply)),
         Err(err) => {
             // The supervisors answer without the daemon: show them, then fail.
-            let supervisors = supervisors(run_dir, &running_services(run_dir));
+            let supervisors = supervisors(run_dir, &supervisor::running_services(run_dir));
             if args.json {
                 let value = serde_json::json!({
                     "daemon_error": crate::error_chain(&err),
@@ -56,23 +56,6 @@ pub fn run(socket: &Path, run_dir: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The services whose supervisor's control socket is in `run_dir`.
-fn running_services(run_dir: &Path) -> Vec<ServiceName> {
-    let Ok(entries) = std::fs::read_dir(run_dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".run.sock")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 /// The lifecycle reports of the services run by `hotswap run`, by service name; each
 /// supervisor gets [`SUPERVISOR_DEADLINE`] to answer.
 fn supervisors(run_dir: &Path, names: &[ServiceName]) -> BTreeMap<String, SupervisorReport> {
@@ -85,17 +68,8 @@ fn supervisors(run_dir: &Path, names: &[ServiceName]) -> BTreeMap<String, Superv
     names
         .iter()
         .filter_map(|name| {
-            let reply = runtime.block_on(async {
-                tokio::time::timeout(
-                    SUPERVISOR_DEADLINE,
-                    supervisor::request(run_dir, name, &SupervisorRequest::Status, &mut |_| {}),
-                )
-                .await
-            });
-            match reply {
-                Ok(Ok(SupervisorMessage::Status(s))) => Some((name.to_string(), s)),
-                _ => None,
-            }
+            let report = runtime.block_on(supervisor::report(run_dir, name, SUPERVISOR_DEADLINE));
+            Some((name.to_string(), report.ok()?))
         })
         .collect()
 }

@@ -38,6 +38,8 @@ impl Supervisor {
             state.command = saved.command.clone();
             state.fd_passing = saved.fd_passing;
             state.restarts = saved.restarts;
+            state.upgrades = saved.upgrades;
+            state.last_upgrade = saved.last_upgrade_ms.map(Duration::from_millis);
             state.active = saved.active.filter(|id| state.generations.contains_key(id));
         }
         // Where the backend switches, the kernel's steering is the truth.

@@ -126,13 +126,49 @@ impl Supervisor {
     }
 }
 
+/// The services whose supervisor's control socket is in `run_dir` (none where it cannot be
+/// read).
+pub fn running_services(run_dir: &Path) -> Vec<ServiceName> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<ServiceName> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".run.sock")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A service's supervisor's report, or why there is none within `deadline`.
+pub async fn report(
+    run_dir: &Path,
+    service: &ServiceName,
+    deadline: std::time::Duration,
+) -> Result<SupervisorReport, SupervisorError> {
+    let mut ignore = |_: &str| {};
+    let asked = request(run_dir, service, &SupervisorRequest::Status, &mut ignore);
+    match tokio::time::timeout(deadline, asked).await {
+        Ok(Ok(SupervisorMessage::Status(report))) => Ok(report),
+        Ok(Ok(_)) => Err(SupervisorError::UnexpectedAnswer),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(SupervisorError::SupervisorTimeout(deadline)),
+    }
+}
+
 /// Sends one request to a service's supervisor; progress lines go to `on_progress`. Returns the
 /// final message, or the status report.
 pub async fn request(
     run_dir: &Path,
     service: &ServiceName,
     request: &SupervisorRequest,
-    on_progress: &mut dyn FnMut(&str),
+    on_progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<SupervisorMessage, SupervisorError> {
     let path = supervisor_socket(run_dir, service);
     let stream = UnixStream::connect(&path)

@@ -136,6 +136,12 @@ pub enum SupervisorError {
     /// The daemon did not answer in time.
     #[error("the daemon did not answer within {} (is it stopped?)", humantime::format_duration(*.0))]
     DaemonTimeout(Duration),
+    /// A supervisor did not answer in time.
+    #[error("the supervisor did not answer within {} (is it stopped?)", humantime::format_duration(*.0))]
+    SupervisorTimeout(Duration),
+    /// A supervisor answered a status request with something else.
+    #[error("the supervisor answered a status request with something else")]
+    UnexpectedAnswer,
     /// The notify socket could not be made.
     #[error("creating the generation's notify socket failed")]
     NotifySocket {
@@ -226,6 +232,8 @@ impl SupervisorError {
             | Self::Io(_)
             | Self::StateDir(_)
             | Self::DaemonTimeout(_)
+            | Self::SupervisorTimeout(_)
+            | Self::UnexpectedAnswer
             | Self::NotifySocket { .. }
             | Self::ListensDiffer { .. }
             | Self::Record(_)

@@ -56,7 +56,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
-pub use control::request;
+pub use control::{report, request, running_services};
 pub use error::SupervisorError;
 pub use keeper::keep;
 use keeper::Keeper;
@@ -69,7 +69,7 @@ use spec::{ListenSpec, ReadyMode};
 use tree::{become_subreaper, end_tree};
 pub use wire::{
     ExitInfo, GenerationReport, GenerationState, SupervisorMessage, SupervisorReport,
-    SupervisorRequest,
+    SupervisorRequest, UpgradeCounts,
 };
 
 use crate::{
@@ -271,6 +271,9 @@ struct State {
     command: Vec<String>,
     fd_passing: spec::FdPassing,
     restarts: u32,
+    /// How upgrades ended, and how long the last one took.
+    upgrades: UpgradeCounts,
+    last_upgrade: Option<Duration>,
     stopping: bool,
 }
 
@@ -329,6 +332,8 @@ impl Supervisor {
                 active: state.active,
                 upgrade: state.upgrade,
                 restarts: state.restarts,
+                upgrades: state.upgrades,
+                last_upgrade_ms: state.last_upgrade.map(|d| d.as_millis() as u64),
                 generations: state
                     .generations
                     .values()
@@ -910,6 +915,9 @@ impl Supervisor {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             restarts: state.restarts,
+            upgrades: state.upgrades,
+            last_upgrade_ms: state.last_upgrade.map(|d| d.as_millis() as u64),
+            handed_over: self.relay.as_ref().map_or(0, relay::Relay::handed_over),
             generations: state
                 .generations
                 .values()
@@ -1045,6 +1053,8 @@ pub async fn run(
             command: config.command.clone(),
             fd_passing: config.fd_passing,
             restarts: 0,
+            upgrades: UpgradeCounts::default(),
+            last_upgrade: None,
             stopping: false,
         }),
         config,

@@ -153,6 +153,12 @@ pub(super) struct SavedRun {
     pub upgrade: Option<UpgradeRecord>,
     /// Restarts in total.
     pub restarts: u32,
+    /// How upgrades ended, in total.
+    #[serde(default)]
+    pub upgrades: super::UpgradeCounts,
+    /// How long the last upgrade took, in ms.
+    #[serde(default)]
+    pub last_upgrade_ms: Option<u64>,
     /// Generations that hold sockets.
     pub generations: Vec<SavedGeneration>,
 }
@@ -314,6 +320,12 @@ mod tests {
                 phase: UpgradePhase::Switching { new: 4 },
             }),
             restarts: 1,
+            upgrades: super::super::UpgradeCounts {
+                succeeded: 2,
+                rolled_back: 1,
+                failed: 0,
+            },
+            last_upgrade_ms: Some(1500),
             generations: vec![SavedGeneration {
                 id: 3,
                 keeper: ProcessId {

@@ -108,6 +108,12 @@ impl Relay {
     pub fn counts(&self, id: u32) -> Counts {
         self.counts.borrow().get(&id).copied().unwrap_or_default()
     }
+
+    /// Connections handed over from one generation to another since the relay started (the
+    /// counts of every generation it has seen are kept).
+    pub fn handed_over(&self) -> u64 {
+        self.counts.borrow().values().map(|c| c.handed_over).sum()
+    }
 }
 
 struct Channel {
@@ -400,6 +406,7 @@ mod tests {
         ));
         assert_eq!(relay.counts(1).handed_over, 1);
         assert_eq!(relay.counts(2).adopted, 1);
+        assert_eq!(relay.handed_over(), 1);
         drop(server);
         client.write_all(b"x").unwrap();
         let mut byte = [0u8];

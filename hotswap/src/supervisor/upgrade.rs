@@ -51,13 +51,19 @@ impl Supervisor {
         ready_timeout: Duration,
         progress: Progress<'_>,
     ) -> Result<String, SupervisorError> {
+        let started = Instant::now();
         let result = self
             .upgrade_steps(launch, ready, ready_timeout, progress)
             .await;
         if let Err(err) = &result {
             self.abandon(err, progress).await;
         }
-        self.lock().upgrade = None;
+        {
+            let mut state = self.lock();
+            state.upgrade = None;
+            state.upgrades.count(&result);
+            state.last_upgrade = Some(started.elapsed());
+        }
         self.save();
         result
     }

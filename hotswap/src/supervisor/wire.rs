@@ -124,8 +124,44 @@ pub struct SupervisorReport {
     pub adopted: Vec<u32>,
     /// Generations restarted after dying on their own, in total.
     pub restarts: u32,
+    /// How the upgrades this service's supervisors ran ended, in total (kept across re-execs
+    /// and crashes in the record).
+    #[serde(default)]
+    pub upgrades: UpgradeCounts,
+    /// How long the last upgrade that ended took, from its start to its end, in ms.
+    #[serde(default)]
+    pub last_upgrade_ms: Option<u64>,
+    /// Established connections handed from one generation to a later one (`--handoff`) since
+    /// this supervisor image started.
+    #[serde(default)]
+    pub handed_over: u64,
     /// Live generations and the last few that exited, oldest first.
     pub generations: Vec<GenerationReport>,
+}
+
+/// How upgrades ended. An upgrade refused before it began (another in flight) is none of
+/// these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeCounts {
+    /// The new generation is active.
+    pub succeeded: u64,
+    /// The new generation was active, then rolled back (it died in its grace, or the operator
+    /// rolled back).
+    pub rolled_back: u64,
+    /// The new generation never became active (not ready, exited, the switch failed).
+    pub failed: u64,
+}
+
+impl UpgradeCounts {
+    /// Counts one upgrade that ended with `result`.
+    pub fn count<T>(&mut self, result: &Result<T, super::SupervisorError>) {
+        use super::SupervisorError as E;
+        match result {
+            Ok(_) => self.succeeded += 1,
+            Err(E::RolledBack { .. } | E::RolledBackByOperator(_)) => self.rolled_back += 1,
+            Err(_) => self.failed += 1,
+        }
+    }
 }
 
 /// A request to a supervisor.
