@@ -9,9 +9,9 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use crate::{cargo, status};
+use crate::{cargo, setup::output, status};
 
 /// Who the package names as its maintainer (the project's own address).
 const MAINTAINER: &str = "hotswap maintainers <maintainers@users.noreply.r-seed-52271fad.example>";
@@ -219,18 +219,6 @@ fn depends(binary: &Path) -> String {
             FALLBACK_DEPENDS.to_owned()
         }
     }
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed no UTF-8"))
 }
 
 fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {

@@ -21,7 +21,8 @@ pub fn ensure_all() -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs a command and returns what it printed, or fails with its stderr.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -30,7 +31,7 @@ fn output(cmd: &mut Command) -> Result<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed no UTF-8"))
 }
 
 fn ensure_rust_src() -> Result<()> {
