@@ -473,6 +473,16 @@ impl Reloader {
     /// Reads the file and applies it to `registry`: whole, or (with the reason) not at all.
     pub fn reload(&mut self, registry: &mut Registry) -> Result<Applied, ReloadError> {
         let desired = self.read()?;
+        self.apply(registry, desired)
+    }
+
+    /// Applies `desired` (a config [`Reloader::read`] read) to `registry`: whole, or not at
+    /// all.
+    pub fn apply(
+        &mut self,
+        registry: &mut Registry,
+        desired: Config,
+    ) -> Result<Applied, ReloadError> {
         let applied = apply(registry, &desired, &self.applied)?;
         if let Err(err) = store_applied(&self.applied_path, &desired) {
             // The registry has it; only a restarted daemon's memory of dropped services is

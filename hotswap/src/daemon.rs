@@ -288,12 +288,15 @@ pub async fn run(
         .config
         .clone()
         .map(|file| Reloader::new(file, crate::config::applied_path(&config.socket)));
-    if let Some(reloader) = &reloader {
-        reloader.read().map_err(|err| DaemonError::Config {
-            path: reloader.file().path.clone(),
-            source: err.into(),
-        })?;
-    }
+    let initial = reloader
+        .as_ref()
+        .map(|reloader| {
+            reloader.read().map_err(|err| DaemonError::Config {
+                path: reloader.file().path.clone(),
+                source: err.into(),
+            })
+        })
+        .transpose()?;
     let _socket_lock = lock_socket_path(&config.socket, config.socket_group)?;
     let backend = choose_backend(
         config.backend,
@@ -316,14 +319,15 @@ pub async fn run(
     registry
         .set_debug_log(config.debug_ebpf)
         .map_err(DaemonError::DebugLog)?;
-    if let Some(reloader) = &mut reloader {
+    if let (Some(reloader), Some(initial)) = (&mut reloader, initial) {
         let path = reloader.file().path.clone();
-        let applied = reloader
-            .reload(&mut registry)
-            .map_err(|source| DaemonError::Config {
-                path: path.clone(),
-                source,
-            })?;
+        let applied =
+            reloader
+                .apply(&mut registry, initial)
+                .map_err(|source| DaemonError::Config {
+                    path: path.clone(),
+                    source,
+                })?;
         log_applied(&path, &applied);
     }
     let metrics_listener = config
