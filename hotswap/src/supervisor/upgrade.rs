@@ -60,9 +60,12 @@ impl Supervisor {
         }
         {
             let mut state = self.lock();
-            state.upgrade = None;
-            state.upgrades.count(&result);
-            state.last_upgrade = Some(started.elapsed());
+            // Generation 1's start replaces nothing: it is not an upgrade to count.
+            let replaced = state.upgrade.take().and_then(|upgrade| upgrade.old);
+            if replaced.is_some() {
+                state.upgrades.count(&result);
+                state.last_upgrade = Some(started.elapsed());
+            }
         }
         self.save();
         result
