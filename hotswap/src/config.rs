@@ -270,7 +270,7 @@ pub struct Applied {
 #[error("the config could not be applied (nothing of it was): {change} failed")]
 pub struct ApplyError {
     /// The change that failed, as it would have read.
-    pub change: Change,
+    pub change: Box<Change>,
     /// Why.
     #[source]
     pub source: RegistryError,
@@ -361,7 +361,10 @@ pub fn apply(
                     );
                 }
             }
-            return Err(ApplyError { change, source });
+            return Err(ApplyError {
+                change: Box::new(change),
+                source,
+            });
         }
         done.push((change, previous_owner));
     }

@@ -120,7 +120,7 @@ pub enum DaemonError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: ReloadError,
+        source: Box<ReloadError>,
     },
     /// The metrics address could not be listened on.
     #[error("listening for metrics scrapes on {address} failed")]
@@ -293,7 +293,7 @@ pub async fn run(
         .map(|reloader| {
             reloader.read().map_err(|err| DaemonError::Config {
                 path: reloader.file().path.clone(),
-                source: err.into(),
+                source: Box::new(err.into()),
             })
         })
         .transpose()?;
@@ -326,7 +326,7 @@ pub async fn run(
                 .apply(&mut registry, initial)
                 .map_err(|source| DaemonError::Config {
                     path: path.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         log_applied(&path, &applied);
     }

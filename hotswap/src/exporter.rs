@@ -278,7 +278,7 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
 }
 
 /// Serves scrapes of `source` on `listener` until `stop`: `GET /metrics` (and `/`), at most
-/// [`MAX_SCRAPES`] at once, each connection closed after [`CONNECTION_LIFETIME`].
+/// `MAX_SCRAPES` at once, each connection closed after `CONNECTION_LIFETIME`.
 pub async fn serve<S: Source>(listener: TcpListener, source: S, stop: CancellationToken) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     let connections = TaskTracker::new();

@@ -7,7 +7,7 @@
 //! - [`lock_exclusive`] on [`open_lock_file`]: one writer per state, and "held by another
 //!   process" (with that process's pid) told apart from a lock that failed.
 //! - [`bind_private_socket`]: control sockets only their owner may connect to.
-//! - [`replace_private`]: files only their owner may read, replaced whole: the one way hotswap
+//! - `replace_private`: files only their owner may read, replaced whole: the one way hotswap
 //!   writes state (the uds/reuseport backends' state files, a supervisor's record of its
 //!   generations).
 //!

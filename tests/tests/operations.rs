@@ -544,3 +544,85 @@ fn a_metrics_address_that_cannot_be_used_stops_the_start() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
+
+/// Whether `line` begins with a syslog priority, `<0>` to `<7>`.
+fn has_priority(line: &str) -> bool {
+    let bytes = line.as_bytes();
+    bytes.len() > 3 && bytes[0] == b'<' && (b'0'..=b'7').contains(&bytes[1]) && bytes[2] == b'>'
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_for_daemon_and_supervisor() {
+    let mut env = TestEnv::new("log-json");
+    env.daemon_args = vec!["--log-format".into(), "json".into()];
+    env.start_daemon();
+    let mut service = RunningService::fixture(&env, &["--log-format", "json"]);
+    env.ok(&["upgrade", "web"]);
+    service.stop();
+    env.stop_daemon(Signal::SIGTERM);
+    for (who, log) in [("daemon", env.daemon_log()), ("supervisor", service.log())] {
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "{who}: {log}");
+        for line in lines {
+            let object: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{who}: not JSON ({e}): {line}"));
+            assert!(object["timestamp"].is_string(), "{who}: {line}");
+            assert!(object["level"].is_string(), "{who}: {line}");
+            assert!(object["fields"]["message"].is_string(), "{who}: {line}");
+        }
+    }
+    assert!(
+        service.log().contains("switched 1 -> 2"),
+        "{}",
+        service.log()
+    );
+}
+
+/// Under systemd (standard error is the journal, as JOURNAL_STREAM says) lines carry the
+/// journal's priority prefix and no timestamp of their own; a JOURNAL_STREAM inherited by a
+/// process whose standard error is something else changes nothing.
+#[test]
+fn text_logs_suit_the_journal_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt as _;
+    let env = TestEnv::new("log-journal");
+    let run_daemon = |journal_stream: Option<&str>, path: &std::path::Path| {
+        let file = std::fs::File::create(path).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = journal_stream
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}:{}", meta.dev(), meta.ino()));
+        let mut daemon = env
+            .daemon_command()
+            .env("JOURNAL_STREAM", stream)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        wait_until("the daemon answers", || {
+            env.hotswap(&["status"]).status.success()
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.id() as i32),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        daemon.wait().unwrap();
+        std::fs::read_to_string(path).unwrap()
+    };
+    let journal = run_daemon(None, &env.dir.path().join("journal.log"));
+    let lines: Vec<&str> = journal.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(has_priority(line), "{journal}");
+        // No timestamp: the journal stamps lines itself.
+        assert!(
+            !line.contains("Z ") && !line.contains("T0") && !line.contains("T1"),
+            "{line}"
+        );
+    }
+    assert!(lines.iter().any(|l| l.starts_with("<6>")), "{journal}");
+
+    let elsewhere = run_daemon(Some("1:1"), &env.dir.path().join("file.log"));
+    assert!(!elsewhere.is_empty());
+    assert!(!elsewhere.lines().any(has_priority), "{elsewhere}");
+}

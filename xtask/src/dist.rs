@@ -65,6 +65,9 @@ const CONFFILE: &str = "/etc/hotswap/hotswap.toml";
 
 /// Builds everything and returns the path of the `.deb`.
 pub fn run() -> Result<PathBuf> {
+    if !crate::setup::prebuilt_ebpf() {
+        crate::setup::ensure_ebpf_toolchain()?;
+    }
     let (target_dir, version) = metadata()?;
     status(cargo().args([
         "build",
@@ -87,7 +90,7 @@ pub fn run() -> Result<PathBuf> {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
 
-    let repo = workspace_root();
+    let repo = crate::workspace_root();
     install(&binary, &root.join("usr/bin/hotswap"), 0o755)?;
     for unit in ["hotswap.service", "hotswap@.service"] {
         install(
@@ -178,13 +181,6 @@ fn metadata() -> Result<(PathBuf, String)> {
         .and_then(|p| p["version"].as_str())
         .context("`cargo metadata` has no version of the hotswap crate")?;
     Ok((PathBuf::from(target_dir), version.to_owned()))
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
 }
 
 /// `Depends:` from `dpkg-shlibdeps` (run on a minimal source tree of its own), or

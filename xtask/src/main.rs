@@ -4,8 +4,10 @@
 //! nothing.
 
 mod dist;
+mod ebpf_object;
 mod kernels;
 mod kube;
+mod lint;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -58,8 +60,14 @@ enum Task {
         args: Vec<String>,
     },
     /// Build the release binary, shell completions, man pages and a .deb into
-    /// <target dir>/dist/ (prints the .deb's path).
+    /// TARGET_DIR/dist/ (prints the .deb's path).
     Dist,
+    /// The style checks CI runs before the tests: `cargo fmt --check`, clippy with warnings
+    /// as errors, the docs without warnings, and a build with the prebuilt eBPF object.
+    Lint,
+    /// Build the eBPF program from source and renew the prebuilt object
+    /// (hotswap/ebpf-prebuilt/) that `HOTSWAP_EBPF=prebuilt` builds embed.
+    EbpfObject,
     /// Set up, build, and run only the kernel matrix (all kernels, or those named).
     Kernels {
         /// Kernel names from xtask/src/kernels.rs.
@@ -75,6 +83,8 @@ fn main() -> ExitCode {
         Task::Test { no_kernels, args } => test(no_kernels, args),
         Task::Kernels { names } => kernel_matrix(names),
         Task::Dist => dist::run().map(drop),
+        Task::Lint => lint::run(),
+        Task::EbpfObject => ebpf_object::run(),
         Task::Demo => demo(),
         Task::Bench { quick, json, only } => bench(quick, json, only),
     };
@@ -94,6 +104,14 @@ pub(crate) fn status(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// The workspace's root directory.
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn cargo() -> Command {

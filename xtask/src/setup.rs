@@ -15,10 +15,27 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every set-up step.
 pub fn ensure_all() -> Result<()> {
-    ensure_rust_src()?;
-    ensure_bpf_linker()?;
+    if prebuilt_ebpf() {
+        eprintln!(
+            "xtask: HOTSWAP_EBPF=prebuilt: the committed eBPF object is embedded; nightly and \
+             bpf-linker are not needed"
+        );
+    } else {
+        ensure_ebpf_toolchain()?;
+    }
     ensure_bpffs()?;
     Ok(())
+}
+
+/// Whether builds embed the committed eBPF object instead of building it (see hotswap/build.rs).
+pub fn prebuilt_ebpf() -> bool {
+    std::env::var_os("HOTSWAP_EBPF").is_some_and(|v| v == "prebuilt")
+}
+
+/// What building the eBPF program from source needs: nightly's rust-src and bpf-linker.
+pub fn ensure_ebpf_toolchain() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
 }
 
 /// Runs a command and returns what it printed, or fails with its stderr.

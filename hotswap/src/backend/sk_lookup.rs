@@ -1348,4 +1348,52 @@ processed 143 insns (limit 1000000) max_states_per_insn 0 total_states 10 peak_s
         assert_eq!(reason, Some(Unavailable::NoBpffs(Errno::EPERM)));
         assert!(reason.unwrap().to_string().contains("CAP_SYS_ADMIN"));
     }
+
+    /// The committed object `HOTSWAP_EBPF=prebuilt` embeds (see build.rs).
+    static PREBUILT_OBJECT: &[u8] = include_bytes!("../../ebpf-prebuilt/hotswap.bpf.o");
+
+    /// CI's check of the prebuilt object against the source: the stamp beside it is the digest
+    /// of the eBPF sources this build compiled.
+    #[test]
+    fn the_prebuilt_ebpf_object_is_built_from_these_sources() {
+        let stamp = include_str!("../../ebpf-prebuilt/hotswap.bpf.o.sources-sha256");
+        assert_eq!(
+            stamp.trim(),
+            env!("HOTSWAP_EBPF_SOURCE_DIGEST"),
+            "hotswap-ebpf or hotswap-common changed since hotswap/ebpf-prebuilt/ was renewed: \
+             run `cargo xtask ebpf-object` and commit what it writes"
+        );
+    }
+
+    /// And it declares what the object built from source declares: the same programs in the
+    /// same sections, the same maps of the same shapes. (Its instructions may differ: another
+    /// nightly's code generation.)
+    #[test]
+    fn the_prebuilt_ebpf_object_declares_what_the_source_does() {
+        let shape = |bytes: &[u8]| {
+            let object = aya_obj::Object::parse(bytes).expect("an eBPF object");
+            let programs: std::collections::BTreeMap<String, String> = object
+                .programs
+                .iter()
+                .map(|(name, program)| (name.clone(), format!("{:?}", program.section)))
+                .collect();
+            let maps: std::collections::BTreeMap<String, (u32, u32, u32, u32)> = object
+                .maps
+                .iter()
+                .map(|(name, map)| {
+                    let shape = (
+                        map.map_type(),
+                        map.key_size(),
+                        map.value_size(),
+                        map.max_entries(),
+                    );
+                    (name.clone(), shape)
+                })
+                .collect();
+            (programs, maps)
+        };
+        let built = shape(PROGRAM_OBJECT);
+        assert!(built.0.contains_key(PROGRAM_NAME), "{built:?}");
+        assert_eq!(shape(PREBUILT_OBJECT), built);
+    }
 }

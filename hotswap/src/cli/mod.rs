@@ -53,7 +53,7 @@ pub struct Cli {
     socket: PathBuf,
     /// Where `hotswap run` keeps its control socket, lock and record, and where `upgrade`,
     /// `rollback`, `reexec` and `status` look for them [default: beside the daemon's socket
-    /// for root; $XDG_RUNTIME_DIR/hotswap, else /tmp/hotswap-<uid>, for other users].
+    /// for root; $XDG_RUNTIME_DIR/hotswap, else /tmp/hotswap-UID, for other users].
     #[arg(long, global = true, env = "HOTSWAP_RUN_DIR")]
     run_dir: Option<PathBuf>,
     #[command(subcommand)]

@@ -4,7 +4,7 @@
 //!
 //! Every generation gets a socket of its own on the service's exact address, made by the
 //! daemon (`Backend::listener`), and all of them are members of one `SO_REUSEPORT` group. A
-//! classic BPF program attached to the group ([`program`]) returns the index of the member that
+//! classic BPF program attached to the group (`program`) returns the index of the member that
 //! gets each new connection: the active generation's, or a probed generation's for a readiness
 //! probe. A switch replaces the program, one `setsockopt`, atomic.
 //!
