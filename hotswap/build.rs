@@ -18,15 +18,23 @@ const PREBUILT_STAMP: &str = "ebpf-prebuilt/hotswap.bpf.o.sources-sha256";
 /// The crates whose sources make the object.
 const SOURCE_CRATES: [&str; 2] = ["hotswap-ebpf", "hotswap-common"];
 
-/// The workspace dependencies compiled into the object (their versions are pinned exactly in
-/// the workspace's Cargo.toml, so a change of version changes the digest).
-const SOURCE_DEPENDENCIES: [&str; 2] = ["aya-ebpf", "aya-log-ebpf"];
+/// The packages compiled into the object, by name prefix: their entries in Cargo.lock (version
+/// and checksum) go into the digest.
+const SOURCE_DEPENDENCIES: [&str; 3] = ["aya-ebpf", "aya-log-ebpf", "aya-log-common"];
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let workspace = manifest_dir.parent().context("the workspace directory")?;
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR is unset")?);
     println!("cargo:rerun-if-env-changed=HOTSWAP_EBPF");
+    let mode = env::var("HOTSWAP_EBPF");
+    // The unit test comparing the prebuilt object with the built one knows which it embeds.
+    let embedded = if mode.as_deref() == Ok("prebuilt") {
+        "prebuilt"
+    } else {
+        "built"
+    };
+    println!("cargo:rustc-env=HOTSWAP_EBPF_EMBEDDED={embedded}");
 
     let digest = source_digest(workspace)?;
     // The unit tests compare it with the committed stamp; `cargo xtask ebpf-object` copies it.
@@ -36,7 +44,7 @@ fn main() -> Result<()> {
         format!("{digest}\n"),
     )?;
 
-    match env::var("HOTSWAP_EBPF").as_deref() {
+    match mode.as_deref() {
         Ok("prebuilt") => {
             println!("cargo:rerun-if-changed={PREBUILT_OBJECT}");
             println!("cargo:rerun-if-changed={PREBUILT_STAMP}");
@@ -72,9 +80,11 @@ fn main() -> Result<()> {
     }
 }
 
-/// SHA-256 over every file of [`SOURCE_CRATES`] (path and contents, in path order) and the
-/// workspace's lines for [`SOURCE_DEPENDENCIES`]; asks cargo to rerun when any of them
-/// changes.
+/// SHA-256 over the sources of [`SOURCE_CRATES`] (their manifests and `.rs` files: path and
+/// contents, in path order), the Cargo.lock entries of [`SOURCE_DEPENDENCIES`], the
+/// workspace's `[profile…]` sections and the target architecture; asks cargo to rerun when any
+/// of them changes. Only tracked kinds of file count, so a stray file in a crate changes
+/// nothing.
 fn source_digest(workspace: &Path) -> Result<String> {
     let mut files = Vec::new();
     for krate in SOURCE_CRATES {
@@ -91,15 +101,32 @@ fn source_digest(workspace: &Path) -> Result<String> {
         hasher.update((contents.len() as u64).to_le_bytes());
         hasher.update(&contents);
     }
+    println!("cargo:rerun-if-changed=../Cargo.lock");
+    let lock = fs::read_to_string(workspace.join("Cargo.lock"))?;
+    for package in lock.split("\n[[package]]\n") {
+        let name = package
+            .lines()
+            .find_map(|l| l.strip_prefix("name = "))
+            .unwrap_or_default()
+            .trim_matches('"');
+        if SOURCE_DEPENDENCIES.iter().any(|dep| name.starts_with(dep)) {
+            hasher.update(package.trim().as_bytes());
+            hasher.update([0]);
+        }
+    }
     println!("cargo:rerun-if-changed=../Cargo.toml");
-    let workspace_manifest = fs::read_to_string(workspace.join("Cargo.toml"))?;
-    for line in workspace_manifest.lines() {
-        let name = line.split('=').next().unwrap_or_default().trim();
-        if SOURCE_DEPENDENCIES.contains(&name) {
+    let manifest = fs::read_to_string(workspace.join("Cargo.toml"))?;
+    let mut in_profile = false;
+    for line in manifest.lines() {
+        if line.starts_with('[') {
+            in_profile = line.starts_with("[profile");
+        }
+        if in_profile {
             hasher.update(line.trim().as_bytes());
             hasher.update([b'\n']);
         }
     }
+    hasher.update(env::var("CARGO_CFG_TARGET_ARCH")?.as_bytes());
     Ok(hasher
         .finalize()
         .iter()
@@ -107,7 +134,8 @@ fn source_digest(workspace: &Path) -> Result<String> {
         .collect())
 }
 
-/// The files under `dir`, relative to `workspace`; build output (`target`) is not source.
+/// The manifest and `.rs` files under `dir`, relative to `workspace`; build output (`target`)
+/// is not source.
 fn collect_files(workspace: &Path, dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
@@ -116,7 +144,7 @@ fn collect_files(workspace: &Path, dir: &Path, files: &mut Vec<PathBuf>) -> Resu
             if entry.file_name() != "target" {
                 collect_files(workspace, &path, files)?;
             }
-        } else {
+        } else if entry.file_name() == "Cargo.toml" || path.extension() == Some("rs".as_ref()) {
             files.push(path.strip_prefix(workspace)?.to_owned());
         }
     }

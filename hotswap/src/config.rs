@@ -115,6 +115,9 @@ pub enum Problem {
     /// A user or group this host lacks.
     #[error(transparent)]
     Owner(#[from] LookupError),
+    /// An owner for a service with no binding (a service exists through its bindings).
+    #[error("service {0} has an owner but no binding: give it a binding, or no owner")]
+    OwnerWithoutBinding(ServiceName),
     /// A service named twice.
     #[error("service {0} is named twice")]
     DuplicateService(ServiceName),
@@ -172,6 +175,12 @@ impl Config {
                 .map_err(|e: ParseError| at(service.name.span(), e.into()))?;
             if config.services.contains_key(&name) {
                 return Err(at(service.name.span(), Problem::DuplicateService(name)));
+            }
+            if service.bind.is_empty() {
+                // A service exists through its bindings: an owner given to none would be lost.
+                if let Some(given) = service.owner.as_ref().or(service.group.as_ref()) {
+                    return Err(at(given.span(), Problem::OwnerWithoutBinding(name)));
+                }
             }
             let owner = Owner {
                 uid: service
@@ -617,10 +626,19 @@ bind = ["udp 127.0.0.1/32 53"]
 
     #[test]
     fn an_unknown_user_is_refused_where_it_is_named() {
-        let (line, column, problem) =
-            place(parse("[[service]]\nname = \"a\"\nowner = \"no-such-user-here\"\n").unwrap_err());
+        let text =
+            "[[service]]\nname = \"a\"\nowner = \"no-such-user-here\"\nbind = [\"tcp ::/0 80\"]\n";
+        let (line, column, problem) = place(parse(text).unwrap_err());
         assert_eq!((line, column), (3, 9));
         assert!(problem.contains("no user"), "{problem}");
+    }
+
+    #[test]
+    fn an_owner_without_a_binding_is_refused_where_it_is_given() {
+        let (line, column, problem) =
+            place(parse("[[service]]\nname = \"a\"\ngroup = \"root\"\n").unwrap_err());
+        assert_eq!((line, column), (3, 9));
+        assert!(problem.contains("no binding"), "{problem}");
     }
 
     #[test]

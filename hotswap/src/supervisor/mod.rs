@@ -1089,6 +1089,7 @@ pub async fn run(
                     supervisor.config.ready,
                     supervisor.config.ready_timeout,
                     &log,
+                    upgrade::Counted::FirstStart,
                 )
                 .await
         };

@@ -23,6 +23,7 @@ impl Supervisor {
             ready.or(self.config.ready),
             ready_timeout.unwrap_or(self.config.ready_timeout),
             progress,
+            Counted::AsUpgrade,
         )
         .await
     }
@@ -43,13 +44,15 @@ impl Supervisor {
         Ok(launch)
     }
 
-    /// Runs the claimed upgrade to its end, whatever it is, and frees the slot.
+    /// Runs the claimed upgrade to its end, whatever it is, and frees the slot; `counted` says
+    /// whether it goes into the upgrade counts.
     pub(super) async fn run_upgrade(
         self: &Arc<Self>,
         launch: (Vec<String>, spec::FdPassing),
         ready: Option<ReadyMode>,
         ready_timeout: Duration,
         progress: Progress<'_>,
+        counted: Counted,
     ) -> Result<String, SupervisorError> {
         let started = Instant::now();
         let result = self
@@ -60,9 +63,9 @@ impl Supervisor {
         }
         {
             let mut state = self.lock();
-            // Generation 1's start replaces nothing: it is not an upgrade to count.
-            let replaced = state.upgrade.take().and_then(|upgrade| upgrade.old);
-            if replaced.is_some() {
+            state.upgrade = None;
+            // Generation 1's start is not an upgrade to count.
+            if counted == Counted::AsUpgrade {
                 state.upgrades.count(&result);
                 state.last_upgrade = Some(started.elapsed());
             }
@@ -284,4 +287,14 @@ impl Supervisor {
         ));
         Ok(format!("generation {previous} is active"))
     }
+}
+
+/// Whether a run of [`Supervisor::run_upgrade`] is an upgrade, for the counts the metrics
+/// endpoint shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Counted {
+    /// An upgrade asked for (`hotswap upgrade`).
+    AsUpgrade,
+    /// Generation 1's start: it replaces nothing.
+    FirstStart,
 }
