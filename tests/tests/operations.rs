@@ -159,42 +159,32 @@ fn reload_of_a_broken_or_conflicting_file_changes_nothing() {
     let _web = serve(&env, "web");
     env.ok(&["bind", "manual", "tcp", "127.0.0.1/32", "9000"]);
     let before = env.status();
+    // Writes `text` as the config, asks for a reload, which must fail and change nothing;
+    // returns its one line.
+    let refused_reload = |text: &str| {
+        std::fs::write(&env.config, text).unwrap();
+        let line = env.fails(&["reload"]);
+        assert_eq!(env.status()["services"], before["services"], "{line}");
+        line
+    };
 
     // Not TOML at line 3.
-    std::fs::write(
-        &env.config,
-        "[[service]]\nname = \"web\"\nbind = [\"tcp 127.0.0.1/32 8080\"\n",
-    )
-    .unwrap();
-    let line = env.fails(&["reload"]);
+    let line = refused_reload("[[service]]\nname = \"web\"\nbind = [\"tcp 127.0.0.1/32 8080\"\n");
     assert!(line.contains("hotswap.toml:3:"), "{line}");
-    assert_eq!(env.status()["services"], before["services"]);
 
     // A binding with host bits, at line 3 column 9 (the string).
-    std::fs::write(
-        &env.config,
-        "[[service]]\nname = \"api\"\nbind = [\"tcp 127.0.0.1/8 8081\"]\n",
-    )
-    .unwrap();
-    let line = env.fails(&["reload"]);
+    let line = refused_reload("[[service]]\nname = \"api\"\nbind = [\"tcp 127.0.0.1/8 8081\"]\n");
     assert!(line.contains("hotswap.toml:3:9"), "{line}");
-    assert_eq!(env.status()["services"], before["services"]);
 
     // Valid, but one binding is another service's (bound by hand): the first change of the
     // plan (api's binding) is undone, web keeps serving.
-    std::fs::write(
-        &env.config,
-        config(&[
-            ("api", &["tcp 127.0.0.1/32 8081"]),
-            ("other", &["tcp 127.0.0.1/32 9000"]),
-            ("web", &["tcp 127.0.0.1/32 8080"]),
-        ]),
-    )
-    .unwrap();
-    let line = env.fails(&["reload"]);
+    let line = refused_reload(&config(&[
+        ("api", &["tcp 127.0.0.1/32 8081"]),
+        ("other", &["tcp 127.0.0.1/32 9000"]),
+        ("web", &["tcp 127.0.0.1/32 8080"]),
+    ]));
     assert!(line.contains("nothing of it was"), "{line}");
     assert!(line.contains("manual"), "{line}");
-    assert_eq!(env.status()["services"], before["services"]);
     assert!(bindings(&env, "api").is_empty());
     assert_eq!(tcp_request("127.0.0.1:8080").unwrap(), "web");
 
